@@ -1,0 +1,13 @@
+//! hopscotch: skip the attention blocks a task does not need (Hopscotch, Eyceoz et al. 2025),
+//! fold the fitted scalars into the weights, and ship a slim GGUF that stock llama.cpp runs.
+//!
+//! The pipeline, data flowing one way:
+//!
+//! ```text
+//! checkpoint (HF folder | GGUF) -> model (candle, with the scalars) -> fit -> Plan (JSON)
+//! checkpoint + Plan -> fold -> GGUF writer -> llama.cpp quantizer -> llama.cpp evaluation -> report
+//! ```
+
+pub mod arch;
+pub mod gguf;
+pub mod output;

@@ -117,3 +117,109 @@ impl Arch {
         Some(factors)
     }
 }
+
+impl Arch {
+    /// Every tensor the model needs, by GGUF name, with its shape in torch order (`[out, in]`).
+    /// `rope_freqs.weight` is not listed: it is derived from the rope scaling.
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let (e, q, kv, ff) = (self.n_embd, self.q_dim(), self.kv_dim(), self.n_ff);
+        let mut out = vec![("token_embd.weight".to_string(), vec![self.vocab_size, e])];
+        for i in 0..self.n_layer {
+            let b = |s: &str| format!("blk.{i}.{s}");
+            out.push((b("attn_norm.weight"), vec![e]));
+            out.push((b("attn_q.weight"), vec![q, e]));
+            out.push((b("attn_k.weight"), vec![kv, e]));
+            out.push((b("attn_v.weight"), vec![kv, e]));
+            if self.attn_bias {
+                out.push((b("attn_q.bias"), vec![q]));
+                out.push((b("attn_k.bias"), vec![kv]));
+                out.push((b("attn_v.bias"), vec![kv]));
+            }
+            out.push((b("attn_output.weight"), vec![e, q]));
+            out.push((b("ffn_norm.weight"), vec![e]));
+            out.push((b("ffn_gate.weight"), vec![ff, e]));
+            out.push((b("ffn_up.weight"), vec![ff, e]));
+            out.push((b("ffn_down.weight"), vec![e, ff]));
+        }
+        out.push(("output_norm.weight".to_string(), vec![e]));
+        if !self.tie_word_embeddings {
+            out.push(("output.weight".to_string(), vec![self.vocab_size, e]));
+        }
+        out
+    }
+
+    /// The GGUF architecture name for an unslimmed model of this family.
+    pub fn gguf_arch(&self) -> &'static str {
+        match self.family {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Checks that the numbers are usable (non-zero, heads divide evenly).
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("num_hidden_layers", self.n_layer),
+            ("hidden_size", self.n_embd),
+            ("intermediate_size", self.n_ff),
+            ("num_attention_heads", self.n_head),
+            ("num_key_value_heads", self.n_head_kv),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+        ];
+        for (k, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{k} must be positive"));
+            }
+        }
+        if self.n_head % self.n_head_kv != 0 {
+            return Err(format!(
+                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                self.n_head, self.n_head_kv
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!(
+                "head_dim ({}) must be even for rope",
+                self.head_dim
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(format!(
+                "rms_norm_eps ({}) must be positive",
+                self.rms_norm_eps
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(format!("rope_theta ({}) must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+}
+
+/// Reorders the rows of a q or k projection between Hugging Face's rope layout (halves) and
+/// llama.cpp's `llama` layout (interleaved pairs), as `convert_hf_to_gguf.py`'s `permute` does.
+/// `data` holds `n_head * head_dim` rows of `row_bytes` bytes each (any dtype: quantization is
+/// per row). `to_gguf` picks the direction.
+pub fn permute_rope_rows(data: &[u8], row_bytes: usize, n_head: usize, to_gguf: bool) -> Vec<u8> {
+    let n_rows = data.len() / row_bytes.max(1);
+    let head_dim = n_rows / n_head.max(1);
+    let half = head_dim / 2;
+    let mut out = vec![0u8; data.len()];
+    for h in 0..n_head {
+        for j in 0..half {
+            for k in 0..2 {
+                let gguf_row = h * head_dim + 2 * j + k;
+                let hf_row = h * head_dim + k * half + j;
+                let (src, dst) = if to_gguf {
+                    (hf_row, gguf_row)
+                } else {
+                    (gguf_row, hf_row)
+                };
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&data[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    out
+}

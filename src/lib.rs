@@ -9,5 +9,14 @@
 //! ```
 
 pub mod arch;
+pub mod checkpoint;
+pub mod convert;
+pub mod eval;
+pub mod fit;
 pub mod gguf;
+pub mod inspect;
+pub mod llamacpp;
+pub mod model;
 pub mod output;
+pub mod quantize;
+pub mod task;

@@ -4,3 +4,14 @@
 pub mod value;
 
 pub use value::{Value, ValueType};
+pub mod types;
+
+pub use types::GgmlType;
+pub mod consts;
+pub mod reader;
+pub mod writer;
+
+pub use consts::{QuantType, UnknownQuantType};
+pub use reader::{GgufError, GgufFile, TensorInfo};
+pub use writer::{GgufWriteError, GgufWriter, Step};
+pub mod vocab;

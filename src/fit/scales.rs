@@ -1,0 +1,708 @@
+//! Train the Hopscotch scalars for one skip mask: Adam on the 4·L numbers, every weight frozen
+//! (Eyceoz et al. 2025, <https://arxiv.org/abs/2506.03303>, section 3).
+//!
+//! A [`TrainBatch`] is a right-padded block of token ids with the positions whose next token is
+//! a target. Two objectives:
+//!
+//! - [`Objective::Ce`]: mean cross-entropy of the target tokens (the paper's choice, on the
+//!   original model's own greedy answers);
+//! - [`Objective::Kl`]: mean `KL(original || slim)` of the next-token distributions at the same
+//!   positions, against a [`Teacher`] computed once with all scalars 1 and nothing skipped.
+//!
+//! The teacher keeps, per position, either the full distribution or its `k` most likely tokens
+//! plus the probability left over ([`Teacher::TopK`]): full-vocabulary log-probabilities cost
+//! `positions × vocab × 4` bytes (3.3 GB for 6,400 positions of a 128k vocabulary), the top 64
+//! about a thousandth of that. With top-k the loss is the KL divergence between the two
+//! distributions coarsened to those `k` tokens and one "everything else" bin: a lower bound on
+//! the full KL that equals it when the teacher's leftover mass is zero.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use crate::model::{Model, ModelError, ScaleValues, Scales};
+
+/// Teacher tokens kept per position unless the caller asks otherwise: for instruction-tuned
+/// models the top 64 tokens usually hold all but a sliver of the probability.
+pub const DEFAULT_TEACHER_TOP_K: usize = 64;
+
+/// The student's leftover probability is clamped to this before its log is taken: below f32's
+/// rounding of `1 - sum(top-k probabilities)`, so it only guards against `log(0)`.
+const MIN_TAIL_PROB: f64 = 1e-7;
+
+/// Errors building batches or training the scalars.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    /// The model refused an input or a tensor operation failed inside it.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation of the loss or the optimizer failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// Training or evaluation was asked for without any batch.
+    #[error("no training batches")]
+    NoBatches,
+    /// The KL objective was asked for but a batch has no teacher outputs.
+    #[error("batch {batch} has no teacher outputs; attach them with TrainBatch::with_teacher")]
+    MissingTeacher {
+        /// Index of the batch.
+        batch: usize,
+    },
+    /// The loss became NaN or infinite.
+    #[error("the loss became {loss} at step {step}")]
+    NonFiniteLoss {
+        /// The optimizer step (0-based) whose loss it was.
+        step: usize,
+        /// The loss value.
+        loss: f32,
+    },
+    /// The learning rate is not a positive finite number.
+    #[error("learning rate {lr} is not a positive finite number")]
+    LearningRate {
+        /// The learning rate given.
+        lr: f64,
+    },
+    /// A batch tensor has the wrong rank, length or dtype.
+    #[error("batch tensor {name}: expected {expected}, found shape {found:?} of {dtype:?}")]
+    BatchTensor {
+        /// Which tensor.
+        name: &'static str,
+        /// What was expected, in words.
+        expected: String,
+        /// The shape given.
+        found: Vec<usize>,
+        /// The dtype given.
+        dtype: DType,
+    },
+    /// Sequences and loss masks differ in number.
+    #[error("{sequences} sequences but {masks} loss masks")]
+    MaskCount {
+        /// Number of sequences.
+        sequences: usize,
+        /// Number of loss masks.
+        masks: usize,
+    },
+    /// A loss mask's length differs from its sequence's.
+    #[error("sequence {sequence} has {tokens} tokens but its loss mask has {mask} entries")]
+    MaskLength {
+        /// Index of the sequence.
+        sequence: usize,
+        /// Tokens in the sequence.
+        tokens: usize,
+        /// Entries in the mask.
+        mask: usize,
+    },
+    /// A loss mask marks the first token, which no position predicts.
+    #[error("sequence {sequence}: the first token cannot be a target")]
+    FirstTokenTarget {
+        /// Index of the sequence.
+        sequence: usize,
+    },
+    /// A batch has no sequence, an empty sequence, or no target at all.
+    #[error("batch has no targets (or no tokens)")]
+    NoTargets,
+}
+
+/// What the scalars are trained to minimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Objective {
+    /// Mean cross-entropy of the target tokens.
+    Ce,
+    /// Mean KL divergence from the original model's next-token distribution to the slim one's.
+    Kl,
+}
+
+/// The original model's next-token distribution at a batch's target positions.
+#[derive(Debug, Clone)]
+pub enum Teacher {
+    /// Log-probabilities over the whole vocabulary, `(n, vocab)`.
+    Full {
+        /// `log p` per position and token.
+        log_probs: Tensor,
+    },
+    /// The `k` most likely tokens per position and the probability of all the others.
+    TopK {
+        /// Token ids, `(n, k)` u32.
+        ids: Tensor,
+        /// Their log-probabilities, `(n, k)`.
+        log_probs: Tensor,
+        /// Probability of the tokens not kept, `(n)`.
+        tail_prob: Tensor,
+        /// Its log, `(n)`; 0 where the tail probability is 0 (the term then vanishes).
+        tail_log_prob: Tensor,
+    },
+}
+
+/// One training batch: right-padded token ids and the positions whose next token is a target.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// Token ids `(b, t)`, u32, right-padded.
+    pub input_ids: Tensor,
+    /// Flat indices `row * t + position` of the positions that predict a target, `(n)` u32.
+    pub target_positions: Tensor,
+    /// The token each of those positions should predict, `(n)` u32.
+    pub targets: Tensor,
+    /// The original model's distribution there, for [`Objective::Kl`].
+    pub teacher: Option<Teacher>,
+}
+
+impl TrainBatch {
+    /// A batch from its tensors, checking ranks, dtypes and lengths (not value ranges: the model
+    /// checks token ids and positions when it runs).
+    pub fn new(
+        input_ids: Tensor,
+        target_positions: Tensor,
+        targets: Tensor,
+    ) -> Result<Self, FitError> {
+        let bad = |name, t: &Tensor, expected: String| FitError::BatchTensor {
+            name,
+            expected,
+            found: t.dims().to_vec(),
+            dtype: t.dtype(),
+        };
+        if input_ids.rank() != 2 || input_ids.dtype() != DType::U32 || input_ids.elem_count() == 0 {
+            return Err(bad("input_ids", &input_ids, "non-empty (b, t) u32".into()));
+        }
+        if target_positions.rank() != 1
+            || target_positions.dtype() != DType::U32
+            || target_positions.elem_count() == 0
+        {
+            return Err(bad(
+                "target_positions",
+                &target_positions,
+                "non-empty (n) u32".into(),
+            ));
+        }
+        let n = target_positions.elem_count();
+        if targets.dims() != [n] || targets.dtype() != DType::U32 {
+            return Err(bad("targets", &targets, format!("({n}) u32")));
+        }
+        Ok(Self {
+            input_ids,
+            target_positions,
+            targets,
+            teacher: None,
+        })
+    }
+
+    /// A batch from token sequences and loss masks (`mask[j]` true: token `j` is a target,
+    /// predicted from position `j - 1`), right-padded with `pad_id`.
+    pub fn from_sequences(
+        sequences: &[Vec<u32>],
+        loss_masks: &[Vec<bool>],
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<Self, FitError> {
+        if sequences.len() != loss_masks.len() {
+            return Err(FitError::MaskCount {
+                sequences: sequences.len(),
+                masks: loss_masks.len(),
+            });
+        }
+        let t = sequences.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * t);
+        let mut positions = Vec::new();
+        let mut targets = Vec::new();
+        for (row, (seq, mask)) in sequences.iter().zip(loss_masks).enumerate() {
+            if seq.len() != mask.len() {
+                return Err(FitError::MaskLength {
+                    sequence: row,
+                    tokens: seq.len(),
+                    mask: mask.len(),
+                });
+            }
+            if mask.first() == Some(&true) {
+                return Err(FitError::FirstTokenTarget { sequence: row });
+            }
+            for (j, (&token, &is_target)) in seq.iter().zip(mask).enumerate() {
+                if is_target {
+                    positions.push(u32::try_from(row * t + j - 1).map_err(|_| {
+                        FitError::BatchTensor {
+                            name: "input_ids",
+                            expected: "fewer than 2^32 tokens".into(),
+                            found: vec![sequences.len(), t],
+                            dtype: DType::U32,
+                        }
+                    })?);
+                    targets.push(token);
+                }
+            }
+            ids.extend_from_slice(seq);
+            ids.resize((row + 1) * t, pad_id);
+        }
+        if t == 0 || positions.is_empty() {
+            return Err(FitError::NoTargets);
+        }
+        let n = positions.len();
+        Self::new(
+            Tensor::from_vec(ids, (sequences.len(), t), device)?,
+            Tensor::from_vec(positions, n, device)?,
+            Tensor::from_vec(targets, n, device)?,
+        )
+    }
+
+    /// Number of target positions.
+    pub fn n_targets(&self) -> usize {
+        self.targets.elem_count()
+    }
+
+    /// Attaches the original model's next-token distribution at the target positions (all
+    /// scalars 1, nothing skipped), keeping the `top_k` most likely tokens per position, or the
+    /// whole distribution when `top_k` is at least the vocabulary size.
+    pub fn with_teacher(mut self, model: &Model, top_k: usize) -> Result<Self, FitError> {
+        let n_layer = model.arch().n_layer;
+        let scales = model.scales(&ScaleValues::ones(n_layer))?;
+        let hidden =
+            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
+        let logits = model.logits_at(&hidden, &self.target_positions)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let vocab = model.arch().vocab_size;
+        self.teacher = Some(if top_k >= vocab {
+            Teacher::Full { log_probs }
+        } else {
+            top_k_teacher(&log_probs, top_k.max(1))?
+        });
+        Ok(self)
+    }
+}
+
+/// The `k` largest log-probabilities per row, with the leftover mass; selected on the host.
+fn top_k_teacher(log_probs: &Tensor, k: usize) -> Result<Teacher, FitError> {
+    let (device, dtype) = (log_probs.device(), log_probs.dtype());
+    let rows = log_probs.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n * k);
+    let mut kept = Vec::with_capacity(n * k);
+    let mut tail_prob = Vec::with_capacity(n);
+    let mut tail_log_prob = Vec::with_capacity(n);
+    for row in &rows {
+        let mut order: Vec<u32> = (0..row.len() as u32).collect();
+        order.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+        order.truncate(k);
+        let mass: f64 = order.iter().map(|&i| (row[i as usize] as f64).exp()).sum();
+        let tail = (1.0 - mass).max(0.0);
+        tail_prob.push(tail);
+        tail_log_prob.push(if tail > 0.0 { tail.ln() } else { 0.0 });
+        kept.extend(order.iter().map(|&i| row[i as usize]));
+        ids.extend(order);
+    }
+    Ok(Teacher::TopK {
+        ids: Tensor::from_vec(ids, (n, k), device)?,
+        log_probs: Tensor::from_vec(kept, (n, k), device)?.to_dtype(dtype)?,
+        tail_prob: Tensor::from_vec(tail_prob, n, device)?.to_dtype(dtype)?,
+        tail_log_prob: Tensor::from_vec(tail_log_prob, n, device)?.to_dtype(dtype)?,
+    })
+}
+
+/// One optimizer step's report, for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The step, 0-based.
+    pub step: usize,
+    /// Its batch's loss before the update.
+    pub loss: f32,
+}
+
+/// The trained scalars and the loss of every step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainResult {
+    /// The scalars after the last step.
+    pub scales: ScaleValues,
+    /// Each step's batch loss, measured before that step's update.
+    pub loss_history: Vec<f32>,
+}
+
+impl TrainResult {
+    /// Mean of the loss history: the paper's score of a skip mask after one epoch; `NaN` when
+    /// no step was taken.
+    pub fn mean_loss(&self) -> f32 {
+        self.loss_history.iter().sum::<f32>() / self.loss_history.len() as f32
+    }
+}
+
+/// Trains the scalars from 1.0 with Adam (no weight decay, `lr`) for `steps` steps, one batch
+/// per step; the batch order is reshuffled (seeded by `seed`) on every pass over `batches`, so
+/// `steps == batches.len()` is one epoch.
+pub fn train_scales(
+    model: &Model,
+    batches: &[TrainBatch],
+    skip: &[bool],
+    objective: Objective,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+) -> Result<TrainResult, FitError> {
+    train_scales_observed(
+        model,
+        batches,
+        skip,
+        objective,
+        steps,
+        lr,
+        seed,
+        &mut |_| {},
+    )
+}
+
+/// [`train_scales`], calling `observe` after every step.
+#[allow(clippy::too_many_arguments)]
+pub fn train_scales_observed(
+    model: &Model,
+    batches: &[TrainBatch],
+    skip: &[bool],
+    objective: Objective,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+    observe: &mut dyn FnMut(StepReport),
+) -> Result<TrainResult, FitError> {
+    check_batches(batches, objective)?;
+    if !(lr.is_finite() && lr > 0.0) {
+        return Err(FitError::LearningRate { lr });
+    }
+    let scales = model.scales(&ScaleValues::ones(model.arch().n_layer))?;
+    let mut optimizer = AdamW::new(
+        scales.vars(),
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..batches.len()).collect();
+    let mut loss_history = Vec::with_capacity(steps);
+    for step in 0..steps {
+        if step % batches.len() == 0 {
+            order.shuffle(&mut rng);
+        }
+        let index = order[step % batches.len()];
+        let loss = batch_loss(model, batches, index, &scales, skip, objective, true)?;
+        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !value.is_finite() {
+            return Err(FitError::NonFiniteLoss { step, loss: value });
+        }
+        optimizer.backward_step(&loss)?;
+        loss_history.push(value);
+        observe(StepReport { step, loss: value });
+    }
+    Ok(TrainResult {
+        scales: scales.values()?,
+        loss_history,
+    })
+}
+
+/// The mean over `batches` of each batch's loss (itself a mean over its targets) with the given
+/// scalars and skip mask, without gradients.
+pub fn eval_loss(
+    model: &Model,
+    batches: &[TrainBatch],
+    skip: &[bool],
+    scales: &ScaleValues,
+    objective: Objective,
+) -> Result<f32, FitError> {
+    check_batches(batches, objective)?;
+    let scales = model.scales(scales)?;
+    let mut total = 0.0f64;
+    for index in 0..batches.len() {
+        let loss = batch_loss(model, batches, index, &scales, skip, objective, false)?;
+        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    }
+    Ok((total / batches.len() as f64) as f32)
+}
+
+/// Refuses an empty batch list, and batches without teacher outputs under the KL objective.
+fn check_batches(batches: &[TrainBatch], objective: Objective) -> Result<(), FitError> {
+    if batches.is_empty() {
+        return Err(FitError::NoBatches);
+    }
+    if objective == Objective::Kl {
+        if let Some(batch) = batches.iter().position(|b| b.teacher.is_none()) {
+            return Err(FitError::MissingTeacher { batch });
+        }
+    }
+    Ok(())
+}
+
+/// The scalar loss of `batches[index]`, with a graph back to `scales` when `grad`.
+fn batch_loss(
+    model: &Model,
+    batches: &[TrainBatch],
+    index: usize,
+    scales: &Scales,
+    skip: &[bool],
+    objective: Objective,
+    grad: bool,
+) -> Result<Tensor, FitError> {
+    let batch = &batches[index];
+    let hidden = if grad {
+        model.forward_hidden(&batch.input_ids, scales, skip)?
+    } else {
+        model.forward_hidden_no_grad(&batch.input_ids, scales, skip)?
+    };
+    let logits = model.logits_at(&hidden, &batch.target_positions)?;
+    let log_q = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let loss = match (objective, &batch.teacher) {
+        (Objective::Ce, _) => log_q
+            .gather(&batch.targets.unsqueeze(1)?, 1)?
+            .mean_all()?
+            .neg()?,
+        (Objective::Kl, None) => return Err(FitError::MissingTeacher { batch: index }),
+        (Objective::Kl, Some(Teacher::Full { log_probs })) => {
+            check_teacher_rows(log_probs, batch)?;
+            (log_probs.exp()? * (log_probs - &log_q)?)?
+                .sum(D::Minus1)?
+                .mean_all()?
+        }
+        (
+            Objective::Kl,
+            Some(Teacher::TopK {
+                ids,
+                log_probs,
+                tail_prob,
+                tail_log_prob,
+            }),
+        ) => {
+            check_teacher_rows(log_probs, batch)?;
+            let log_q_kept = log_q.gather(ids, 1)?;
+            let kept = (log_probs.exp()? * (log_probs - &log_q_kept)?)?.sum(D::Minus1)?;
+            let q_tail = (1.0 - log_q_kept.exp()?.sum(D::Minus1)?)?.clamp(MIN_TAIL_PROB, 1.0)?;
+            let tail = (tail_prob * (tail_log_prob - q_tail.log()?)?)?;
+            (kept + tail)?.mean_all()?
+        }
+    };
+    Ok(loss)
+}
+
+/// Refuses a teacher whose rows do not match the batch's targets.
+fn check_teacher_rows(log_probs: &Tensor, batch: &TrainBatch) -> Result<(), FitError> {
+    let n = batch.n_targets();
+    if log_probs.rank() != 2 || log_probs.dim(0)? != n {
+        return Err(FitError::BatchTensor {
+            name: "teacher",
+            expected: format!("({n}, k) log-probabilities"),
+            found: log_probs.dims().to_vec(),
+            dtype: log_probs.dtype(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::arch::Arch;
+    use crate::model::tests::{random_ids, random_source, tiny_arch};
+    use crate::model::SkipMask;
+
+    /// Batches whose targets are the full model's own greedy next tokens (the paper's data).
+    fn self_generated_batches(model: &Model, n: usize, b: usize, t: usize) -> Vec<TrainBatch> {
+        let arch = model.arch();
+        let ones = model.scales(&ScaleValues::ones(arch.n_layer)).unwrap();
+        (0..n)
+            .map(|i| {
+                let ids = random_ids(arch, b, t, 100 + i as u64);
+                let hidden = model
+                    .forward_hidden_no_grad(&ids, &ones, &vec![false; arch.n_layer])
+                    .unwrap();
+                // targets at every position but the first two of each row
+                let positions: Vec<u32> = (0..b * t)
+                    .filter(|p| p % t >= 2)
+                    .map(|p| p as u32)
+                    .collect();
+                let positions = Tensor::new(positions.as_slice(), &Device::Cpu).unwrap();
+                let greedy = model
+                    .logits_at(&hidden, &positions)
+                    .unwrap()
+                    .argmax(D::Minus1)
+                    .unwrap();
+                TrainBatch::new(ids, positions, greedy).unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn training_lowers_the_loss_of_a_skipped_model() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 21), &Device::Cpu).unwrap();
+        let batches: Vec<TrainBatch> = self_generated_batches(&model, 2, 4, 12)
+            .into_iter()
+            .map(|b| b.with_teacher(&model, 16).unwrap())
+            .collect();
+        let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+        let ones = ScaleValues::ones(arch.n_layer);
+        for objective in [Objective::Ce, Objective::Kl] {
+            let before = eval_loss(&model, &batches, skip.as_slice(), &ones, objective).unwrap();
+            let result =
+                train_scales(&model, &batches, skip.as_slice(), objective, 60, 5e-2, 7).unwrap();
+            let after =
+                eval_loss(&model, &batches, skip.as_slice(), &result.scales, objective).unwrap();
+            let full = eval_loss(&model, &batches, &[false; 3], &ones, objective).unwrap();
+            assert_eq!(result.loss_history.len(), 60);
+            // a random model cannot get all of the loss back, but a clear part of it
+            assert!(
+                before > full && after < before - 0.1 * (before - full),
+                "{objective:?}: loss {full} unskipped, {before} skipped, {after} trained"
+            );
+            assert_ne!(result.scales, ones);
+            // the skipped attention's scalars get no gradient and stay at 1
+            assert_eq!(result.scales.b_att[1], 1.0);
+            assert_eq!(result.scales.s_att[1], 1.0);
+        }
+        // nothing skipped and all scalars 1: the KL to the original is zero
+        let none = SkipMask::none(arch.n_layer);
+        let kl = eval_loss(&model, &batches, none.as_slice(), &ones, Objective::Kl).unwrap();
+        assert!(kl.abs() < 1e-5, "KL of the original to itself is {kl}");
+    }
+
+    #[test]
+    fn top_k_teacher_equals_full_teacher_at_full_width() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 22), &Device::Cpu).unwrap();
+        let batch = self_generated_batches(&model, 1, 2, 8).remove(0);
+        let full = vec![batch.clone().with_teacher(&model, arch.vocab_size).unwrap()];
+        let nearly = vec![batch.with_teacher(&model, arch.vocab_size - 1).unwrap()];
+        assert!(matches!(full[0].teacher, Some(Teacher::Full { .. })));
+        assert!(matches!(nearly[0].teacher, Some(Teacher::TopK { .. })));
+        let skip = SkipMask::from_layers(arch.n_layer, &[0, 2]).unwrap();
+        let values = ScaleValues {
+            b_mlp: vec![0.8, 1.1, 0.9],
+            ..ScaleValues::ones(arch.n_layer)
+        };
+        let a = eval_loss(&model, &full, skip.as_slice(), &values, Objective::Kl).unwrap();
+        let b = eval_loss(&model, &nearly, skip.as_slice(), &values, Objective::Kl).unwrap();
+        assert!(
+            a > 1e-3 && (a - b).abs() < 1e-3 * a,
+            "full {a}, top-(vocab-1) {b}"
+        );
+    }
+
+    #[test]
+    fn from_sequences_pads_right_and_shifts_targets() {
+        let batch = TrainBatch::from_sequences(
+            &[vec![5, 6, 7], vec![8, 9]],
+            &[vec![false, true, true], vec![false, true]],
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7], vec![8, 9, 0]]
+        );
+        assert_eq!(
+            batch.target_positions.to_vec1::<u32>().unwrap(),
+            vec![0, 1, 3]
+        );
+        assert_eq!(batch.targets.to_vec1::<u32>().unwrap(), vec![6, 7, 9]);
+        assert!(matches!(
+            TrainBatch::from_sequences(&[vec![1, 2]], &[vec![true, true]], 0, &Device::Cpu),
+            Err(FitError::FirstTokenTarget { sequence: 0 })
+        ));
+        assert!(matches!(
+            TrainBatch::from_sequences(&[vec![1, 2]], &[vec![false]], 0, &Device::Cpu),
+            Err(FitError::MaskLength {
+                sequence: 0,
+                tokens: 2,
+                mask: 1
+            })
+        ));
+        assert!(matches!(
+            TrainBatch::from_sequences(&[vec![1, 2]], &[vec![false, false]], 0, &Device::Cpu),
+            Err(FitError::NoTargets)
+        ));
+    }
+
+    #[test]
+    fn bad_training_requests_are_errors() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 23), &Device::Cpu).unwrap();
+        let batches = self_generated_batches(&model, 1, 2, 6);
+        let skip = vec![false; arch.n_layer];
+        assert!(matches!(
+            train_scales(&model, &batches, &skip, Objective::Kl, 1, 1e-2, 0),
+            Err(FitError::MissingTeacher { batch: 0 })
+        ));
+        assert!(matches!(
+            train_scales(&model, &[], &skip, Objective::Ce, 1, 1e-2, 0),
+            Err(FitError::NoBatches)
+        ));
+        assert!(matches!(
+            train_scales(&model, &batches, &skip, Objective::Ce, 1, f64::NAN, 0),
+            Err(FitError::LearningRate { .. })
+        ));
+        // a learning rate this large sends the scalars to infinity within a few steps
+        match train_scales(&model, &batches, &skip, Objective::Ce, 50, 1e30, 0) {
+            Err(FitError::NonFiniteLoss { step, .. }) => assert!(step > 0 && step < 50),
+            other => panic!("expected a non-finite loss, got {other:?}"),
+        }
+    }
+
+    /// One training step (forward, backward, Adam) at batch 8 x 128 on the tiny model, or on a
+    /// SmolLM-135M-shaped random model with `HOPSCOTCH_BENCH_SMOLLM=1`.
+    #[test]
+    #[ignore = "benchmark: cargo test --release --lib bench_train_step -- --ignored --nocapture"]
+    fn bench_train_step() {
+        let arch = if std::env::var_os("HOPSCOTCH_BENCH_SMOLLM").is_some() {
+            Arch {
+                n_layer: 30,
+                n_embd: 576,
+                n_ff: 1536,
+                n_head: 9,
+                n_head_kv: 3,
+                head_dim: 64,
+                vocab_size: 49152,
+                tie_word_embeddings: true,
+                ..tiny_arch()
+            }
+        } else {
+            tiny_arch()
+        };
+        let model = Model::load(&random_source(&arch, 24), &Device::Cpu).unwrap();
+        let (b, t) = (8, 128);
+        let ids = random_ids(&arch, b, t, 25);
+        let positions: Vec<u32> = (0..(b * t) as u32).filter(|p| p % t as u32 >= 64).collect();
+        let n = positions.len();
+        let targets = random_ids(&arch, 1, n, 26).flatten_all().unwrap();
+        let batch =
+            TrainBatch::new(ids, Tensor::new(positions, &Device::Cpu).unwrap(), targets).unwrap();
+        let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+        let batches = [batch];
+        let _ = train_scales(&model, &batches, skip.as_slice(), Objective::Ce, 1, 1e-2, 0);
+        let steps = 3;
+        let start = Instant::now();
+        train_scales(
+            &model,
+            &batches,
+            skip.as_slice(),
+            Objective::Ce,
+            steps,
+            1e-2,
+            0,
+        )
+        .unwrap();
+        let per_step = start.elapsed().as_secs_f64() / steps as f64;
+        let start = Instant::now();
+        eval_loss(
+            &model,
+            &batches,
+            skip.as_slice(),
+            &ScaleValues::ones(arch.n_layer),
+            Objective::Ce,
+        )
+        .unwrap();
+        let forward = start.elapsed().as_secs_f64();
+        eprintln!(
+            "{} layers x {} wide, batch {b} x {t}: train step {:.1} ms ({:.0} tokens/s), forward only {:.1} ms",
+            arch.n_layer,
+            arch.n_embd,
+            per_step * 1e3,
+            (b * t) as f64 / per_step,
+            forward * 1e3
+        );
+    }
+}

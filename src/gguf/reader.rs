@@ -1,0 +1,1381 @@
+//! A validating GGUF reader over a memory map: header, key-values and tensor infos are parsed and
+//! checked (caps from [`consts`](super::consts), checked arithmetic, every tensor inside the file,
+//! aligned and not overlapping another) before anything is allocated from a size read in the file
+//! or any tensor data is sliced. Tensor data stays in the map.
+//! Spec: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::consts::{
+    GENERAL_ALIGNMENT, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, MAX_ARRAY_LEN, MAX_DIMS, MAX_KEY_LEN,
+    MAX_KV_COUNT, MAX_STRING_LEN, MAX_TENSOR_COUNT, MAX_TENSOR_NAME_LEN,
+};
+use super::{GgmlType, Value, ValueType};
+
+/// Why a GGUF file could not be read. Every variant names the file; offsets are bytes from the
+/// start of the file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The file could not be opened or memory-mapped.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file does not start with the bytes `GGUF`.
+    #[error("{path}: not a GGUF file (starts with {found:02x?}, expected \"GGUF\")")]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// The first bytes found.
+        found: Vec<u8>,
+    },
+    /// The version is neither 2 nor 3 (a big-endian file shows up here too).
+    #[error("{path}: GGUF version {version:#x} is not supported (expected 2 or 3)")]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version read.
+        version: u32,
+    },
+    /// The file ends before a field it declares.
+    #[error("{path}: file ends at byte {file_len} while reading {what} ({needed} bytes needed at offset {offset})")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// What was being read.
+        what: String,
+        /// Where it starts.
+        offset: u64,
+        /// How many bytes it needs.
+        needed: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// The tensor count or key-value count in the header is above its cap.
+    #[error("{path}: {what} is {count}, more than the limit of {max}")]
+    CountTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Which count (`tensor count` or `key-value count`).
+        what: &'static str,
+        /// The count read.
+        count: u64,
+        /// The cap.
+        max: u64,
+    },
+    /// A key, tensor name or string value is longer than its cap.
+    #[error("{path}: {what} is {len} bytes long, more than the limit of {max}")]
+    StringTooLong {
+        /// The file.
+        path: PathBuf,
+        /// Which string.
+        what: String,
+        /// The length read.
+        len: u64,
+        /// The cap.
+        max: usize,
+    },
+    /// An array declares more elements than [`MAX_ARRAY_LEN`].
+    #[error("{path}: key {key:?} holds an array of {len} elements, more than the limit of {max}")]
+    ArrayTooLong {
+        /// The file.
+        path: PathBuf,
+        /// The key holding the array.
+        key: String,
+        /// The length read.
+        len: u64,
+        /// The cap.
+        max: usize,
+    },
+    /// A key, tensor name or string value is not valid UTF-8.
+    #[error("{path}: {what} at offset {offset} is not valid UTF-8")]
+    InvalidUtf8 {
+        /// The file.
+        path: PathBuf,
+        /// Which string.
+        what: String,
+        /// Where its bytes start.
+        offset: u64,
+    },
+    /// A metadata key is the empty string.
+    #[error("{path}: key-value #{index} has an empty key")]
+    EmptyKey {
+        /// The file.
+        path: PathBuf,
+        /// Position of the key-value (from 0).
+        index: u64,
+    },
+    /// The same metadata key appears twice.
+    #[error("{path}: key {key:?} appears twice")]
+    DuplicateKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A value or array element type tag is not one of GGUF's 13 types.
+    #[error("{path}: key {key:?} has unknown value type {type_id:#x} (expected 0x0..=0xc)")]
+    UnknownValueType {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The tag read.
+        type_id: u32,
+    },
+    /// An array holds arrays that hold arrays; one level of nesting is the most accepted.
+    #[error("{path}: key {key:?} nests arrays more than one level deep")]
+    NestedArrayTooDeep {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A bool is stored as a byte other than 0 or 1.
+    #[error("{path}: key {key:?} has bool byte {byte:#04x} (expected 0x00 or 0x01)")]
+    InvalidBool {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The byte read.
+        byte: u8,
+    },
+    /// `general.alignment` is zero or not a power of two.
+    #[error("{path}: general.alignment is {alignment} (expected a power of two)")]
+    BadAlignment {
+        /// The file.
+        path: PathBuf,
+        /// The alignment read.
+        alignment: u64,
+    },
+    /// A typed metadata lookup found no such key.
+    #[error("{path}: key {key:?} is missing (expected {expected})")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key looked up.
+        key: String,
+        /// What the caller wanted.
+        expected: &'static str,
+    },
+    /// A metadata value has another type than the one required.
+    #[error("{path}: key {key:?} holds a {found:?} value (expected {expected})")]
+    WrongType {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What was required.
+        expected: &'static str,
+        /// The type found.
+        found: ValueType,
+    },
+    /// Two tensor infos have the same name.
+    #[error("{path}: tensor {tensor:?} appears twice")]
+    DuplicateTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
+    /// A tensor has more than [`MAX_DIMS`] dimensions.
+    #[error("{path}: tensor {tensor:?} has {n_dims} dimensions (expected at most {max})")]
+    TooManyDims {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The dimension count read.
+        n_dims: u32,
+        /// The cap.
+        max: usize,
+    },
+    /// A tensor's element count or byte size does not fit ggml's `int64_t` or this machine's
+    /// `usize`.
+    #[error("{path}: tensor {tensor:?} with dims {dims:?} has a size that overflows")]
+    SizeOverflow {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its dims, ggml order.
+        dims: Vec<u64>,
+    },
+    /// A tensor's ggml type id is not one this crate knows.
+    #[error("{path}: tensor {tensor:?} has unknown ggml type {type_id:#x}")]
+    UnknownGgmlType {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The id read.
+        type_id: u32,
+    },
+    /// A quantized tensor's rows are not a whole number of blocks.
+    #[error("{path}: tensor {tensor:?} of type {ggml_type} has rows of {row} elements, not a multiple of the block size {block}")]
+    PartialBlock {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its type.
+        ggml_type: GgmlType,
+        /// Its row length (`dims[0]`).
+        row: u64,
+        /// The type's block size.
+        block: usize,
+    },
+    /// A tensor's data offset is not a multiple of the file's alignment.
+    #[error("{path}: tensor {tensor:?} starts at data offset {offset}, not a multiple of the alignment {alignment}")]
+    MisalignedTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its offset from the start of the data section.
+        offset: u64,
+        /// The required alignment.
+        alignment: u64,
+    },
+    /// A tensor's bytes run past the end of the file.
+    #[error("{path}: tensor {tensor:?} ({nbytes} bytes at data offset {offset}) runs past the end of the file ({file_len} bytes, data section at {data_start})")]
+    TensorOutOfBounds {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its offset from the start of the data section.
+        offset: u64,
+        /// Its size as its type and dims require.
+        nbytes: usize,
+        /// Where the data section starts.
+        data_start: u64,
+        /// The file's length.
+        file_len: u64,
+    },
+    /// Two tensors' byte ranges overlap.
+    #[error("{path}: tensors {first:?} and {second:?} overlap ({first:?} ends at byte {first_end}, {second:?} starts at byte {second_start})")]
+    OverlappingTensors {
+        /// The file.
+        path: PathBuf,
+        /// The tensor that starts first.
+        first: String,
+        /// The tensor that starts inside it.
+        second: String,
+        /// Where the first ends (absolute).
+        first_end: u64,
+        /// Where the second starts (absolute).
+        second_start: u64,
+    },
+}
+
+/// One tensor's description, validated against the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The GGUF tensor name (`blk.0.attn_q.weight`).
+    pub name: String,
+    /// The element type.
+    pub ggml_type: GgmlType,
+    /// Dimensions in ggml order: `dims[0]` is the contiguous row length.
+    pub dims: Vec<u64>,
+    /// Absolute offset of the first byte in the file.
+    pub offset: u64,
+    /// Size of the data in bytes.
+    pub nbytes: usize,
+}
+
+impl TensorInfo {
+    /// The shape in torch order (outermost first): `dims` reversed.
+    pub fn shape(&self) -> Vec<usize> {
+        // The reader checked that every dim fits a usize.
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+}
+
+/// An open GGUF file: metadata in file order, tensor infos, and the mapped bytes.
+pub struct GgufFile {
+    path: PathBuf,
+    mmap: Mmap,
+    parsed: Parsed,
+}
+
+/// Everything parsed from the bytes, kept apart from the map so tests can parse plain buffers.
+#[derive(Debug)]
+struct Parsed {
+    version: u32,
+    alignment: u64,
+    data_start: u64,
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<TensorInfo>,
+}
+
+impl std::fmt::Debug for GgufFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufFile")
+            .field("path", &self.path)
+            .field("len", &self.mmap.len())
+            .field("version", &self.parsed.version)
+            .field("kv_count", &self.parsed.metadata.len())
+            .field("tensor_count", &self.parsed.tensors.len())
+            .finish()
+    }
+}
+
+impl GgufFile {
+    /// Maps and validates `path`. The file must not be modified while the returned value lives
+    /// (as with any memory map).
+    pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| GgufError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(&path).map_err(io)?;
+        // SAFETY: a read-only private map; the documented contract above is that nobody
+        // truncates or rewrites the file while it is open.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        let parsed = parse(&path, &mmap)?;
+        Ok(GgufFile { path, mmap, parsed })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The GGUF version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.parsed.version
+    }
+
+    /// The tensor data alignment (`general.alignment`, or 32).
+    pub fn alignment(&self) -> u64 {
+        self.parsed.alignment
+    }
+
+    /// Absolute offset of the (aligned) data section.
+    pub fn data_start(&self) -> u64 {
+        self.parsed.data_start
+    }
+
+    /// All key-values, in file order.
+    pub fn metadata(&self) -> &[(String, Value)] {
+        &self.parsed.metadata
+    }
+
+    /// The value of `key`, if present.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.parsed
+            .metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+    }
+
+    fn typed<'a, T>(
+        &'a self,
+        key: &str,
+        expected: &'static str,
+        convert: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<T, GgufError> {
+        let value = self.get(key).ok_or_else(|| GgufError::MissingKey {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected,
+        })?;
+        convert(value).ok_or_else(|| GgufError::WrongType {
+            path: self.path.clone(),
+            key: key.to_string(),
+            expected,
+            found: value.value_type(),
+        })
+    }
+
+    /// `key` as an unsigned integer (any integer type holding a non-negative value).
+    pub fn get_u64(&self, key: &str) -> Result<u64, GgufError> {
+        self.typed(key, "a non-negative integer", Value::as_u64)
+    }
+
+    /// `key` as a string.
+    pub fn get_str(&self, key: &str) -> Result<&str, GgufError> {
+        self.typed(key, "a string", Value::as_str)
+    }
+
+    /// `key` as a float (f32 or f64).
+    pub fn get_f64(&self, key: &str) -> Result<f64, GgufError> {
+        self.typed(key, "a float", Value::as_f64)
+    }
+
+    /// `key` as a bool.
+    pub fn get_bool(&self, key: &str) -> Result<bool, GgufError> {
+        self.typed(key, "a bool", Value::as_bool)
+    }
+
+    /// `key` as an array's elements.
+    pub fn get_arr(&self, key: &str) -> Result<&[Value], GgufError> {
+        self.typed(key, "an array", Value::as_array)
+    }
+
+    /// All tensor infos, in file order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.parsed.tensors
+    }
+
+    /// The info of tensor `name`, if present.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.parsed.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// The bytes of a tensor of this file. An info that did not come from this file and lies
+    /// outside it gives an empty slice.
+    pub fn tensor_data(&self, info: &TensorInfo) -> &[u8] {
+        usize::try_from(info.offset)
+            .ok()
+            .and_then(|start| self.mmap.get(start..start.checked_add(info.nbytes)?))
+            .unwrap_or(&[])
+    }
+}
+
+/// What a read is for, formatted only when it fails.
+#[derive(Clone, Copy)]
+enum What<'k> {
+    /// A header field.
+    Field(&'static str),
+    /// The key of the key-value at this index.
+    Key(u64),
+    /// The type tag of this key.
+    Type(&'k str),
+    /// The value of this key.
+    Value(&'k str),
+    /// The name of the tensor info at this index.
+    TensorName(u64),
+    /// The rest of this tensor's info.
+    TensorInfo(&'k str),
+}
+
+impl std::fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            What::Field(name) => f.write_str(name),
+            What::Key(i) => write!(f, "the key of key-value #{i}"),
+            What::Type(key) => write!(f, "the type of key {key:?}"),
+            What::Value(key) => write!(f, "the value of key {key:?}"),
+            What::TensorName(i) => write!(f, "the name of tensor #{i}"),
+            What::TensorInfo(name) => write!(f, "the info of tensor {name:?}"),
+        }
+    }
+}
+
+/// Reads little-endian fields from a byte buffer, turning every short read into
+/// [`GgufError::Truncated`] that names what was being read.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    path: &'a Path,
+}
+
+impl<'a> Cursor<'a> {
+    fn truncated(&self, what: What<'_>, needed: u64) -> GgufError {
+        GgufError::Truncated {
+            path: self.path.to_path_buf(),
+            what: what.to_string(),
+            offset: self.pos as u64,
+            needed,
+            file_len: self.buf.len() as u64,
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: u64, what: What<'_>) -> Result<&'a [u8], GgufError> {
+        let bytes = usize::try_from(n)
+            .ok()
+            .filter(|&n| n <= self.remaining())
+            .and_then(|n| self.buf.get(self.pos..self.pos + n))
+            .ok_or_else(|| self.truncated(what, n))?;
+        self.pos += bytes.len();
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self, what: What<'_>) -> Result<[u8; N], GgufError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N as u64, what)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self, what: What<'_>) -> Result<u8, GgufError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: What<'_>) -> Result<u32, GgufError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: What<'_>) -> Result<u64, GgufError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    /// A u64 length then that many UTF-8 bytes; the length is checked against `max` before the
+    /// bytes are touched.
+    fn string(&mut self, max: usize, what: What<'_>) -> Result<String, GgufError> {
+        let len = self.u64(what)?;
+        if len > max as u64 {
+            return Err(GgufError::StringTooLong {
+                path: self.path.to_path_buf(),
+                what: what.to_string(),
+                len,
+                max,
+            });
+        }
+        let start = self.pos as u64;
+        let bytes = self.take(len, what)?;
+        let s = std::str::from_utf8(bytes).map_err(|_| GgufError::InvalidUtf8 {
+            path: self.path.to_path_buf(),
+            what: what.to_string(),
+            offset: start,
+        })?;
+        Ok(s.to_string())
+    }
+}
+
+/// The value type for a tag read from the file.
+fn value_type(id: u32) -> Option<ValueType> {
+    Some(match id {
+        0 => ValueType::U8,
+        1 => ValueType::I8,
+        2 => ValueType::U16,
+        3 => ValueType::I16,
+        4 => ValueType::U32,
+        5 => ValueType::I32,
+        6 => ValueType::F32,
+        7 => ValueType::Bool,
+        8 => ValueType::String,
+        9 => ValueType::Array,
+        10 => ValueType::U64,
+        11 => ValueType::I64,
+        12 => ValueType::F64,
+        _ => return None,
+    })
+}
+
+/// The fewest bytes one value of a type takes in the file, to refuse an array count that the
+/// rest of the file cannot hold before allocating for it.
+fn min_encoded_len(ty: ValueType) -> u64 {
+    match ty {
+        ValueType::U8 | ValueType::I8 | ValueType::Bool => 1,
+        ValueType::U16 | ValueType::I16 => 2,
+        ValueType::U32 | ValueType::I32 | ValueType::F32 => 4,
+        ValueType::U64 | ValueType::I64 | ValueType::F64 | ValueType::String => 8,
+        ValueType::Array => 12,
+    }
+}
+
+/// Reads one value of type `ty` for `key`; `depth` is how many arrays enclose it.
+fn read_value(
+    cur: &mut Cursor<'_>,
+    ty: ValueType,
+    key: &str,
+    depth: u8,
+) -> Result<Value, GgufError> {
+    let what = What::Value(key);
+    Ok(match ty {
+        ValueType::U8 => Value::U8(cur.u8(what)?),
+        ValueType::I8 => Value::I8(i8::from_le_bytes(cur.array(what)?)),
+        ValueType::U16 => Value::U16(u16::from_le_bytes(cur.array(what)?)),
+        ValueType::I16 => Value::I16(i16::from_le_bytes(cur.array(what)?)),
+        ValueType::U32 => Value::U32(cur.u32(what)?),
+        ValueType::I32 => Value::I32(i32::from_le_bytes(cur.array(what)?)),
+        ValueType::F32 => Value::F32(f32::from_le_bytes(cur.array(what)?)),
+        ValueType::U64 => Value::U64(cur.u64(what)?),
+        ValueType::I64 => Value::I64(i64::from_le_bytes(cur.array(what)?)),
+        ValueType::F64 => Value::F64(f64::from_le_bytes(cur.array(what)?)),
+        ValueType::Bool => match cur.u8(what)? {
+            0 => Value::Bool(false),
+            1 => Value::Bool(true),
+            byte => {
+                return Err(GgufError::InvalidBool {
+                    path: cur.path.to_path_buf(),
+                    key: key.to_string(),
+                    byte,
+                })
+            }
+        },
+        ValueType::String => Value::String(cur.string(MAX_STRING_LEN, what)?),
+        ValueType::Array => {
+            let type_id = cur.u32(what)?;
+            let elem = value_type(type_id).ok_or_else(|| GgufError::UnknownValueType {
+                path: cur.path.to_path_buf(),
+                key: key.to_string(),
+                type_id,
+            })?;
+            if elem == ValueType::Array && depth > 0 {
+                return Err(GgufError::NestedArrayTooDeep {
+                    path: cur.path.to_path_buf(),
+                    key: key.to_string(),
+                });
+            }
+            let len = cur.u64(what)?;
+            if len > MAX_ARRAY_LEN as u64 {
+                return Err(GgufError::ArrayTooLong {
+                    path: cur.path.to_path_buf(),
+                    key: key.to_string(),
+                    len,
+                    max: MAX_ARRAY_LEN,
+                });
+            }
+            // len <= MAX_ARRAY_LEN and the minimum size is at most 12, so this cannot overflow.
+            let least = len * min_encoded_len(elem);
+            if least > cur.remaining() as u64 {
+                return Err(cur.truncated(what, least));
+            }
+            let mut items = Vec::with_capacity(len as usize);
+            for _ in 0..len {
+                items.push(read_value(cur, elem, key, depth + 1)?);
+            }
+            Value::Array(elem, items)
+        }
+    })
+}
+
+/// A tensor info as read, before the data section's position is known.
+struct RawTensor {
+    info: TensorInfo,
+    rel_offset: u64,
+}
+
+fn read_tensor_info(cur: &mut Cursor<'_>, index: u64) -> Result<RawTensor, GgufError> {
+    let path = cur.path;
+    let name = cur.string(MAX_TENSOR_NAME_LEN, What::TensorName(index))?;
+    let what = What::TensorInfo(&name);
+    let n_dims = cur.u32(what)?;
+    if n_dims as usize > MAX_DIMS {
+        return Err(GgufError::TooManyDims {
+            path: path.to_path_buf(),
+            tensor: name,
+            n_dims,
+            max: MAX_DIMS,
+        });
+    }
+    let mut dims = Vec::with_capacity(n_dims as usize);
+    for _ in 0..n_dims {
+        dims.push(cur.u64(what)?);
+    }
+    let type_id = cur.u32(what)?;
+    let rel_offset = cur.u64(what)?;
+    let Some(ggml_type) = GgmlType::from_id(type_id) else {
+        return Err(GgufError::UnknownGgmlType {
+            path: path.to_path_buf(),
+            tensor: name,
+            type_id,
+        });
+    };
+    let overflow = |name: String, dims: Vec<u64>| GgufError::SizeOverflow {
+        path: path.to_path_buf(),
+        tensor: name,
+        dims,
+    };
+    // ggml keeps dims and the element count in int64_t.
+    let count = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64);
+    let shape: Option<Vec<usize>> = dims.iter().map(|&d| usize::try_from(d).ok()).collect();
+    let (Some(_), Some(shape)) = (count, shape) else {
+        return Err(overflow(name, dims));
+    };
+    let row = dims.first().copied().unwrap_or(1);
+    if !row.is_multiple_of(ggml_type.block_size() as u64) {
+        return Err(GgufError::PartialBlock {
+            path: path.to_path_buf(),
+            tensor: name,
+            ggml_type,
+            row,
+            block: ggml_type.block_size(),
+        });
+    }
+    let Some(nbytes) = ggml_type.tensor_bytes(&shape) else {
+        return Err(overflow(name, dims));
+    };
+    Ok(RawTensor {
+        info: TensorInfo {
+            name,
+            ggml_type,
+            dims,
+            offset: 0,
+            nbytes,
+        },
+        rel_offset,
+    })
+}
+
+/// Parses and validates a whole GGUF image; `path` only names the file in errors.
+fn parse(path: &Path, buf: &[u8]) -> Result<Parsed, GgufError> {
+    let mut cur = Cursor { buf, pos: 0, path };
+    let magic = buf.get(..4).unwrap_or(buf);
+    if magic != GGUF_MAGIC {
+        return Err(GgufError::BadMagic {
+            path: path.to_path_buf(),
+            found: magic.to_vec(),
+        });
+    }
+    cur.pos = 4;
+    let version = cur.u32(What::Field("the version"))?;
+    if version != 2 && version != 3 {
+        return Err(GgufError::UnsupportedVersion {
+            path: path.to_path_buf(),
+            version,
+        });
+    }
+    let tensor_count = cur.u64(What::Field("the tensor count"))?;
+    let kv_count = cur.u64(What::Field("the key-value count"))?;
+    for (what, count, max) in [
+        ("the tensor count", tensor_count, MAX_TENSOR_COUNT),
+        ("the key-value count", kv_count, MAX_KV_COUNT),
+    ] {
+        if count > max {
+            return Err(GgufError::CountTooLarge {
+                path: path.to_path_buf(),
+                what,
+                count,
+                max,
+            });
+        }
+    }
+
+    // Capacities are bounded by what the rest of the file can hold, not by the counts alone.
+    let mut metadata = Vec::with_capacity((kv_count as usize).min(cur.remaining() / 13));
+    let mut keys = HashSet::new();
+    for index in 0..kv_count {
+        let key = cur.string(MAX_KEY_LEN, What::Key(index))?;
+        if key.is_empty() {
+            return Err(GgufError::EmptyKey {
+                path: path.to_path_buf(),
+                index,
+            });
+        }
+        if !keys.insert(key.clone()) {
+            return Err(GgufError::DuplicateKey {
+                path: path.to_path_buf(),
+                key,
+            });
+        }
+        let type_id = cur.u32(What::Type(&key))?;
+        let ty = value_type(type_id).ok_or_else(|| GgufError::UnknownValueType {
+            path: path.to_path_buf(),
+            key: key.clone(),
+            type_id,
+        })?;
+        let value = read_value(&mut cur, ty, &key, 0)?;
+        metadata.push((key, value));
+    }
+
+    let mut raw = Vec::with_capacity((tensor_count as usize).min(cur.remaining() / 24));
+    let mut names = HashSet::new();
+    for index in 0..tensor_count {
+        let t = read_tensor_info(&mut cur, index)?;
+        if !names.insert(t.info.name.clone()) {
+            return Err(GgufError::DuplicateTensor {
+                path: path.to_path_buf(),
+                tensor: t.info.name,
+            });
+        }
+        raw.push(t);
+    }
+
+    let alignment = match metadata.iter().find(|(k, _)| k == GENERAL_ALIGNMENT) {
+        None => GGUF_DEFAULT_ALIGNMENT,
+        Some((_, Value::U32(a))) if a.is_power_of_two() => u64::from(*a),
+        Some((_, Value::U32(a))) => {
+            return Err(GgufError::BadAlignment {
+                path: path.to_path_buf(),
+                alignment: u64::from(*a),
+            })
+        }
+        Some((_, other)) => {
+            return Err(GgufError::WrongType {
+                path: path.to_path_buf(),
+                key: GENERAL_ALIGNMENT.to_string(),
+                expected: "a u32",
+                found: other.value_type(),
+            })
+        }
+    };
+    // The position is at most the buffer length and the alignment at most 2^31: no overflow.
+    let data_start = (cur.pos as u64).next_multiple_of(alignment);
+    let file_len = buf.len() as u64;
+
+    let mut tensors = Vec::with_capacity(raw.len());
+    for RawTensor {
+        mut info,
+        rel_offset,
+    } in raw
+    {
+        if !rel_offset.is_multiple_of(alignment) {
+            return Err(GgufError::MisalignedTensor {
+                path: path.to_path_buf(),
+                tensor: info.name,
+                offset: rel_offset,
+                alignment,
+            });
+        }
+        let start = data_start.checked_add(rel_offset).filter(|&s| {
+            s.checked_add(info.nbytes as u64)
+                .is_some_and(|e| e <= file_len)
+        });
+        let Some(start) = start else {
+            return Err(GgufError::TensorOutOfBounds {
+                path: path.to_path_buf(),
+                tensor: info.name,
+                offset: rel_offset,
+                nbytes: info.nbytes,
+                data_start,
+                file_len,
+            });
+        };
+        info.offset = start;
+        tensors.push(info);
+    }
+    check_overlaps(path, &tensors)?;
+
+    Ok(Parsed {
+        version,
+        alignment,
+        data_start,
+        metadata,
+        tensors,
+    })
+}
+
+/// Refuses two tensors whose (non-empty) byte ranges intersect. All ranges are inside the file,
+/// so the ends cannot overflow.
+fn check_overlaps(path: &Path, tensors: &[TensorInfo]) -> Result<(), GgufError> {
+    let mut order: Vec<&TensorInfo> = tensors.iter().filter(|t| t.nbytes > 0).collect();
+    order.sort_by_key(|t| t.offset);
+    let mut furthest: Option<&TensorInfo> = None;
+    for t in order {
+        if let Some(f) = furthest {
+            let f_end = f.offset + f.nbytes as u64;
+            if f_end > t.offset {
+                return Err(GgufError::OverlappingTensors {
+                    path: path.to_path_buf(),
+                    first: f.name.clone(),
+                    second: t.name.clone(),
+                    first_end: f_end,
+                    second_start: t.offset,
+                });
+            }
+        }
+        // Ranges are disjoint so far, so the latest one also ends furthest.
+        furthest = Some(t);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds GGUF bytes field by field.
+    #[derive(Default)]
+    struct Bytes(Vec<u8>);
+
+    impl Bytes {
+        fn u32(mut self, v: u32) -> Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn u64(mut self, v: u64) -> Self {
+            self.0.extend_from_slice(&v.to_le_bytes());
+            self
+        }
+        fn raw(mut self, b: &[u8]) -> Self {
+            self.0.extend_from_slice(b);
+            self
+        }
+        fn str(self, s: &str) -> Self {
+            self.u64(s.len() as u64).raw(s.as_bytes())
+        }
+        fn header(self, tensors: u64, kvs: u64) -> Self {
+            self.raw(b"GGUF").u32(3).u64(tensors).u64(kvs)
+        }
+        fn tensor(self, name: &str, dims: &[u64], ty: u32, offset: u64) -> Self {
+            let mut b = self.str(name).u32(dims.len() as u32);
+            for &d in dims {
+                b = b.u64(d);
+            }
+            b.u32(ty).u64(offset)
+        }
+        fn pad_to(mut self, align: usize) -> Self {
+            while !self.0.len().is_multiple_of(align) {
+                self.0.push(0);
+            }
+            self
+        }
+        fn zeros(mut self, n: usize) -> Self {
+            self.0.resize(self.0.len() + n, 0);
+            self
+        }
+    }
+
+    fn p(buf: &[u8]) -> Result<Parsed, GgufError> {
+        parse(Path::new("test.gguf"), buf)
+    }
+
+    /// A small valid file: three key-values (string, u32, array of strings), two tensors
+    /// (f32 [2, 3] and q8_0 [32, 1]).
+    fn small() -> Vec<u8> {
+        Bytes::default()
+            .header(2, 3)
+            .str("general.architecture")
+            .u32(8)
+            .str("llama")
+            .str("llama.block_count")
+            .u32(4)
+            .u32(2)
+            .str("tokenizer.ggml.tokens")
+            .u32(9)
+            .u32(8)
+            .u64(2)
+            .str("a")
+            .str("bc")
+            .tensor("a", &[3, 2], 0, 0)
+            .tensor("b", &[32, 1], 8, 32)
+            .pad_to(32)
+            .raw(&[1; 24])
+            .pad_to(32)
+            .raw(&[2; 34])
+            .0
+    }
+
+    #[test]
+    fn parses_hand_built_file() {
+        let buf = small();
+        let g = p(&buf).expect("valid file");
+        assert_eq!(g.version, 3);
+        assert_eq!(g.alignment, 32);
+        assert_eq!(g.metadata.len(), 3);
+        assert_eq!(
+            g.metadata[0],
+            ("general.architecture".into(), Value::String("llama".into()))
+        );
+        assert_eq!(g.metadata[1].1, Value::U32(2));
+        assert_eq!(g.metadata[2].1, Value::strings(["a", "bc"]));
+        let a = &g.tensors[0];
+        assert_eq!(
+            (a.ggml_type, a.dims.clone(), a.nbytes),
+            (GgmlType::F32, vec![3, 2], 24)
+        );
+        assert_eq!(a.shape(), vec![2, 3]);
+        assert_eq!(a.offset, g.data_start);
+        assert_eq!(g.data_start % 32, 0);
+        let b = &g.tensors[1];
+        assert_eq!(
+            (b.ggml_type, b.nbytes, b.offset),
+            (GgmlType::Q8_0, 34, g.data_start + 32)
+        );
+        assert_eq!(&buf[b.offset as usize..][..34], &[2; 34]);
+    }
+
+    #[test]
+    fn open_maps_file_and_typed_getters_name_key_and_type() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("small.gguf");
+        std::fs::write(&path, small()).expect("write");
+        let g = GgufFile::open(&path).expect("open");
+        assert_eq!(g.get_str("general.architecture").expect("arch"), "llama");
+        assert_eq!(g.get_u64("llama.block_count").expect("blocks"), 2);
+        assert_eq!(g.get_arr("tokenizer.ggml.tokens").expect("tokens").len(), 2);
+        let info = g.tensor("b").expect("tensor b").clone();
+        assert_eq!(g.tensor_data(&info), &[2; 34]);
+        assert_eq!(g.tensor_data(&g.tensors()[0]), &[1; 24]);
+        let err = g.get_f64("llama.block_count").unwrap_err().to_string();
+        assert!(
+            err.contains("small.gguf")
+                && err.contains("llama.block_count")
+                && err.contains("a float"),
+            "{err}"
+        );
+        let err = g.get_str("general.name").unwrap_err().to_string();
+        assert!(
+            err.contains("general.name") && err.contains("missing"),
+            "{err}"
+        );
+        let forged = TensorInfo {
+            offset: u64::MAX,
+            ..info
+        };
+        assert!(g.tensor_data(&forged).is_empty());
+    }
+
+    #[test]
+    fn open_reports_missing_and_empty_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.gguf");
+        assert!(matches!(
+            GgufFile::open(&missing),
+            Err(GgufError::Io { .. })
+        ));
+        let empty = dir.path().join("empty.gguf");
+        std::fs::write(&empty, b"").expect("write");
+        assert!(matches!(
+            GgufFile::open(&empty),
+            Err(GgufError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let buf = small();
+        for len in 0..buf.len() {
+            assert!(p(&buf[..len]).is_err(), "truncated at {len} parsed");
+        }
+    }
+
+    #[test]
+    fn bit_flips_never_panic() {
+        let buf = small();
+        for i in 0..buf.len() {
+            for bit in 0..8 {
+                let mut b = buf.clone();
+                b[i] ^= 1 << bit;
+                let _ = p(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn forged_byte_values_never_panic() {
+        let buf = small();
+        for i in 0..buf.len() {
+            for v in [0x00, 0x7f, 0x80, 0xff] {
+                let mut b = buf.clone();
+                b[i] = v;
+                let _ = p(&b);
+            }
+        }
+    }
+
+    #[test]
+    fn bad_magic_and_version() {
+        let mut b = small();
+        b[0] = b'X';
+        assert!(matches!(p(&b), Err(GgufError::BadMagic { .. })));
+        let b = Bytes::default().raw(b"GGUF").u32(1).u64(0).u64(0).0;
+        assert!(matches!(
+            p(&b),
+            Err(GgufError::UnsupportedVersion { version: 1, .. })
+        ));
+        let b = Bytes::default()
+            .raw(b"GGUF")
+            .raw(&[0, 0, 0, 3])
+            .u64(0)
+            .u64(0)
+            .0;
+        let err = p(&b).unwrap_err().to_string();
+        assert!(err.contains("0x3000000"), "{err}");
+        let b = Bytes::default().raw(b"GGUF").u32(2).u64(0).u64(0).0;
+        assert_eq!(p(&b).expect("v2").version, 2);
+    }
+
+    #[test]
+    fn forged_counts_and_lengths() {
+        let b = Bytes::default().header(u64::MAX, 0).0;
+        assert!(matches!(p(&b), Err(GgufError::CountTooLarge { .. })));
+        let b = Bytes::default().header(0, MAX_KV_COUNT + 1).0;
+        assert!(matches!(p(&b), Err(GgufError::CountTooLarge { .. })));
+        // Within the cap but more than the file holds.
+        let b = Bytes::default().header(MAX_TENSOR_COUNT, MAX_KV_COUNT).0;
+        assert!(matches!(p(&b), Err(GgufError::Truncated { .. })));
+
+        let b = Bytes::default().header(0, 1).u64(u64::MAX).0;
+        assert!(matches!(p(&b), Err(GgufError::StringTooLong { .. })));
+        let b = Bytes::default().header(0, 1).u64(100).raw(b"short").0;
+        assert!(matches!(p(&b), Err(GgufError::Truncated { .. })));
+
+        let string_value = |len: u64| Bytes::default().header(0, 1).str("k").u32(8).u64(len).0;
+        assert!(matches!(
+            p(&string_value(u64::MAX)),
+            Err(GgufError::StringTooLong { .. })
+        ));
+        assert!(matches!(
+            p(&string_value(MAX_STRING_LEN as u64)),
+            Err(GgufError::Truncated { .. })
+        ));
+
+        let array = |ty: u32, len: u64| {
+            Bytes::default()
+                .header(0, 1)
+                .str("k")
+                .u32(9)
+                .u32(ty)
+                .u64(len)
+                .0
+        };
+        assert!(matches!(
+            p(&array(0, u64::MAX)),
+            Err(GgufError::ArrayTooLong { .. })
+        ));
+        assert!(matches!(
+            p(&array(0, MAX_ARRAY_LEN as u64 + 1)),
+            Err(GgufError::ArrayTooLong { .. })
+        ));
+        // A full-size array of strings in a tiny file is refused before allocating.
+        let err = p(&array(8, MAX_ARRAY_LEN as u64)).unwrap_err();
+        assert!(
+            matches!(err, GgufError::Truncated { needed, .. } if needed == 8 * MAX_ARRAY_LEN as u64)
+        );
+
+        let b = Bytes::default()
+            .header(1, 0)
+            .tensor("t", &[u64::MAX, u64::MAX], 0, 0)
+            .0;
+        assert!(matches!(p(&b), Err(GgufError::SizeOverflow { .. })));
+        let b = Bytes::default()
+            .header(1, 0)
+            .tensor("t", &[1 << 62, 4], 0, 0)
+            .0;
+        assert!(matches!(p(&b), Err(GgufError::SizeOverflow { .. })));
+        let b = Bytes::default()
+            .header(1, 0)
+            .tensor("t", &[1, 1, 1, 1, 1], 0, 0)
+            .0;
+        assert!(matches!(
+            p(&b),
+            Err(GgufError::TooManyDims { n_dims: 5, .. })
+        ));
+        let b = Bytes::default().header(1, 0).u64(64).raw(&[b'x'; 64]).0;
+        assert!(matches!(
+            p(&b),
+            Err(GgufError::StringTooLong { len: 64, .. })
+        ));
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let kv = |ty: u32, payload: &[u8]| {
+            Bytes::default()
+                .header(0, 1)
+                .str("k")
+                .u32(ty)
+                .raw(payload)
+                .0
+        };
+        let err = p(&kv(13, &[])).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufError::UnknownValueType { type_id: 13, .. }
+        ));
+        assert!(err.to_string().contains("0xd") && err.to_string().contains("\"k\""));
+        assert!(matches!(
+            p(&kv(7, &[2])),
+            Err(GgufError::InvalidBool { byte: 2, .. })
+        ));
+        assert_eq!(
+            p(&kv(7, &[1])).expect("bool").metadata[0].1,
+            Value::Bool(true)
+        );
+        let bad_utf8 = Bytes::default().u64(2).raw(&[0xc3, 0x28]).0;
+        assert!(matches!(
+            p(&kv(8, &bad_utf8)),
+            Err(GgufError::InvalidUtf8 { .. })
+        ));
+        // Array of unknown element type.
+        let arr = Bytes::default().u32(42).u64(0).0;
+        assert!(matches!(
+            p(&kv(9, &arr)),
+            Err(GgufError::UnknownValueType { type_id: 42, .. })
+        ));
+
+        // One level of nesting is fine: [[1, 2], []] of i32.
+        let nested = Bytes::default()
+            .u32(9)
+            .u64(2)
+            .u32(5)
+            .u64(2)
+            .u32(1)
+            .u32(2)
+            .u32(5)
+            .u64(0)
+            .0;
+        let g = p(&kv(9, &nested)).expect("nested");
+        assert_eq!(
+            g.metadata[0].1,
+            Value::Array(ValueType::Array, vec![Value::i32s([1, 2]), Value::i32s([])])
+        );
+        // Two levels are not.
+        let deep = Bytes::default().u32(9).u64(1).u32(9).u64(1).u32(5).u64(0).0;
+        assert!(matches!(
+            p(&kv(9, &deep)),
+            Err(GgufError::NestedArrayTooDeep { .. })
+        ));
+
+        let empty_key = Bytes::default().header(0, 1).str("").u32(0).raw(&[0]).0;
+        assert!(matches!(
+            p(&empty_key),
+            Err(GgufError::EmptyKey { index: 0, .. })
+        ));
+        let dup = Bytes::default()
+            .header(0, 2)
+            .str("k")
+            .u32(0)
+            .raw(&[0])
+            .str("k")
+            .u32(0)
+            .raw(&[1])
+            .0;
+        assert!(matches!(p(&dup), Err(GgufError::DuplicateKey { .. })));
+    }
+
+    #[test]
+    fn alignment_is_checked_and_used() {
+        let with_align = |ty: u32, v: &[u8], offset: u64| {
+            Bytes::default()
+                .header(1, 1)
+                .str(GENERAL_ALIGNMENT)
+                .u32(ty)
+                .raw(v)
+                .tensor("t", &[4], 0, offset)
+                .pad_to(64)
+                .zeros(80)
+                .0
+        };
+        let g = p(&with_align(4, &64u32.to_le_bytes(), 64)).expect("aligned to 64");
+        assert_eq!(g.alignment, 64);
+        assert_eq!(g.data_start % 64, 0);
+        assert_eq!(g.tensors[0].offset, g.data_start + 64);
+        let err = p(&with_align(4, &64u32.to_le_bytes(), 32)).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufError::MisalignedTensor {
+                offset: 32,
+                alignment: 64,
+                ..
+            }
+        ));
+        assert!(matches!(
+            p(&with_align(4, &24u32.to_le_bytes(), 0)),
+            Err(GgufError::BadAlignment { alignment: 24, .. })
+        ));
+        assert!(matches!(
+            p(&with_align(4, &0u32.to_le_bytes(), 0)),
+            Err(GgufError::BadAlignment { alignment: 0, .. })
+        ));
+        assert!(matches!(
+            p(&with_align(10, &64u64.to_le_bytes(), 0)),
+            Err(GgufError::WrongType {
+                found: ValueType::U64,
+                ..
+            })
+        ));
+        // Default alignment: an offset of 16 is misaligned.
+        let b = Bytes::default()
+            .header(1, 0)
+            .tensor("t", &[4], 0, 16)
+            .pad_to(32)
+            .zeros(64)
+            .0;
+        assert!(matches!(
+            p(&b),
+            Err(GgufError::MisalignedTensor {
+                offset: 16,
+                alignment: 32,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn tensor_ranges_are_checked() {
+        let two = |off_a: u64, off_b: u64, data: usize| {
+            Bytes::default()
+                .header(2, 0)
+                .tensor("a", &[16], 0, off_a)
+                .tensor("b", &[16], 0, off_b)
+                .pad_to(32)
+                .zeros(data)
+                .0
+        };
+        assert!(p(&two(0, 64, 128)).is_ok());
+        let err = p(&two(0, 32, 128)).unwrap_err();
+        assert!(
+            matches!(&err, GgufError::OverlappingTensors { first, second, .. } if first == "a" && second == "b"),
+            "{err}"
+        );
+        assert!(matches!(
+            p(&two(64, 32, 128)),
+            Err(GgufError::OverlappingTensors { .. })
+        ));
+        assert!(matches!(
+            p(&two(0, 0, 128)),
+            Err(GgufError::OverlappingTensors { .. })
+        ));
+        // b ends one byte past the file.
+        assert!(matches!(
+            p(&two(0, 64, 127)),
+            Err(GgufError::TensorOutOfBounds { .. })
+        ));
+        let err = p(&two(0, u64::MAX - 31, 128)).unwrap_err();
+        assert!(matches!(err, GgufError::TensorOutOfBounds { .. }), "{err}");
+        assert!(err.to_string().contains("\"b\""));
+        // Empty tensors may share an offset.
+        let b = Bytes::default()
+            .header(2, 0)
+            .tensor("a", &[0], 0, 0)
+            .tensor("b", &[0, 5], 0, 0)
+            .pad_to(32)
+            .0;
+        let g = p(&b).expect("empty tensors");
+        assert_eq!(g.tensors[1].nbytes, 0);
+        let dup = Bytes::default()
+            .header(2, 0)
+            .tensor("a", &[0], 0, 0)
+            .tensor("a", &[0], 0, 0)
+            .0;
+        assert!(matches!(p(&dup), Err(GgufError::DuplicateTensor { .. })));
+    }
+
+    #[test]
+    fn ggml_types_are_checked() {
+        let one = |ty: u32, dims: &[u64]| {
+            Bytes::default()
+                .header(1, 0)
+                .tensor("w", dims, ty, 0)
+                .pad_to(32)
+                .zeros(1024)
+                .0
+        };
+        let err = p(&one(0xbeef, &[32])).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufError::UnknownGgmlType {
+                type_id: 0xbeef,
+                ..
+            }
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("0xbeef") && msg.contains("\"w\""), "{msg}");
+        // Removed Q4_2 (id 4) is unknown too.
+        assert!(matches!(
+            p(&one(4, &[32])),
+            Err(GgufError::UnknownGgmlType { .. })
+        ));
+        // q4_0 rows must be whole 32-element blocks.
+        assert!(matches!(
+            p(&one(2, &[16, 2])),
+            Err(GgufError::PartialBlock { row: 16, .. })
+        ));
+        let g = p(&one(2, &[64, 3])).expect("q4_0");
+        assert_eq!(g.tensors[0].nbytes, 2 * 3 * 18);
+        assert_eq!(g.tensors[0].shape(), vec![3, 64]);
+    }
+}

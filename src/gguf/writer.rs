@@ -1,0 +1,1046 @@
+//! A streaming GGUF v3 writer: key-values and tensor infos first, then each tensor's bytes once,
+//! in order, as the caller produces them; only the header is ever held in memory.
+//! Spec: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>
+//!
+//! We write our own rather than use candle's or gguf-rs's. candle's `gguf_file::write` writes
+//! version 2 and takes every tensor as an in-memory `QTensor` at once. gguf-rs 0.1.8's
+//! `GGUFWriter` does not keep tensors in memory, but it reserves the whole data section by
+//! writing zeros one byte at a time and then seeks back to each tensor (every data byte is
+//! written twice and the output must be seekable); it also accepts a tensor shorter than its
+//! shape silently, re-sorts the keys, and its size table puts IQ4_NL and MXFP4 in 256-element
+//! blocks where ggml uses 32. A stream needs only the header metadata up front: offsets follow
+//! from types and shapes, so nothing has to be reserved or revisited.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::consts::{
+    GENERAL_ALIGNMENT, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, MAX_ARRAY_LEN, MAX_DIMS,
+    MAX_KEY_LEN, MAX_KV_COUNT, MAX_STRING_LEN, MAX_TENSOR_COUNT, MAX_TENSOR_NAME_LEN,
+};
+use super::{GgmlType, Value, ValueType};
+use crate::output::{AtomicFile, OutputError};
+
+/// Where a [`GgufWriter`] is in GGUF's fixed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Collecting key-values and tensor infos; nothing written yet.
+    Metadata,
+    /// Header written; tensor data is being written, in info order.
+    TensorData {
+        /// Tensors whose data is written.
+        written: usize,
+        /// Tensors declared.
+        total: usize,
+    },
+}
+
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Step::Metadata => f.write_str("collecting key-values and tensor infos"),
+            Step::TensorData { written, total } => {
+                write!(
+                    f,
+                    "writing tensor data ({written} of {total} tensors written)"
+                )
+            }
+        }
+    }
+}
+
+/// Why a GGUF file could not be written. Every variant names the output file.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufWriteError {
+    /// The output could not be created (exists without `force`, folder missing) or committed.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// Writing to the temporary output file failed.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The output file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A method was called out of GGUF's order (key-values and tensor infos, header, data).
+    #[error("{path}: {call} called while {step}; {rule}")]
+    OutOfOrder {
+        /// The output file.
+        path: PathBuf,
+        /// The method called.
+        call: &'static str,
+        /// Where the writer was.
+        step: Step,
+        /// What the order requires.
+        rule: &'static str,
+    },
+    /// More key-values or tensors than the reader's caps allow.
+    #[error("{path}: more than {max} {what}")]
+    TooMany {
+        /// The output file.
+        path: PathBuf,
+        /// `key-values` or `tensors`.
+        what: &'static str,
+        /// The cap.
+        max: u64,
+    },
+    /// A key is empty or longer than [`MAX_KEY_LEN`].
+    #[error("{path}: key of {len} bytes (expected 1 to {max})")]
+    BadKeyLength {
+        /// The output file.
+        path: PathBuf,
+        /// The key's length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The same key was added twice.
+    #[error("{path}: key {key:?} added twice")]
+    DuplicateKey {
+        /// The output file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// A string value is longer than [`MAX_STRING_LEN`].
+    #[error("{path}: key {key:?} holds a string of {len} bytes, more than the limit of {max}")]
+    StringTooLong {
+        /// The output file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The string's length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// An array is longer than [`MAX_ARRAY_LEN`].
+    #[error("{path}: key {key:?} holds an array of {len} elements, more than the limit of {max}")]
+    ArrayTooLong {
+        /// The output file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The array's length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// An array element's type differs from the array's declared element type.
+    #[error(
+        "{path}: element #{index} of array {key:?} is {found:?} (the array holds {expected:?})"
+    )]
+    MixedArray {
+        /// The output file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The element's position.
+        index: usize,
+        /// The array's element type.
+        expected: ValueType,
+        /// The element's type.
+        found: ValueType,
+    },
+    /// An array holds arrays. The GGUF spec allows it, but llama.cpp's loader refuses the
+    /// whole file (`gguf_init_from_file`: "invalid GGUF type").
+    #[error("{path}: key {key:?} holds an array of arrays, which llama.cpp cannot load")]
+    NestedArray {
+        /// The output file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+    },
+    /// `general.alignment` is not a u32 power of two.
+    #[error("{path}: general.alignment must be a u32 power of two, got {value:?}")]
+    BadAlignment {
+        /// The output file.
+        path: PathBuf,
+        /// The value given.
+        value: Value,
+    },
+    /// A tensor name is longer than llama.cpp loads ([`MAX_TENSOR_NAME_LEN`]).
+    #[error("{path}: tensor name {tensor:?} is {len} bytes long (llama.cpp loads at most {max})")]
+    TensorNameTooLong {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The same tensor name was added twice.
+    #[error("{path}: tensor {tensor:?} added twice")]
+    DuplicateTensor {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
+    /// A tensor has more than [`MAX_DIMS`] dimensions.
+    #[error("{path}: tensor {tensor:?} has {n_dims} dimensions (expected at most {max})")]
+    TooManyDims {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Its dimension count.
+        n_dims: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// A shape whose rows are not whole blocks of the type, or whose size overflows.
+    #[error("{path}: tensor {tensor:?} of shape {shape:?} cannot be stored as {ggml_type}: the last dimension must be a multiple of {block} and the size must fit in memory")]
+    BadShape {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The type asked for.
+        ggml_type: GgmlType,
+        /// The shape, torch order.
+        shape: Vec<usize>,
+        /// The type's block size.
+        block: usize,
+    },
+    /// Tensor data was given for another tensor than the next one declared.
+    #[error("{path}: got data for tensor {got:?}, but the next tensor declared is {expected:?} (data must follow the info order)")]
+    UnexpectedTensor {
+        /// The output file.
+        path: PathBuf,
+        /// The next tensor declared.
+        expected: String,
+        /// The tensor given.
+        got: String,
+    },
+    /// Tensor data was given after every declared tensor was written.
+    #[error("{path}: got data for tensor {got:?}, but all {total} declared tensors are written")]
+    NoMoreTensors {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor given.
+        got: String,
+        /// Tensors declared.
+        total: usize,
+    },
+    /// Tensor data of another length than the type and shape require.
+    #[error("{path}: tensor {tensor:?} needs {expected} bytes, got {got}")]
+    WrongTensorSize {
+        /// The output file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// Bytes its type and shape require.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// `finish` was called before every declared tensor was written.
+    #[error(
+        "{path}: finish called after {written} of {total} tensors were written (next: {next:?})"
+    )]
+    Incomplete {
+        /// The output file.
+        path: PathBuf,
+        /// Tensors written.
+        written: usize,
+        /// Tensors declared.
+        total: usize,
+        /// The next tensor due.
+        next: String,
+    },
+}
+
+/// A declared tensor: its info and where its data goes.
+struct Planned {
+    name: String,
+    ggml_type: GgmlType,
+    /// ggml order.
+    dims: Vec<u64>,
+    nbytes: usize,
+    /// From the start of the data section.
+    offset: u64,
+}
+
+/// Writes a GGUF v3 file through an [`AtomicFile`]: nothing appears at the target path until
+/// [`GgufWriter::finish`] succeeds.
+pub struct GgufWriter {
+    out: AtomicFile,
+    path: PathBuf,
+    alignment: u64,
+    metadata: Vec<(String, Value)>,
+    keys: HashSet<String>,
+    tensors: Vec<Planned>,
+    names: HashSet<String>,
+    step: Step,
+}
+
+/// Zeros for padding, written in pieces so no alignment needs a buffer of its size.
+const ZEROS: [u8; 4096] = [0; 4096];
+
+impl GgufWriter {
+    /// Starts writing `path`; refuses an existing file unless `force`.
+    pub fn create(path: impl AsRef<Path>, force: bool) -> Result<GgufWriter, GgufWriteError> {
+        let path = path.as_ref().to_path_buf();
+        let out = AtomicFile::create(&path, force)?;
+        Ok(GgufWriter {
+            out,
+            path,
+            alignment: GGUF_DEFAULT_ALIGNMENT,
+            metadata: Vec::new(),
+            keys: HashSet::new(),
+            tensors: Vec::new(),
+            names: HashSet::new(),
+            step: Step::Metadata,
+        })
+    }
+
+    /// Where the writer is in the order.
+    pub fn step(&self) -> Step {
+        self.step
+    }
+
+    /// The tensor data alignment in effect (32 unless `general.alignment` was added).
+    pub fn alignment(&self) -> u64 {
+        self.alignment
+    }
+
+    fn in_metadata(&self, call: &'static str) -> Result<(), GgufWriteError> {
+        match self.step {
+            Step::Metadata => Ok(()),
+            step => Err(GgufWriteError::OutOfOrder {
+                path: self.path.clone(),
+                call,
+                step,
+                rule: "key-values and tensor infos must all be added before the header is written",
+            }),
+        }
+    }
+
+    /// Adds a key-value. Keys are written in the order added. `general.alignment` must be a
+    /// u32 power of two and sets the alignment of the tensor data.
+    pub fn add_kv(&mut self, key: impl Into<String>, value: Value) -> Result<(), GgufWriteError> {
+        self.in_metadata("add_kv")?;
+        let key = key.into();
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
+            return Err(GgufWriteError::BadKeyLength {
+                path: self.path.clone(),
+                len: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        if self.keys.contains(&key) {
+            return Err(GgufWriteError::DuplicateKey {
+                path: self.path.clone(),
+                key,
+            });
+        }
+        if self.metadata.len() as u64 >= MAX_KV_COUNT {
+            return Err(GgufWriteError::TooMany {
+                path: self.path.clone(),
+                what: "key-values",
+                max: MAX_KV_COUNT,
+            });
+        }
+        self.check_value(&key, &value)?;
+        if key == GENERAL_ALIGNMENT {
+            match value {
+                Value::U32(a) if a.is_power_of_two() => self.set_alignment(u64::from(a)),
+                _ => {
+                    return Err(GgufWriteError::BadAlignment {
+                        path: self.path.clone(),
+                        value,
+                    })
+                }
+            }
+        }
+        self.keys.insert(key.clone());
+        self.metadata.push((key, value));
+        Ok(())
+    }
+
+    /// Checks caps, element types and that arrays hold no arrays.
+    fn check_value(&self, key: &str, value: &Value) -> Result<(), GgufWriteError> {
+        match value {
+            Value::String(s) if s.len() > MAX_STRING_LEN => Err(GgufWriteError::StringTooLong {
+                path: self.path.clone(),
+                key: key.to_string(),
+                len: s.len(),
+                max: MAX_STRING_LEN,
+            }),
+            Value::Array(elem, items) => {
+                if items.len() > MAX_ARRAY_LEN {
+                    return Err(GgufWriteError::ArrayTooLong {
+                        path: self.path.clone(),
+                        key: key.to_string(),
+                        len: items.len(),
+                        max: MAX_ARRAY_LEN,
+                    });
+                }
+                if *elem == ValueType::Array {
+                    return Err(GgufWriteError::NestedArray {
+                        path: self.path.clone(),
+                        key: key.to_string(),
+                    });
+                }
+                for (index, item) in items.iter().enumerate() {
+                    if item.value_type() != *elem {
+                        return Err(GgufWriteError::MixedArray {
+                            path: self.path.clone(),
+                            key: key.to_string(),
+                            index,
+                            expected: *elem,
+                            found: item.value_type(),
+                        });
+                    }
+                    self.check_value(key, item)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Changes the alignment and re-plans the offsets of tensors already declared.
+    fn set_alignment(&mut self, alignment: u64) {
+        self.alignment = alignment;
+        let mut end = 0u64;
+        for t in &mut self.tensors {
+            t.offset = end;
+            end = padded_end(end, t.nbytes, alignment).unwrap_or(u64::MAX);
+        }
+    }
+
+    /// Declares a tensor of `ggml_type` and `shape_torch_order` (outermost first, as candle and
+    /// torch give it); returns the exact number of bytes its data must have. Data is then
+    /// written in declaration order.
+    pub fn add_tensor_info(
+        &mut self,
+        name: impl Into<String>,
+        ggml_type: GgmlType,
+        shape_torch_order: &[usize],
+    ) -> Result<usize, GgufWriteError> {
+        self.in_metadata("add_tensor_info")?;
+        let name = name.into();
+        if name.len() > MAX_TENSOR_NAME_LEN {
+            return Err(GgufWriteError::TensorNameTooLong {
+                path: self.path.clone(),
+                len: name.len(),
+                tensor: name,
+                max: MAX_TENSOR_NAME_LEN,
+            });
+        }
+        if self.names.contains(&name) {
+            return Err(GgufWriteError::DuplicateTensor {
+                path: self.path.clone(),
+                tensor: name,
+            });
+        }
+        if self.tensors.len() as u64 >= MAX_TENSOR_COUNT {
+            return Err(GgufWriteError::TooMany {
+                path: self.path.clone(),
+                what: "tensors",
+                max: MAX_TENSOR_COUNT,
+            });
+        }
+        if shape_torch_order.len() > MAX_DIMS {
+            return Err(GgufWriteError::TooManyDims {
+                path: self.path.clone(),
+                tensor: name,
+                n_dims: shape_torch_order.len(),
+                max: MAX_DIMS,
+            });
+        }
+        let row = shape_torch_order.last().copied().unwrap_or(1);
+        let offset = match self.tensors.last() {
+            None => Some(0),
+            Some(t) => padded_end(t.offset, t.nbytes, self.alignment),
+        };
+        // The reader refuses element counts beyond ggml's int64_t, so the writer does too.
+        let fits_i64 = shape_torch_order
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .is_some_and(|n| n <= i64::MAX as u64);
+        let planned = ggml_type
+            .tensor_bytes(shape_torch_order)
+            .filter(|_| fits_i64 && row.is_multiple_of(ggml_type.block_size()))
+            .zip(offset)
+            .filter(|&(nbytes, offset)| padded_end(offset, nbytes, self.alignment).is_some());
+        let Some((nbytes, offset)) = planned else {
+            return Err(GgufWriteError::BadShape {
+                path: self.path.clone(),
+                tensor: name,
+                ggml_type,
+                shape: shape_torch_order.to_vec(),
+                block: ggml_type.block_size(),
+            });
+        };
+        self.names.insert(name.clone());
+        self.tensors.push(Planned {
+            name,
+            ggml_type,
+            dims: shape_torch_order.iter().rev().map(|&d| d as u64).collect(),
+            nbytes,
+            offset,
+        });
+        Ok(nbytes)
+    }
+
+    fn io(&self, source: std::io::Error) -> GgufWriteError {
+        GgufWriteError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn write_zeros(&mut self, mut n: u64) -> Result<(), GgufWriteError> {
+        while n > 0 {
+            let chunk = n.min(ZEROS.len() as u64) as usize;
+            self.out
+                .write_all(&ZEROS[..chunk])
+                .map_err(|e| self.io(e))?;
+            n -= chunk as u64;
+        }
+        Ok(())
+    }
+
+    /// Writes the header, key-values, tensor infos and the padding before the data section.
+    /// Called implicitly by the first [`GgufWriter::write_tensor_data`] or by
+    /// [`GgufWriter::finish`] when there are no tensors.
+    pub fn write_header(&mut self) -> Result<(), GgufWriteError> {
+        if self.step != Step::Metadata {
+            return Err(GgufWriteError::OutOfOrder {
+                path: self.path.clone(),
+                call: "write_header",
+                step: self.step,
+                rule: "the header is written once",
+            });
+        }
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&GGUF_MAGIC);
+        buf.extend_from_slice(&GGUF_VERSION.to_le_bytes());
+        buf.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        buf.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
+        for (key, value) in &self.metadata {
+            encode_str(&mut buf, key);
+            buf.extend_from_slice(&(value.value_type() as u32).to_le_bytes());
+            encode_value(&mut buf, value);
+        }
+        for t in &self.tensors {
+            encode_str(&mut buf, &t.name);
+            buf.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                buf.extend_from_slice(&d.to_le_bytes());
+            }
+            buf.extend_from_slice(&t.ggml_type.id().to_le_bytes());
+            buf.extend_from_slice(&t.offset.to_le_bytes());
+        }
+        self.out.write_all(&buf).map_err(|e| self.io(e))?;
+        self.write_zeros(padding(buf.len() as u64, self.alignment))?;
+        self.step = Step::TensorData {
+            written: 0,
+            total: self.tensors.len(),
+        };
+        Ok(())
+    }
+
+    /// Writes the data of the next declared tensor, which must be `name` with exactly the byte
+    /// length [`GgufWriter::add_tensor_info`] returned, then pads to the alignment.
+    pub fn write_tensor_data(&mut self, name: &str, bytes: &[u8]) -> Result<(), GgufWriteError> {
+        let (written, total) = match self.step {
+            Step::Metadata => {
+                self.write_header()?;
+                (0, self.tensors.len())
+            }
+            Step::TensorData { written, total } => (written, total),
+        };
+        let Some(t) = self.tensors.get(written) else {
+            return Err(GgufWriteError::NoMoreTensors {
+                path: self.path.clone(),
+                got: name.to_string(),
+                total,
+            });
+        };
+        if t.name != name {
+            return Err(GgufWriteError::UnexpectedTensor {
+                path: self.path.clone(),
+                expected: t.name.clone(),
+                got: name.to_string(),
+            });
+        }
+        if bytes.len() != t.nbytes {
+            return Err(GgufWriteError::WrongTensorSize {
+                path: self.path.clone(),
+                tensor: t.name.clone(),
+                expected: t.nbytes,
+                got: bytes.len(),
+            });
+        }
+        let pad = padding(t.nbytes as u64, self.alignment);
+        self.out.write_all(bytes).map_err(|e| self.io(e))?;
+        self.write_zeros(pad)?;
+        self.step = Step::TensorData {
+            written: written + 1,
+            total,
+        };
+        Ok(())
+    }
+
+    /// Checks that every declared tensor was written, then flushes, syncs and renames the file
+    /// onto its target.
+    pub fn finish(mut self) -> Result<(), GgufWriteError> {
+        if self.step == Step::Metadata && self.tensors.is_empty() {
+            self.write_header()?;
+        }
+        let written = match self.step {
+            Step::Metadata => 0,
+            Step::TensorData { written, .. } => written,
+        };
+        if let Some(next) = self.tensors.get(written) {
+            return Err(GgufWriteError::Incomplete {
+                path: self.path.clone(),
+                written,
+                total: self.tensors.len(),
+                next: next.name.clone(),
+            });
+        }
+        self.out.commit()?;
+        Ok(())
+    }
+}
+
+/// Zero bytes that bring `len` to a multiple of `alignment`.
+fn padding(len: u64, alignment: u64) -> u64 {
+    (alignment - len % alignment) % alignment
+}
+
+/// Where the next tensor starts after one of `nbytes` at `offset`, or `None` on overflow.
+fn padded_end(offset: u64, nbytes: usize, alignment: u64) -> Option<u64> {
+    offset
+        .checked_add(nbytes as u64)?
+        .checked_next_multiple_of(alignment)
+}
+
+fn encode_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// Appends a value's payload (an array's element type and count, then its elements).
+fn encode_value(buf: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::U8(v) => buf.push(*v),
+        Value::I8(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::U16(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I16(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::U32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::F32(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::Bool(v) => buf.push(u8::from(*v)),
+        Value::String(s) => encode_str(buf, s),
+        Value::Array(elem, items) => {
+            buf.extend_from_slice(&(*elem as u32).to_le_bytes());
+            buf.extend_from_slice(&(items.len() as u64).to_le_bytes());
+            for item in items {
+                encode_value(buf, item);
+            }
+        }
+        Value::U64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::I64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+        Value::F64(v) => buf.extend_from_slice(&v.to_le_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::reader::GgufFile;
+
+    /// Deterministic bytes that differ per tensor.
+    fn bytes(seed: u8, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn all_kinds_of_values() -> Vec<(String, Value)> {
+        vec![
+            ("general.architecture".into(), Value::String("llama".into())),
+            ("t.u8".into(), Value::U8(200)),
+            ("t.i8".into(), Value::I8(-5)),
+            ("t.u16".into(), Value::U16(60000)),
+            ("t.i16".into(), Value::I16(-30000)),
+            ("t.u32".into(), Value::U32(4_000_000_000)),
+            ("t.i32".into(), Value::I32(-7)),
+            ("t.f32".into(), Value::F32(1e-5)),
+            ("t.bool".into(), Value::Bool(true)),
+            ("t.u64".into(), Value::U64(u64::MAX)),
+            ("t.i64".into(), Value::I64(i64::MIN)),
+            ("t.f64".into(), Value::F64(-0.25)),
+            ("t.empty_str".into(), Value::String(String::new())),
+            (
+                "t.tokens".into(),
+                Value::strings(["<s>", "héllo", "", "▁world"]),
+            ),
+            ("deci.attention.head_count".into(), Value::i32s([32, 0, 32])),
+            ("t.scores".into(), Value::f32s([0.5, -1.0])),
+            ("t.empty_arr".into(), Value::Array(ValueType::U8, vec![])),
+            (
+                "t.bools".into(),
+                Value::Array(ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)]),
+            ),
+        ]
+    }
+
+    #[test]
+    fn round_trip_values_and_tensors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("out.gguf");
+        let shapes: [(&str, GgmlType, Vec<usize>); 6] = [
+            ("token_embd.weight", GgmlType::F16, vec![5, 7]),
+            ("blk.0.attn_q.weight", GgmlType::Q8_0, vec![3, 64]),
+            ("blk.0.attn_q.bias", GgmlType::F32, vec![3]),
+            ("blk.0.ffn_up.weight", GgmlType::Q4_K, vec![2, 256]),
+            ("blk.0.ffn_down.weight", GgmlType::BF16, vec![2, 1, 3]),
+            ("output_norm.weight", GgmlType::F32, vec![0]),
+        ];
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        let kvs = all_kinds_of_values();
+        for (k, v) in &kvs {
+            w.add_kv(k.clone(), v.clone()).expect("add_kv");
+        }
+        let mut data = Vec::new();
+        for (i, (name, ty, shape)) in shapes.iter().enumerate() {
+            let n = w
+                .add_tensor_info(*name, *ty, shape)
+                .expect("add_tensor_info");
+            data.push(bytes(i as u8, n));
+        }
+        assert_eq!(
+            data.iter().map(Vec::len).collect::<Vec<_>>(),
+            [70, 204, 12, 288, 12, 0]
+        );
+        for ((name, ..), d) in shapes.iter().zip(&data) {
+            w.write_tensor_data(name, d).expect("write_tensor_data");
+        }
+        assert!(!path.exists(), "nothing at the target before finish");
+        w.finish().expect("finish");
+
+        let g = GgufFile::open(&path).expect("read back");
+        assert_eq!(g.version(), 3);
+        assert_eq!(g.metadata(), kvs.as_slice());
+        assert_eq!(g.tensors().len(), shapes.len());
+        for ((name, ty, shape), (t, d)) in shapes.iter().zip(g.tensors().iter().zip(&data)) {
+            assert_eq!(&t.name, name);
+            assert_eq!(t.ggml_type, *ty);
+            assert_eq!(&t.shape(), shape);
+            assert_eq!(t.offset % 32, 0);
+            assert_eq!(g.tensor_data(t), d.as_slice(), "{name}");
+        }
+        let len = std::fs::metadata(&path).expect("stat").len();
+        assert_eq!(len % 32, 0, "the last tensor is padded too");
+    }
+
+    /// What llama.cpp's own parser (`gguf_init_from_file`) makes of a file.
+    struct LlamaCppView {
+        n_kv: i64,
+        alignment: usize,
+        data_offset: usize,
+        /// (ggml type id, offset in the data section, bytes) per tensor.
+        tensors: Vec<(u32, usize, usize)>,
+    }
+
+    fn llama_cpp_parse(path: &Path) -> Option<LlamaCppView> {
+        use llama_cpp_sys_2 as sys;
+        let c_path = std::ffi::CString::new(path.to_str()?).ok()?;
+        let params = sys::gguf_init_params {
+            no_alloc: true,
+            ctx: std::ptr::null_mut(),
+        };
+        // SAFETY: a NUL-terminated path and parameters asking for metadata only; the context
+        // is only read through its own accessors, with ids below its tensor count, then freed.
+        unsafe {
+            let ctx = sys::gguf_init_from_file(c_path.as_ptr(), params);
+            if ctx.is_null() {
+                return None;
+            }
+            let view = LlamaCppView {
+                n_kv: sys::gguf_get_n_kv(ctx),
+                alignment: sys::gguf_get_alignment(ctx),
+                data_offset: sys::gguf_get_data_offset(ctx),
+                tensors: (0..sys::gguf_get_n_tensors(ctx))
+                    .map(|i| {
+                        (
+                            sys::gguf_get_tensor_type(ctx, i) as u32,
+                            sys::gguf_get_tensor_offset(ctx, i),
+                            sys::gguf_get_tensor_size(ctx, i),
+                        )
+                    })
+                    .collect(),
+            };
+            sys::gguf_free(ctx);
+            Some(view)
+        }
+    }
+
+    #[test]
+    fn llama_cpp_reads_what_we_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("llama.gguf");
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        for (k, v) in all_kinds_of_values() {
+            w.add_kv(k, v).expect("add_kv");
+        }
+        w.add_kv(GENERAL_ALIGNMENT, Value::U32(64))
+            .expect("alignment");
+        let tensors = [
+            ("a", GgmlType::F32, vec![3usize, 5]),
+            ("b", GgmlType::Q4_K, vec![2, 256]),
+            ("c", GgmlType::IQ4_NL, vec![32]),
+            ("d", GgmlType::F16, vec![7]),
+        ];
+        let sizes: Vec<usize> = tensors
+            .iter()
+            .map(|(n, t, s)| w.add_tensor_info(*n, *t, s).expect("info"))
+            .collect();
+        for ((name, ..), n) in tensors.iter().zip(&sizes) {
+            w.write_tensor_data(name, &bytes(3, *n)).expect("data");
+        }
+        w.finish().expect("finish");
+
+        let ours = GgufFile::open(&path).expect("our reader");
+        let theirs = llama_cpp_parse(&path).expect("llama.cpp parses our file");
+        assert_eq!(theirs.n_kv, ours.metadata().len() as i64);
+        assert_eq!(theirs.alignment as u64, ours.alignment());
+        assert_eq!(theirs.data_offset as u64, ours.data_start());
+        assert_eq!(theirs.tensors.len(), ours.tensors().len());
+        for (t, &(ty, offset, size)) in ours.tensors().iter().zip(&theirs.tensors) {
+            assert_eq!(ty, t.ggml_type.id(), "{}", t.name);
+            assert_eq!(offset as u64 + ours.data_start(), t.offset, "{}", t.name);
+            assert_eq!(size, t.nbytes, "{}", t.name);
+        }
+
+        // An array of arrays: valid GGUF that our reader takes, but llama.cpp refuses the whole
+        // file, which is why the writer refuses such values.
+        let mut nested = Vec::new();
+        nested.extend_from_slice(b"GGUF");
+        nested.extend_from_slice(&3u32.to_le_bytes());
+        nested.extend_from_slice(&0u64.to_le_bytes());
+        nested.extend_from_slice(&1u64.to_le_bytes());
+        encode_str(&mut nested, "k");
+        nested.extend_from_slice(&9u32.to_le_bytes());
+        encode_value(
+            &mut nested,
+            &Value::Array(ValueType::Array, vec![Value::i32s([1, 2])]),
+        );
+        let nested_path = dir.path().join("nested.gguf");
+        std::fs::write(&nested_path, nested).expect("write");
+        assert!(GgufFile::open(&nested_path).is_ok());
+        assert!(llama_cpp_parse(&nested_path).is_none());
+    }
+
+    #[test]
+    fn alignment_key_replans_offsets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("a.gguf");
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        w.add_tensor_info("a", GgmlType::F32, &[3]).expect("a");
+        w.add_tensor_info("b", GgmlType::F32, &[5]).expect("b");
+        w.add_kv(GENERAL_ALIGNMENT, Value::U32(128))
+            .expect("alignment");
+        assert_eq!(w.alignment(), 128);
+        w.write_tensor_data("a", &bytes(1, 12)).expect("a data");
+        w.write_tensor_data("b", &bytes(2, 20)).expect("b data");
+        w.finish().expect("finish");
+        let g = GgufFile::open(&path).expect("read back");
+        assert_eq!(g.alignment(), 128);
+        assert_eq!(g.data_start() % 128, 0);
+        assert_eq!(g.tensors()[1].offset, g.data_start() + 128);
+        assert_eq!(g.tensor_data(&g.tensors()[1]), bytes(2, 20).as_slice());
+
+        let mut w = GgufWriter::create(dir.path().join("b.gguf"), false).expect("create");
+        for bad in [Value::U32(48), Value::U32(0), Value::U64(64)] {
+            let err = w.add_kv(GENERAL_ALIGNMENT, bad).unwrap_err();
+            assert!(matches!(err, GgufWriteError::BadAlignment { .. }), "{err}");
+        }
+    }
+
+    #[test]
+    fn empty_file_round_trips() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("empty.gguf");
+        GgufWriter::create(&path, false)
+            .expect("create")
+            .finish()
+            .expect("finish");
+        let g = GgufFile::open(&path).expect("read back");
+        assert!(g.metadata().is_empty() && g.tensors().is_empty());
+    }
+
+    #[test]
+    fn order_is_enforced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("order.gguf");
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        w.add_tensor_info("a", GgmlType::F32, &[2]).expect("a");
+        w.add_tensor_info("b", GgmlType::F16, &[4]).expect("b");
+
+        let err = w.write_tensor_data("b", &[0; 8]).unwrap_err();
+        assert!(
+            matches!(err, GgufWriteError::UnexpectedTensor { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("\"a\""), "{err}");
+        assert_eq!(
+            w.step(),
+            Step::TensorData {
+                written: 0,
+                total: 2
+            }
+        );
+
+        let err = w.add_kv("late", Value::U8(1)).unwrap_err().to_string();
+        assert!(
+            err.contains("add_kv") && err.contains("writing tensor data (0 of 2"),
+            "{err}"
+        );
+        let err = w
+            .add_tensor_info("c", GgmlType::F32, &[1])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add_tensor_info"), "{err}");
+        let err = w.write_header().unwrap_err().to_string();
+        assert!(
+            err.contains("write_header") && err.contains("once"),
+            "{err}"
+        );
+
+        let err = w.write_tensor_data("a", &[0; 7]).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufWriteError::WrongTensorSize {
+                expected: 8,
+                got: 7,
+                ..
+            }
+        ));
+        w.write_tensor_data("a", &[0; 8]).expect("a");
+
+        let err = w.write_tensor_data("a", &[0; 8]).unwrap_err().to_string();
+        assert!(err.contains("\"b\""), "{err}");
+        w.write_tensor_data("b", &[0; 8]).expect("b");
+        let err = w.write_tensor_data("c", &[]).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufWriteError::NoMoreTensors { total: 2, .. }
+        ));
+        w.finish().expect("finish");
+        assert!(GgufFile::open(&path).is_ok());
+    }
+
+    #[test]
+    fn unfinished_file_is_refused_and_left_behind_nowhere() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("partial.gguf");
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        w.add_tensor_info("a", GgmlType::F32, &[2]).expect("a");
+        w.add_tensor_info("b", GgmlType::F32, &[2]).expect("b");
+        w.write_tensor_data("a", &[0; 8]).expect("a");
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("1 of 2") && err.contains("\"b\""), "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+
+        let mut w = GgufWriter::create(&path, false).expect("create");
+        w.add_tensor_info("a", GgmlType::F32, &[2]).expect("a");
+        let err = w.finish().unwrap_err().to_string();
+        assert!(err.contains("0 of 1"), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_existing_file_without_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("x.gguf");
+        std::fs::write(&path, b"old").expect("write");
+        let err = GgufWriter::create(&path, false).err().expect("refused");
+        assert!(matches!(
+            err,
+            GgufWriteError::Output(OutputError::Exists(_))
+        ));
+        GgufWriter::create(&path, true)
+            .expect("forced")
+            .finish()
+            .expect("finish");
+        assert!(GgufFile::open(&path).is_ok());
+    }
+
+    #[test]
+    fn values_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = GgufWriter::create(dir.path().join("v.gguf"), false).expect("create");
+        let mixed = Value::Array(ValueType::I32, vec![Value::I32(1), Value::U32(2)]);
+        let err = w.add_kv("k", mixed).unwrap_err();
+        assert!(matches!(
+            err,
+            GgufWriteError::MixedArray {
+                index: 1,
+                expected: ValueType::I32,
+                found: ValueType::U32,
+                ..
+            }
+        ));
+        let nested = Value::Array(ValueType::Array, vec![Value::i32s([1, 2])]);
+        assert!(matches!(
+            w.add_kv("k", nested),
+            Err(GgufWriteError::NestedArray { .. })
+        ));
+        let empty_nested = Value::Array(ValueType::Array, vec![]);
+        assert!(matches!(
+            w.add_kv("k", empty_nested),
+            Err(GgufWriteError::NestedArray { .. })
+        ));
+        assert!(matches!(
+            w.add_kv("", Value::U8(0)),
+            Err(GgufWriteError::BadKeyLength { .. })
+        ));
+        w.add_kv("k", Value::U8(0)).expect("first");
+        assert!(matches!(
+            w.add_kv("k", Value::U8(1)),
+            Err(GgufWriteError::DuplicateKey { .. })
+        ));
+    }
+
+    #[test]
+    fn tensor_infos_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut w = GgufWriter::create(dir.path().join("t.gguf"), false).expect("create");
+        let err = w
+            .add_tensor_info("q", GgmlType::Q4_0, &[4, 16])
+            .unwrap_err();
+        assert!(
+            matches!(err, GgufWriteError::BadShape { block: 32, .. }),
+            "{err}"
+        );
+        let err = w
+            .add_tensor_info("big", GgmlType::F32, &[usize::MAX, 2])
+            .unwrap_err();
+        assert!(matches!(err, GgufWriteError::BadShape { .. }), "{err}");
+        let err = w
+            .add_tensor_info("d", GgmlType::F32, &[1, 1, 1, 1, 1])
+            .unwrap_err();
+        assert!(matches!(err, GgufWriteError::TooManyDims { n_dims: 5, .. }));
+        let long = "x".repeat(MAX_TENSOR_NAME_LEN + 1);
+        let err = w.add_tensor_info(long, GgmlType::F32, &[1]).unwrap_err();
+        assert!(matches!(err, GgufWriteError::TensorNameTooLong { .. }));
+        assert_eq!(
+            w.add_tensor_info("q", GgmlType::Q4_0, &[4, 32]).expect("q"),
+            72
+        );
+        let err = w.add_tensor_info("q", GgmlType::F32, &[1]).unwrap_err();
+        assert!(matches!(err, GgufWriteError::DuplicateTensor { .. }));
+    }
+}

@@ -1,0 +1,214 @@
+//! The vendored llama.cpp (through `llama-cpp-2`): one process-wide backend with its logging
+//! silenced, model loading that checks the file with our own GGUF reader first, and logits.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+/// Errors from llama.cpp.
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    /// The file is not a GGUF our reader accepts (checked before llama.cpp sees it).
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::reader::GgufError),
+    /// llama.cpp refused to load the model.
+    #[error("{path}: llama.cpp could not load the model: {message}")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's error.
+        message: String,
+    },
+    /// A context or a decode failed.
+    #[error("{path}: llama.cpp {what} failed: {message}")]
+    Run {
+        /// The model file.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// llama.cpp's error.
+        message: String,
+    },
+}
+
+/// The process-wide llama.cpp backend, initialised once with its logs turned off.
+pub fn backend() -> &'static LlamaBackend {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        llama_cpp_2::send_logs_to_tracing(
+            llama_cpp_2::LogOptions::default().with_logs_enabled(false),
+        );
+        LlamaBackend::init().expect("llama.cpp backend is initialised only here")
+    })
+}
+
+/// A model loaded in llama.cpp, with its path for messages.
+pub struct LoadedModel {
+    /// The model.
+    pub model: LlamaModel,
+    /// Its file.
+    pub path: PathBuf,
+}
+
+impl LoadedModel {
+    /// Loads a GGUF on the CPU after checking it with our own reader.
+    pub fn load(path: &Path) -> Result<LoadedModel, LlamaError> {
+        crate::gguf::reader::GgufFile::open(path)?;
+        let model = LlamaModel::load_from_file(backend(), path, &LlamaModelParams::default())
+            .map_err(|e| LlamaError::Load {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(LoadedModel {
+            model,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Tokenizes text as llama.cpp does (`add_bos` adds the model's BOS when it wants one).
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<u32> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), add_bos, false)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
+    }
+
+    /// Vocabulary size.
+    pub fn n_vocab(&self) -> usize {
+        self.model.n_vocab().max(0) as usize
+    }
+
+    /// A context of `n_ctx` tokens that returns logits for every batch position asked for.
+    pub fn context(&self, n_ctx: usize, threads: usize) -> Result<Ctx<'_>, LlamaError> {
+        let n_ctx = n_ctx.max(1) as u32;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx.min(512))
+            .with_n_threads(threads as i32)
+            .with_n_threads_batch(threads as i32);
+        let ctx = self
+            .model
+            .new_context(backend(), params)
+            .map_err(|e| LlamaError::Run {
+                path: self.path.clone(),
+                what: "context creation",
+                message: e.to_string(),
+            })?;
+        Ok(Ctx {
+            ctx,
+            path: &self.path,
+            n_ctx: n_ctx as usize,
+        })
+    }
+}
+
+/// A llama.cpp context over one model.
+pub struct Ctx<'m> {
+    ctx: LlamaContext<'m>,
+    path: &'m Path,
+    n_ctx: usize,
+}
+
+impl Ctx<'_> {
+    /// Tokens the context holds.
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Evaluates one sequence from position 0 (clearing the cache first) and returns the logits
+    /// at each position in `want` (indices into `tokens`), row by row.
+    pub fn logits(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>, LlamaError> {
+        self.ctx.clear_kv_cache();
+        let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
+        let mut flags = vec![false; tokens.len()];
+        for &w in want {
+            if let Some(f) = flags.get_mut(w) {
+                *f = true;
+            }
+        }
+        for (i, (&t, &f)) in tokens.iter().zip(&flags).enumerate() {
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[0], f)
+                .map_err(|e| self.err("batch", e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut batch)
+            .map_err(|e| self.err("decode", e.to_string()))?;
+        Ok(want
+            .iter()
+            .map(|&w| self.ctx.get_logits_ith(w as i32).to_vec())
+            .collect())
+    }
+
+    /// Evaluates several independent sequences in one decode (sequence ids 0..n) and returns,
+    /// for each, the logits at the positions asked for.
+    pub fn logits_multi(
+        &mut self,
+        seqs: &[(&[u32], Vec<usize>)],
+    ) -> Result<Vec<Vec<Vec<f32>>>, LlamaError> {
+        self.ctx.clear_kv_cache();
+        let total: usize = seqs.iter().map(|(t, _)| t.len()).sum();
+        let mut batch = LlamaBatch::new(total.max(1), seqs.len().max(1) as i32);
+        let mut index = Vec::with_capacity(seqs.len());
+        let mut at = 0i32;
+        for (s, (tokens, want)) in seqs.iter().enumerate() {
+            let mut flags = vec![false; tokens.len()];
+            for &w in want {
+                if let Some(f) = flags.get_mut(w) {
+                    *f = true;
+                }
+            }
+            let base = at;
+            for (i, (&t, &f)) in tokens.iter().zip(&flags).enumerate() {
+                batch
+                    .add(LlamaToken(t as i32), i as i32, &[s as i32], f)
+                    .map_err(|e| self.err("batch", e.to_string()))?;
+                at += 1;
+            }
+            index.push(base);
+        }
+        self.ctx
+            .decode(&mut batch)
+            .map_err(|e| self.err("decode", e.to_string()))?;
+        Ok(seqs
+            .iter()
+            .zip(index)
+            .map(|((_, want), base)| {
+                want.iter()
+                    .map(|&w| self.ctx.get_logits_ith(base + w as i32).to_vec())
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn err(&self, what: &'static str, message: String) -> LlamaError {
+        LlamaError::Run {
+            path: self.path.to_path_buf(),
+            what,
+            message,
+        }
+    }
+}
+
+/// log-softmax of one row of logits, in f64 for stable sums.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    logits.iter().map(|&l| l as f64 - lse).collect()
+}

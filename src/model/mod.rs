@@ -1,0 +1,615 @@
+//! The candle forward pass with the Hopscotch scalars and the attention skip mask.
+//!
+//! For every layer `l`, with frozen weights and four trainable scalars that start at 1.0
+//! (Eyceoz et al. 2025, <https://arxiv.org/abs/2506.03303>):
+//!
+//! ```text
+//! x1  = b_att[l] * Attn(RMSNorm(x)) + s_att[l] * x      (skipped: x1 = x, no attention computed)
+//! out = b_mlp[l] * MLP(RMSNorm(x1)) + s_mlp[l] * x1
+//! ```
+//!
+//! The MLP is SwiGLU, attention is causal with grouped-query heads and rotate-half (NEOX) rope as
+//! Hugging Face computes it on unpermuted q/k weights. The backward pass reaches only the scalars:
+//! see [`ops`] for the operations that keep it from computing weight gradients.
+//!
+//! Batches are right-padded: with causal attention a real token never sees the padding after
+//! it, so no attention mask is needed; the outputs at padding positions are meaningless and the
+//! loss must never gather them.
+
+pub mod ops;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{Arch, RopeScaling};
+use crate::checkpoint::{CheckpointError, TensorSource};
+
+/// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
+/// tensors come from.
+const SOURCE_LABEL: &str = "tensor source";
+
+/// Errors building or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading a tensor failed, or a tensor has a shape other than the architecture implies.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The architecture cannot describe a working model (zero sizes, heads that do not group).
+    #[error("invalid architecture: {message}")]
+    InvalidArch {
+        /// What is wrong.
+        message: String,
+    },
+    /// A skip mask's length differs from the number of layers.
+    #[error("skip mask has {found} entries, the model has {expected} layers")]
+    SkipMaskLength {
+        /// The number of layers.
+        expected: usize,
+        /// The mask's length.
+        found: usize,
+    },
+    /// A skip mask names a layer the model does not have.
+    #[error("layer {layer} does not exist (the model has {n_layer} layers)")]
+    NoSuchLayer {
+        /// The layer named.
+        layer: usize,
+        /// The number of layers.
+        n_layer: usize,
+    },
+    /// A vector of scalars has a length other than the number of layers.
+    #[error("scalar vector {name} has {found} entries, the model has {expected} layers")]
+    ScalesLength {
+        /// Which vector (`b_att`, `s_att`, `b_mlp`, `s_mlp`).
+        name: &'static str,
+        /// The number of layers.
+        expected: usize,
+        /// The vector's length.
+        found: usize,
+    },
+    /// An input tensor has the wrong rank, shape or dtype, or is empty.
+    #[error("input {name}: expected {expected}, found shape {found:?} of {dtype:?}")]
+    Input {
+        /// Which input.
+        name: &'static str,
+        /// What was expected, in words.
+        expected: &'static str,
+        /// The shape given.
+        found: Vec<usize>,
+        /// The dtype given.
+        dtype: DType,
+    },
+    /// A token id is not below the vocabulary size.
+    #[error("token id {token} is out of the vocabulary (size {vocab_size})")]
+    TokenOutOfRange {
+        /// The largest token id in the input.
+        token: u32,
+        /// The vocabulary size.
+        vocab_size: usize,
+    },
+    /// A position to gather is not below `batch * seq_len`.
+    #[error("position {position} is out of range for {len} hidden states")]
+    PositionOutOfRange {
+        /// The largest position asked for.
+        position: u32,
+        /// The number of hidden states (`batch * seq_len`).
+        len: usize,
+    },
+    /// A candle operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Which attention blocks are skipped: one flag per layer, `true` for skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkipMask(pub Vec<bool>);
+
+impl SkipMask {
+    /// No block skipped.
+    pub fn none(n_layer: usize) -> Self {
+        Self(vec![false; n_layer])
+    }
+
+    /// The listed layers skipped; fails on a layer index not below `n_layer`.
+    pub fn from_layers(n_layer: usize, layers: &[usize]) -> Result<Self, ModelError> {
+        let mut mask = vec![false; n_layer];
+        for &layer in layers {
+            *mask
+                .get_mut(layer)
+                .ok_or(ModelError::NoSuchLayer { layer, n_layer })? = true;
+        }
+        Ok(Self(mask))
+    }
+
+    /// The skipped layers, ascending.
+    pub fn skipped(&self) -> Vec<usize> {
+        (0..self.0.len()).filter(|&l| self.0[l]).collect()
+    }
+
+    /// The flags as a slice, as [`Model::forward_hidden`] takes them.
+    pub fn as_slice(&self) -> &[bool] {
+        &self.0
+    }
+}
+
+/// The four scalars per layer as plain numbers (the fit's result, the plan's content).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleValues {
+    /// Weight of the attention output, per layer.
+    pub b_att: Vec<f32>,
+    /// Weight of the residual around attention, per layer.
+    pub s_att: Vec<f32>,
+    /// Weight of the MLP output, per layer.
+    pub b_mlp: Vec<f32>,
+    /// Weight of the residual around the MLP, per layer.
+    pub s_mlp: Vec<f32>,
+}
+
+impl ScaleValues {
+    /// All scalars 1.0: the original model.
+    pub fn ones(n_layer: usize) -> Self {
+        Self {
+            b_att: vec![1.0; n_layer],
+            s_att: vec![1.0; n_layer],
+            b_mlp: vec![1.0; n_layer],
+            s_mlp: vec![1.0; n_layer],
+        }
+    }
+
+    /// The four vectors with their names, in the order `b_att, s_att, b_mlp, s_mlp`.
+    pub fn named(&self) -> [(&'static str, &[f32]); 4] {
+        [
+            ("b_att", &self.b_att),
+            ("s_att", &self.s_att),
+            ("b_mlp", &self.b_mlp),
+            ("s_mlp", &self.s_mlp),
+        ]
+    }
+
+    /// Fails unless every vector has `n_layer` entries.
+    pub fn check_len(&self, n_layer: usize) -> Result<(), ModelError> {
+        for (name, v) in self.named() {
+            if v.len() != n_layer {
+                return Err(ModelError::ScalesLength {
+                    name,
+                    expected: n_layer,
+                    found: v.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`.
+#[derive(Debug, Clone)]
+pub struct Scales {
+    /// Weight of the attention output.
+    pub b_att: Var,
+    /// Weight of the residual around attention.
+    pub s_att: Var,
+    /// Weight of the MLP output.
+    pub b_mlp: Var,
+    /// Weight of the residual around the MLP.
+    pub s_mlp: Var,
+}
+
+impl Scales {
+    /// Variables holding `values`, in `dtype` on `device` (use [`Model::scales`] to match a model).
+    pub fn new(values: &ScaleValues, dtype: DType, device: &Device) -> Result<Self, ModelError> {
+        let var = |v: &[f32]| -> Result<Var, ModelError> {
+            let t = Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype)?;
+            Ok(Var::from_tensor(&t)?)
+        };
+        Ok(Self {
+            b_att: var(&values.b_att)?,
+            s_att: var(&values.s_att)?,
+            b_mlp: var(&values.b_mlp)?,
+            s_mlp: var(&values.s_mlp)?,
+        })
+    }
+
+    /// The variables, for an optimizer.
+    pub fn vars(&self) -> Vec<Var> {
+        vec![
+            self.b_att.clone(),
+            self.s_att.clone(),
+            self.b_mlp.clone(),
+            self.s_mlp.clone(),
+        ]
+    }
+
+    /// The current values.
+    pub fn values(&self) -> Result<ScaleValues, ModelError> {
+        let read = |v: &Var| -> Result<Vec<f32>, ModelError> {
+            Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)
+        };
+        Ok(ScaleValues {
+            b_att: read(&self.b_att)?,
+            s_att: read(&self.s_att)?,
+            b_mlp: read(&self.b_mlp)?,
+            s_mlp: read(&self.s_mlp)?,
+        })
+    }
+
+    /// The scalars as graph inputs: tracked for training, detached for a pass without gradients.
+    fn tensors(&self, track: bool) -> [Tensor; 4] {
+        [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(|v| {
+            if track {
+                v.as_tensor().clone()
+            } else {
+                v.as_tensor().detach()
+            }
+        })
+    }
+}
+
+/// A frozen projection `x @ weight^T + bias`.
+struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// One transformer layer's frozen weights.
+struct Layer {
+    attn_norm: Tensor,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    ffn_norm: Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+/// A Llama / Qwen2 decoder with frozen weights, run with the Hopscotch scalars.
+pub struct Model {
+    arch: Arch,
+    device: Device,
+    dtype: DType,
+    token_embd: Tensor,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
+    lm_head: Tensor,
+    /// Rope inverse frequencies per rotated pair, scaling included.
+    inv_freq: Vec<f64>,
+    /// Positions are multiplied by this before rotation (linear scaling: `1 / factor`).
+    position_scale: f64,
+}
+
+impl Model {
+    /// Loads every tensor of `source` in f32 onto `device`, checking each shape against the
+    /// architecture.
+    pub fn load(source: &dyn TensorSource, device: &Device) -> Result<Self, ModelError> {
+        Self::load_as(source, device, DType::F32)
+    }
+
+    /// Loads in `dtype` (f64 lets tests compare gradients with finite differences).
+    fn load_as(
+        source: &dyn TensorSource,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, ModelError> {
+        let arch = source.arch().clone();
+        validate_arch(&arch)?;
+        let load = |name: String, shape: &[usize]| -> Result<Tensor, ModelError> {
+            let (found, data) = source.tensor_f32(&name)?;
+            if found != shape {
+                return Err(CheckpointError::Shape {
+                    path: SOURCE_LABEL.to_string(),
+                    name,
+                    found,
+                    expected: shape.to_vec(),
+                }
+                .into());
+            }
+            if data.len() != shape.iter().product::<usize>() {
+                return Err(CheckpointError::Invalid {
+                    path: SOURCE_LABEL.to_string(),
+                    message: format!(
+                        "tensor {name} has {} values for shape {shape:?}",
+                        data.len()
+                    ),
+                }
+                .into());
+            }
+            Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+        };
+        let (d, q_dim, kv_dim, ff) = (arch.n_embd, arch.q_dim(), arch.kv_dim(), arch.n_ff);
+        let proj = |name: String, out: usize, inp: usize, bias: bool| {
+            let weight = load(format!("{name}.weight"), &[out, inp])?;
+            let bias = if bias {
+                Some(load(format!("{name}.bias"), &[out])?)
+            } else {
+                None
+            };
+            Ok::<_, ModelError>(Projection { weight, bias })
+        };
+        let token_embd = load("token_embd.weight".into(), &[arch.vocab_size, d])?;
+        let mut layers = Vec::with_capacity(arch.n_layer);
+        for i in 0..arch.n_layer {
+            let blk = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: load(format!("{blk}.attn_norm.weight"), &[d])?,
+                q: proj(format!("{blk}.attn_q"), q_dim, d, arch.attn_bias)?,
+                k: proj(format!("{blk}.attn_k"), kv_dim, d, arch.attn_bias)?,
+                v: proj(format!("{blk}.attn_v"), kv_dim, d, arch.attn_bias)?,
+                o: proj(format!("{blk}.attn_output"), d, q_dim, false)?,
+                ffn_norm: load(format!("{blk}.ffn_norm.weight"), &[d])?,
+                gate: proj(format!("{blk}.ffn_gate"), ff, d, false)?,
+                up: proj(format!("{blk}.ffn_up"), ff, d, false)?,
+                down: proj(format!("{blk}.ffn_down"), d, ff, false)?,
+            });
+        }
+        let output_norm = load("output_norm.weight".into(), &[d])?;
+        let lm_head = if arch.tie_word_embeddings {
+            token_embd.clone()
+        } else {
+            load("output.weight".into(), &[arch.vocab_size, d])?
+        };
+        let (inv_freq, position_scale) = rope_frequencies(&arch);
+        Ok(Self {
+            arch,
+            device: device.clone(),
+            dtype,
+            token_embd,
+            layers,
+            output_norm,
+            lm_head,
+            inv_freq,
+            position_scale,
+        })
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Trainable scalars holding `values`, in this model's dtype on its device.
+    pub fn scales(&self, values: &ScaleValues) -> Result<Scales, ModelError> {
+        values.check_len(self.arch.n_layer)?;
+        Scales::new(values, self.dtype, &self.device)
+    }
+
+    /// The hidden states after the final norm, `(b, t, n_embd)`, for right-padded token ids
+    /// `(b, t)` of dtype u32. Gradients flow to `scales`; `skip[l]` bypasses layer `l`'s
+    /// attention.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        self.forward_impl(input_ids, &scales.tensors(true), skip)
+    }
+
+    /// [`Model::forward_hidden`] without recording a graph: for evaluation and teacher outputs.
+    pub fn forward_hidden_no_grad(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        self.forward_impl(input_ids, &scales.tensors(false), skip)
+    }
+
+    /// Logits `(n, vocab)` at `positions` (u32, `(n)`, flat indices `batch_index * t + token`
+    /// into `hidden` of shape `(b, t, n_embd)`). Only the gathered rows go through the LM head.
+    pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor, ModelError> {
+        let (b, t, d) = hidden
+            .dims3()
+            .map_err(|_| input_error("hidden", hidden, "(b, t, n_embd)"))?;
+        if d != self.arch.n_embd {
+            return Err(input_error("hidden", hidden, "(b, t, n_embd)"));
+        }
+        if positions.rank() != 1 || positions.dtype() != DType::U32 || positions.dim(0)? == 0 {
+            return Err(input_error("positions", positions, "non-empty (n) of u32"));
+        }
+        let max = positions.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= b * t {
+            return Err(ModelError::PositionOutOfRange {
+                position: max,
+                len: b * t,
+            });
+        }
+        let rows = hidden.reshape((b * t, d))?.index_select(positions, 0)?;
+        Ok(ops::linear(&rows, &self.lm_head, None)?)
+    }
+
+    fn forward_impl(
+        &self,
+        input_ids: &Tensor,
+        scales: &[Tensor; 4],
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        let n_layer = self.arch.n_layer;
+        if skip.len() != n_layer {
+            return Err(ModelError::SkipMaskLength {
+                expected: n_layer,
+                found: skip.len(),
+            });
+        }
+        for (name, s) in ["b_att", "s_att", "b_mlp", "s_mlp"].into_iter().zip(scales) {
+            if s.dims() != [n_layer] {
+                return Err(ModelError::ScalesLength {
+                    name,
+                    expected: n_layer,
+                    found: s.elem_count(),
+                });
+            }
+        }
+        let expected = "non-empty (b, t) of u32";
+        let (b, t) = input_ids
+            .dims2()
+            .map_err(|_| input_error("input_ids", input_ids, expected))?;
+        if b == 0 || t == 0 || input_ids.dtype() != DType::U32 {
+            return Err(input_error("input_ids", input_ids, expected));
+        }
+        let max = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.arch.vocab_size {
+            return Err(ModelError::TokenOutOfRange {
+                token: max,
+                vocab_size: self.arch.vocab_size,
+            });
+        }
+        let (cos, sin) = self.rope_tables(t)?;
+        let mask = self.causal_mask(t)?;
+        let [b_att, s_att, b_mlp, s_mlp] = scales;
+        let eps = self.arch.rms_norm_eps;
+        let d = self.arch.n_embd;
+
+        let mut x = self
+            .token_embd
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b * t, d))?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let x1 = if skip[l] {
+                x
+            } else {
+                let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
+                let attn = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
+                (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
+                    + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
+            };
+            let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
+            let mlp = layer.down.forward(
+                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+            )?;
+            x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
+                + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;
+        }
+        let x = ops::rms_norm(&x, &self.output_norm, eps)?;
+        Ok(x.reshape((b, t, d))?)
+    }
+
+    /// Causal grouped-query attention on normed hidden states `h` of shape `(b * t, n_embd)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        b: usize,
+        t: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (n_head, n_kv, hd) = (self.arch.n_head, self.arch.n_head_kv, self.arch.head_dim);
+        let group = n_head / n_kv;
+        let heads = |p: &Projection, n: usize| -> candle_core::Result<Tensor> {
+            p.forward(h)?
+                .reshape((b, t, n, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = ops::rope(&heads(&layer.q, n_head)?, cos, sin)?;
+        let k = ops::rope(&heads(&layer.k, n_kv)?, cos, sin)?;
+        let v = heads(&layer.v, n_kv)?;
+        // Query heads sharing a kv head are stacked along the time axis, so the shared keys and
+        // values are used in place instead of being repeated.
+        let scores = q.reshape((b, n_kv, group * t, hd))?.matmul(&k.t()?)?;
+        let probs = ops::causal_softmax(
+            &scores.reshape((b, n_head, t, t))?,
+            1.0 / (hd as f64).sqrt(),
+            mask,
+        )?;
+        let out = probs
+            .reshape((b, n_kv, group * t, t))?
+            .matmul(&v)?
+            .reshape((b, n_head, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, n_head * hd))?;
+        layer.o.forward(&out)
+    }
+
+    /// Rope `cos` and `sin` tables `(t, head_dim / 2)` for positions `0..t`.
+    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in 0..t {
+            for &f in &self.inv_freq {
+                let angle = pos as f64 * self.position_scale * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table =
+            |v: Vec<f64>| Tensor::from_vec(v, (t, half), &self.device)?.to_dtype(self.dtype);
+        Ok((table(cos)?, table(sin)?))
+    }
+
+    /// `(t, t)`: 0 where a query may attend (key position <= query position), `-inf` elsewhere.
+    fn causal_mask(&self, t: usize) -> candle_core::Result<Tensor> {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)
+    }
+}
+
+/// An [`ModelError::Input`] describing `tensor`.
+fn input_error(name: &'static str, tensor: &Tensor, expected: &'static str) -> ModelError {
+    ModelError::Input {
+        name,
+        expected,
+        found: tensor.dims().to_vec(),
+        dtype: tensor.dtype(),
+    }
+}
+
+/// Refuses architectures the forward pass cannot run.
+fn validate_arch(arch: &Arch) -> Result<(), ModelError> {
+    arch.validate()
+        .map_err(|message| ModelError::InvalidArch { message })?;
+    match &arch.rope_scaling {
+        Some(RopeScaling::Linear { factor }) | Some(RopeScaling::Llama3 { factor, .. })
+            if !(factor.is_finite() && *factor > 0.0) =>
+        {
+            Err(ModelError::InvalidArch {
+                message: format!("rope scaling factor {factor} must be positive"),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Rope inverse frequencies per rotated pair (llama3 factors applied) and the position scale
+/// (linear scaling), as Hugging Face's rotary embedding computes them.
+fn rope_frequencies(arch: &Arch) -> (Vec<f64>, f64) {
+    let dim = arch.head_dim;
+    let mut inv_freq: Vec<f64> = (0..dim)
+        .step_by(2)
+        .map(|i| 1.0 / arch.rope_theta.powf(i as f64 / dim as f64))
+        .collect();
+    if let Some(factors) = arch.llama3_rope_factors() {
+        for (f, factor) in inv_freq.iter_mut().zip(factors) {
+            *f /= factor as f64;
+        }
+    }
+    let position_scale = match arch.rope_scaling {
+        Some(RopeScaling::Linear { factor }) => 1.0 / factor,
+        _ => 1.0,
+    };
+    (inv_freq, position_scale)
+}

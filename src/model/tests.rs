@@ -1,0 +1,661 @@
+//! The model against a plain reference forward written with candle's standard ops, gradients
+//! against finite differences, and the custom ops against candle's own autograd.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{ops, Model, ModelError, ScaleValues, Scales, SkipMask};
+use crate::arch::{Arch, Family, RopeScaling};
+use crate::checkpoint::{CheckpointError, TensorSource};
+
+/// A [`TensorSource`] over tensors held in memory.
+pub(crate) struct MapSource {
+    pub(crate) arch: Arch,
+    pub(crate) tensors: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl TensorSource for MapSource {
+    fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
+        self.tensors
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CheckpointError::MissingTensor {
+                path: "memory".into(),
+                name: name.into(),
+            })
+    }
+}
+
+/// 3 layers, width 64, 4 query heads sharing 2 key/value heads of 16, MLP 128, vocabulary 97.
+pub(crate) fn tiny_arch() -> Arch {
+    Arch {
+        family: Family::Llama,
+        hf_architecture: "LlamaForCausalLM".into(),
+        n_layer: 3,
+        n_embd: 64,
+        n_ff: 128,
+        n_head: 4,
+        n_head_kv: 2,
+        head_dim: 16,
+        vocab_size: 97,
+        context_length: 256,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        tie_word_embeddings: false,
+        attn_bias: false,
+    }
+}
+
+/// Every tensor `arch` needs, with seeded random values of a sensible scale.
+pub(crate) fn random_source(arch: &Arch, seed: u64) -> MapSource {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, shape: Vec<usize>, center: f32, spread: f32| {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| center + spread * rng.gen_range(-1.0f32..1.0))
+            .collect();
+        tensors.insert(name, (shape, data));
+    };
+    let (d, q, kv, ff) = (arch.n_embd, arch.q_dim(), arch.kv_dim(), arch.n_ff);
+    let fan = |n: usize| (3.0 / n as f32).sqrt();
+    add(
+        "token_embd.weight".into(),
+        vec![arch.vocab_size, d],
+        0.0,
+        1.0,
+    );
+    if !arch.tie_word_embeddings {
+        add(
+            "output.weight".into(),
+            vec![arch.vocab_size, d],
+            0.0,
+            fan(d),
+        );
+    }
+    add("output_norm.weight".into(), vec![d], 1.0, 0.2);
+    for i in 0..arch.n_layer {
+        let p = format!("blk.{i}");
+        add(format!("{p}.attn_norm.weight"), vec![d], 1.0, 0.2);
+        add(format!("{p}.attn_q.weight"), vec![q, d], 0.0, 2.0 * fan(d));
+        add(format!("{p}.attn_k.weight"), vec![kv, d], 0.0, 2.0 * fan(d));
+        add(format!("{p}.attn_v.weight"), vec![kv, d], 0.0, fan(d));
+        if arch.attn_bias {
+            add(format!("{p}.attn_q.bias"), vec![q], 0.0, 0.5);
+            add(format!("{p}.attn_k.bias"), vec![kv], 0.0, 0.5);
+            add(format!("{p}.attn_v.bias"), vec![kv], 0.0, 0.5);
+        }
+        add(format!("{p}.attn_output.weight"), vec![d, q], 0.0, fan(q));
+        add(format!("{p}.ffn_norm.weight"), vec![d], 1.0, 0.2);
+        add(format!("{p}.ffn_gate.weight"), vec![ff, d], 0.0, fan(d));
+        add(format!("{p}.ffn_up.weight"), vec![ff, d], 0.0, fan(d));
+        add(format!("{p}.ffn_down.weight"), vec![d, ff], 0.0, fan(ff));
+    }
+    MapSource {
+        arch: arch.clone(),
+        tensors,
+    }
+}
+
+/// Seeded random token ids `(b, t)`.
+pub(crate) fn random_ids(arch: &Arch, b: usize, t: usize, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.gen_range(0..arch.vocab_size as u32))
+        .collect();
+    Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap()
+}
+
+/// Logits `(b, t, vocab)` of the model written straightforwardly: fused norm and softmax,
+/// plain matmuls, rotate-half rope on full-width tables, key/value heads repeated.
+fn reference_logits(
+    src: &MapSource,
+    ids: &Tensor,
+    scales: &ScaleValues,
+    skip: &[bool],
+) -> candle_core::Result<Tensor> {
+    let arch = &src.arch;
+    let dev = Device::Cpu;
+    let get = |name: &str| {
+        let (shape, data) = src.tensors[name].clone();
+        Tensor::from_vec(data, shape, &dev)
+    };
+    let (b, t) = ids.dims2()?;
+    let (nh, nkv, hd) = (arch.n_head, arch.n_head_kv, arch.head_dim);
+    let eps = arch.rms_norm_eps as f32;
+    let lin = |x: &Tensor, name: &str, bias: bool| -> candle_core::Result<Tensor> {
+        let y = x.broadcast_matmul(&get(&format!("{name}.weight"))?.t()?)?;
+        if bias {
+            y.broadcast_add(&get(&format!("{name}.bias"))?)
+        } else {
+            Ok(y)
+        }
+    };
+
+    // rope tables, (t, hd) with each frequency twice
+    let factors = arch.llama3_rope_factors();
+    let pos_div = match arch.rope_scaling {
+        Some(RopeScaling::Linear { factor }) => factor as f32,
+        _ => 1.0,
+    };
+    let mut cos = vec![0f32; t * hd];
+    let mut sin = vec![0f32; t * hd];
+    for p in 0..t {
+        for i in 0..hd / 2 {
+            let mut freq = 1.0 / (arch.rope_theta as f32).powf((2 * i) as f32 / hd as f32);
+            if let Some(f) = &factors {
+                freq /= f[i];
+            }
+            let a = p as f32 / pos_div * freq;
+            for j in [i, i + hd / 2] {
+                cos[p * hd + j] = a.cos();
+                sin[p * hd + j] = a.sin();
+            }
+        }
+    }
+    let cos = Tensor::from_vec(cos, (t, hd), &dev)?;
+    let sin = Tensor::from_vec(sin, (t, hd), &dev)?;
+    let rotate = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    };
+    let mask: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t <= k / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &dev)?;
+    let kv_of_head = Tensor::from_vec(
+        (0..nh as u32)
+            .map(|h| h / (nh / nkv) as u32)
+            .collect::<Vec<_>>(),
+        nh,
+        &dev,
+    )?;
+
+    let mut x = get("token_embd.weight")?
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, arch.n_embd))?;
+    for (l, &skipped) in skip.iter().enumerate() {
+        let p = format!("blk.{l}");
+        let x1 = if skipped {
+            x.clone()
+        } else {
+            let h = candle_nn::ops::rms_norm(&x, &get(&format!("{p}.attn_norm.weight"))?, eps)?;
+            let split = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2);
+            let q = rotate(&split(
+                lin(&h, &format!("{p}.attn_q"), arch.attn_bias)?,
+                nh,
+            )?)?;
+            let k = rotate(&split(
+                lin(&h, &format!("{p}.attn_k"), arch.attn_bias)?,
+                nkv,
+            )?)?;
+            let v = split(lin(&h, &format!("{p}.attn_v"), arch.attn_bias)?, nkv)?;
+            let k = k.contiguous()?.index_select(&kv_of_head, 1)?;
+            let v = v.contiguous()?.index_select(&kv_of_head, 1)?;
+            let att = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+            let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
+            let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let out = lin(&out, &format!("{p}.attn_output"), false)?;
+            ((out * scales.b_att[l] as f64)? + (&x * scales.s_att[l] as f64)?)?
+        };
+        let h = candle_nn::ops::rms_norm(&x1, &get(&format!("{p}.ffn_norm.weight"))?, eps)?;
+        let act = (candle_nn::ops::silu(&lin(&h, &format!("{p}.ffn_gate"), false)?)?
+            * lin(&h, &format!("{p}.ffn_up"), false)?)?;
+        let mlp = lin(&act, &format!("{p}.ffn_down"), false)?;
+        x = ((mlp * scales.b_mlp[l] as f64)? + (x1 * scales.s_mlp[l] as f64)?)?;
+    }
+    let x = candle_nn::ops::rms_norm(&x, &get("output_norm.weight")?, eps)?;
+    let head = if arch.tie_word_embeddings {
+        get("token_embd.weight")?
+    } else {
+        get("output.weight")?
+    };
+    x.broadcast_matmul(&head.t()?)
+}
+
+/// The model's logits at every position, `(b, t, vocab)`.
+fn model_logits(
+    model: &Model,
+    ids: &Tensor,
+    values: &ScaleValues,
+    skip: &[bool],
+) -> Result<Tensor, ModelError> {
+    let scales = model.scales(values)?;
+    let hidden = model.forward_hidden(ids, &scales, skip)?;
+    let (b, t, _) = hidden.dims3()?;
+    let all = Tensor::arange(0u32, (b * t) as u32, model.device())?;
+    Ok(model
+        .logits_at(&hidden, &all)?
+        .reshape((b, t, model.arch().vocab_size))?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Scalars near 1, different per layer and kind.
+fn perturbed_scales(n_layer: usize, seed: u64) -> ScaleValues {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut v = || (0..n_layer).map(|_| rng.gen_range(0.7f32..1.3)).collect();
+    ScaleValues {
+        b_att: v(),
+        s_att: v(),
+        b_mlp: v(),
+        s_mlp: v(),
+    }
+}
+
+#[test]
+fn unit_scales_match_reference() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 1);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 2, 9, 2);
+    let ones = ScaleValues::ones(arch.n_layer);
+    let skip = SkipMask::none(arch.n_layer);
+    let ours = model_logits(&model, &ids, &ones, skip.as_slice()).unwrap();
+    let reference = reference_logits(&src, &ids, &ones, skip.as_slice()).unwrap();
+    let diff = max_abs_diff(&ours, &reference);
+    assert!(diff < 1e-5, "max |model - reference| = {diff}");
+    // the logits are not trivially small
+    assert!(max_abs_diff(&reference, &reference.zeros_like().unwrap()) > 1.0);
+}
+
+#[test]
+fn other_scales_and_skips_match_reference() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 3);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 3, 7, 4);
+    let values = perturbed_scales(arch.n_layer, 5);
+    for skipped in [vec![], vec![0], vec![1], vec![0, 2]] {
+        let skip = SkipMask::from_layers(arch.n_layer, &skipped).unwrap();
+        let ours = model_logits(&model, &ids, &values, skip.as_slice()).unwrap();
+        let reference = reference_logits(&src, &ids, &values, skip.as_slice()).unwrap();
+        let diff = max_abs_diff(&ours, &reference);
+        assert!(diff < 1e-5, "skip {skipped:?}: max diff {diff}");
+    }
+}
+
+#[test]
+fn skipping_equals_removing_the_attention() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 6);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 2, 8, 7);
+    let ones = ScaleValues::ones(arch.n_layer);
+    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+    let skipped = model_logits(&model, &ids, &ones, skip.as_slice()).unwrap();
+    // the same as the reference without layer 1's attention
+    let reference = reference_logits(&src, &ids, &ones, skip.as_slice()).unwrap();
+    assert!(max_abs_diff(&skipped, &reference) < 1e-5);
+    // and as the unskipped model with that attention's output weighted by 0
+    let mut zeroed = ones.clone();
+    zeroed.b_att[1] = 0.0;
+    let none = SkipMask::none(arch.n_layer);
+    let weighted = model_logits(&model, &ids, &zeroed, none.as_slice()).unwrap();
+    assert!(max_abs_diff(&skipped, &weighted) < 1e-5);
+    // and differs from the full model
+    let full = model_logits(&model, &ids, &ones, none.as_slice()).unwrap();
+    assert!(max_abs_diff(&skipped, &full) > 1e-2);
+}
+
+#[test]
+fn scalar_gradients_match_finite_differences() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 8);
+    let model = Model::load_as(&src, &Device::Cpu, DType::F64).unwrap();
+    let ids = random_ids(&arch, 2, 6, 9);
+    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+    let positions = Tensor::new(&[0u32, 3, 5, 6, 10, 11], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[5u32, 17, 90, 0, 33, 64], &Device::Cpu).unwrap();
+    let loss_of = |scales: &Scales, grad: bool| -> Tensor {
+        let hidden = if grad {
+            model.forward_hidden(&ids, scales, skip.as_slice())
+        } else {
+            model.forward_hidden_no_grad(&ids, scales, skip.as_slice())
+        }
+        .unwrap();
+        let logits = model.logits_at(&hidden, &positions).unwrap();
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        log_probs
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap()
+    };
+    let scales = model.scales(&perturbed_scales(arch.n_layer, 10)).unwrap();
+    let grads = loss_of(&scales, true).backward().unwrap();
+    let h = 1e-3;
+    let mut checked = 0;
+    for (k, var) in scales.vars().iter().enumerate() {
+        let analytic: Vec<f64> = match grads.get(var.as_tensor()) {
+            Some(g) => g.to_vec1().unwrap(),
+            None => vec![0.0; arch.n_layer],
+        };
+        let base: Vec<f64> = var.as_tensor().to_vec1().unwrap();
+        for l in 0..arch.n_layer {
+            let at = |delta: f64| {
+                let mut v = base.clone();
+                v[l] += delta;
+                var.set(&Tensor::new(v.as_slice(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let loss = loss_of(&scales, false).to_scalar::<f64>().unwrap();
+                var.set(&Tensor::new(base.as_slice(), &Device::Cpu).unwrap())
+                    .unwrap();
+                loss
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            let err = (numeric - analytic[l]).abs();
+            assert!(
+                err <= 1e-5 * numeric.abs().max(1.0),
+                "scalar {k} layer {l}: analytic {} numeric {numeric}",
+                analytic[l]
+            );
+            if l == 1 && k < 2 {
+                // the skipped layer's attention scalars do not reach the loss
+                assert_eq!(analytic[l], 0.0);
+            } else {
+                assert!(
+                    analytic[l].abs() > 1e-6,
+                    "scalar {k} layer {l} has no gradient"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 4 * arch.n_layer - 2);
+}
+
+/// Input gradient of `f(x)` under the loss `sum(f(x) * r)`, with the forward value.
+fn grad_through(
+    x: &Tensor,
+    r: &Tensor,
+    f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+) -> (Tensor, Tensor, candle_core::backprop::GradStore, Var) {
+    let var = Var::from_tensor(x).unwrap();
+    let y = f(var.as_tensor()).unwrap();
+    let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(var.as_tensor()).unwrap().clone();
+    (y, g, grads, var)
+}
+
+#[test]
+fn frozen_linear_gives_the_matmul_input_gradient_and_no_weight_gradient() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (10, 7), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (10, 5), &dev).unwrap();
+    let (y1, g1, grads, _) = grad_through(&x, &r, |x| ops::linear(x, &w, Some(&bias)));
+    let (y2, g2, _, _) = grad_through(&x, &r, |x| x.matmul(&w.t()?)?.broadcast_add(&bias));
+    assert!(max_abs_diff(&y1, &y2) < 1e-5);
+    assert!(max_abs_diff(&g1, &g2) < 1e-5);
+    assert!(grads.get(&w).is_none() && grads.get(&bias).is_none());
+}
+
+#[test]
+fn rms_norm_backward_matches_autograd() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
+    let w = Tensor::randn(1f32, 0.3, 16, &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
+    let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::rms_norm(x, &w, 1e-5));
+    let (y2, g2, _, _) = grad_through(&x, &r, |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5));
+    assert!(max_abs_diff(&y1, &y2) < 1e-5);
+    assert!(max_abs_diff(&g1, &g2) < 1e-5);
+}
+
+#[test]
+fn rope_backward_matches_autograd() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let angles = Tensor::randn(0f32, 2.0, (5, 4), &dev).unwrap();
+    let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+    let r = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::rope(x, &cos, &sin));
+    let (y2, g2, _, _) = grad_through(&x, &r, |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin));
+    assert!(max_abs_diff(&y1, &y2) < 1e-5);
+    assert!(max_abs_diff(&g1, &g2) < 1e-5);
+}
+
+#[test]
+fn causal_softmax_backward_matches_autograd() {
+    let dev = Device::Cpu;
+    let t = 6;
+    let x = Tensor::randn(0f32, 2.0, (2, 3, t, t), &dev).unwrap();
+    let mask: Vec<f32> = (0..t * t)
+        .map(|k| {
+            if k % t <= k / t {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (2, 3, t, t), &dev).unwrap();
+    let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::causal_softmax(x, 0.25, &mask));
+    let (y2, g2, _, _) = grad_through(&x, &r, |x| {
+        candle_nn::ops::softmax(&(x * 0.25)?.broadcast_add(&mask)?, D::Minus1)
+    });
+    assert!(max_abs_diff(&y1, &y2) < 1e-6);
+    assert!(max_abs_diff(&g1, &g2) < 1e-6);
+    // nothing flows to the masked scores
+    assert_eq!(
+        g1.i((.., .., 0, 1..))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
+}
+
+#[test]
+fn qwen2_biases_and_tied_embeddings_match_reference() {
+    let arch = Arch {
+        family: Family::Qwen2,
+        hf_architecture: "Qwen2ForCausalLM".into(),
+        attn_bias: true,
+        tie_word_embeddings: true,
+        rope_theta: 1_000_000.0,
+        rms_norm_eps: 1e-6,
+        ..tiny_arch()
+    };
+    let src = random_source(&arch, 11);
+    assert!(!src.tensors.contains_key("output.weight"));
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 2, 8, 12);
+    let values = perturbed_scales(arch.n_layer, 13);
+    let skip = SkipMask::from_layers(arch.n_layer, &[2]).unwrap();
+    let ours = model_logits(&model, &ids, &values, skip.as_slice()).unwrap();
+    let reference = reference_logits(&src, &ids, &values, skip.as_slice()).unwrap();
+    assert!(max_abs_diff(&ours, &reference) < 1e-5);
+
+    // the biases are used: without them the output changes
+    let mut unbiased = random_source(&arch, 11);
+    for (name, (_, data)) in unbiased.tensors.iter_mut() {
+        if name.ends_with(".bias") {
+            data.iter_mut().for_each(|v| *v = 0.0);
+        }
+    }
+    let model0 = Model::load(&unbiased, &Device::Cpu).unwrap();
+    let ours0 = model_logits(&model0, &ids, &values, skip.as_slice()).unwrap();
+    assert!(max_abs_diff(&ours, &ours0) > 1e-3);
+}
+
+#[test]
+fn rope_scaling_changes_the_output_and_matches_reference() {
+    let base = tiny_arch();
+    let src = random_source(&base, 14);
+    let ids = random_ids(&base, 1, 40, 15);
+    let ones = ScaleValues::ones(base.n_layer);
+    let skip = SkipMask::none(base.n_layer);
+    let logits = |arch: &Arch| {
+        let src = MapSource {
+            arch: arch.clone(),
+            tensors: src.tensors.clone(),
+        };
+        let model = Model::load(&src, &Device::Cpu).unwrap();
+        let ours = model_logits(&model, &ids, &ones, skip.as_slice()).unwrap();
+        let reference = reference_logits(&src, &ids, &ones, skip.as_slice()).unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-4);
+        ours
+    };
+    let plain = logits(&base);
+    let llama3 = Arch {
+        rope_scaling: Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        }),
+        ..base.clone()
+    };
+    assert!(llama3
+        .llama3_rope_factors()
+        .unwrap()
+        .iter()
+        .any(|&f| f != 1.0));
+    assert!(max_abs_diff(&plain, &logits(&llama3)) > 1e-3);
+    let linear = Arch {
+        rope_scaling: Some(RopeScaling::Linear { factor: 2.0 }),
+        ..base.clone()
+    };
+    assert!(max_abs_diff(&plain, &logits(&linear)) > 1e-3);
+}
+
+#[test]
+fn right_padding_does_not_change_earlier_positions() {
+    let arch = tiny_arch();
+    let model = Model::load(&random_source(&arch, 16), &Device::Cpu).unwrap();
+    let ones = ScaleValues::ones(arch.n_layer);
+    let skip = SkipMask::none(arch.n_layer);
+    let short = random_ids(&arch, 1, 5, 17);
+    let padded = Tensor::cat(
+        &[
+            &short,
+            &Tensor::zeros((1, 4), DType::U32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
+    let a = model_logits(&model, &short, &ones, skip.as_slice()).unwrap();
+    let b = model_logits(&model, &padded, &ones, skip.as_slice()).unwrap();
+    assert!(max_abs_diff(&a, &b.narrow(1, 0, 5).unwrap()) < 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let arch = tiny_arch();
+    let mut src = random_source(&arch, 18);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let scales = model.scales(&ScaleValues::ones(arch.n_layer)).unwrap();
+    let ids = random_ids(&arch, 1, 4, 19);
+    assert!(matches!(
+        model.forward_hidden(&ids, &scales, &[false; 2]),
+        Err(ModelError::SkipMaskLength {
+            expected: 3,
+            found: 2
+        })
+    ));
+    let big = Tensor::new(&[[1u32, 97]], &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.forward_hidden(&big, &scales, &[false; 3]),
+        Err(ModelError::TokenOutOfRange { token: 97, .. })
+    ));
+    let floats = Tensor::zeros((1, 4), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.forward_hidden(&floats, &scales, &[false; 3]),
+        Err(ModelError::Input {
+            name: "input_ids",
+            ..
+        })
+    ));
+    let hidden = model.forward_hidden(&ids, &scales, &[false; 3]).unwrap();
+    assert!(matches!(
+        model.logits_at(&hidden, &Tensor::new(&[4u32], &Device::Cpu).unwrap()),
+        Err(ModelError::PositionOutOfRange {
+            position: 4,
+            len: 4
+        })
+    ));
+    assert!(matches!(
+        SkipMask::from_layers(3, &[3]),
+        Err(ModelError::NoSuchLayer {
+            layer: 3,
+            n_layer: 3
+        })
+    ));
+    let mut short = ScaleValues::ones(3);
+    short.s_mlp.pop();
+    assert!(matches!(
+        model.scales(&short),
+        Err(ModelError::ScalesLength { name: "s_mlp", .. })
+    ));
+
+    src.tensors.get_mut("blk.1.attn_k.weight").unwrap().0 = vec![64, 32];
+    match Model::load(&src, &Device::Cpu) {
+        Err(ModelError::Checkpoint(CheckpointError::Shape { name, expected, .. })) => {
+            assert_eq!(name, "blk.1.attn_k.weight");
+            assert_eq!(expected, vec![32, 64]);
+        }
+        other => panic!("expected a shape error, got {:?}", other.err()),
+    }
+    let qwen = Arch {
+        attn_bias: true,
+        ..arch.clone()
+    };
+    let no_bias = MapSource {
+        arch: qwen,
+        tensors: random_source(&arch, 18).tensors,
+    };
+    assert!(matches!(
+        Model::load(&no_bias, &Device::Cpu),
+        Err(ModelError::Checkpoint(CheckpointError::MissingTensor { name, .. })) if name == "blk.0.attn_q.bias"
+    ));
+    let odd = MapSource {
+        arch: Arch {
+            n_head_kv: 3,
+            ..arch.clone()
+        },
+        tensors: HashMap::new(),
+    };
+    assert!(matches!(
+        Model::load(&odd, &Device::Cpu),
+        Err(ModelError::InvalidArch { .. })
+    ));
+}

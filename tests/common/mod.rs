@@ -1,0 +1,230 @@
+//! Test fixtures: tiny random-weight Hugging Face folders (real safetensors, config.json and the
+//! SmolLM2 tokenizer from tests/fixtures), and paths to the real model and data.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+/// Element type of the safetensors a fixture is written in.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// The shape of a tiny model.
+#[derive(Clone, Debug)]
+pub struct Tiny {
+    pub arch: &'static str,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub tie: bool,
+    pub dtype: Dtype,
+    pub seed: u64,
+    pub shards: usize,
+    pub rope_scaling: Option<serde_json::Value>,
+}
+
+impl Tiny {
+    pub fn llama() -> Tiny {
+        Tiny {
+            arch: "LlamaForCausalLM",
+            n_layer: 4,
+            n_embd: 64,
+            n_ff: 128,
+            n_head: 4,
+            n_head_kv: 2,
+            tie: true,
+            dtype: Dtype::F32,
+            seed: 7,
+            shards: 1,
+            rope_scaling: None,
+        }
+    }
+
+    pub fn qwen2() -> Tiny {
+        Tiny {
+            arch: "Qwen2ForCausalLM",
+            tie: false,
+            seed: 11,
+            ..Tiny::llama()
+        }
+    }
+}
+
+pub const VOCAB: usize = 49152;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// Writes a tiny random model as a Hugging Face folder under `dir` and returns its path.
+pub fn write_tiny(dir: &Path, t: &Tiny) -> PathBuf {
+    let out = dir.join(format!("tiny-{}-{:?}", t.arch, t.dtype).to_lowercase());
+    std::fs::create_dir_all(&out).unwrap();
+    let head_dim = t.n_embd / t.n_head;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(t.seed);
+    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32, offset: f32| {
+        let n: usize = shape.iter().product();
+        let v = (0..n)
+            .map(|_| offset + scale * (rng.gen::<f32>() * 2.0 - 1.0))
+            .collect();
+        tensors.insert(name, (shape, v));
+    };
+    let (e, q, kv, ff) = (
+        t.n_embd,
+        t.n_head * head_dim,
+        t.n_head_kv * head_dim,
+        t.n_ff,
+    );
+    add("model.embed_tokens.weight".into(), vec![VOCAB, e], 1.0, 0.0);
+    for i in 0..t.n_layer {
+        let p = |s: &str| format!("model.layers.{i}.{s}");
+        add(p("input_layernorm.weight"), vec![e], 0.2, 1.0);
+        add(p("self_attn.q_proj.weight"), vec![q, e], 0.25, 0.0);
+        add(p("self_attn.k_proj.weight"), vec![kv, e], 0.25, 0.0);
+        add(p("self_attn.v_proj.weight"), vec![kv, e], 0.25, 0.0);
+        if t.arch == "Qwen2ForCausalLM" {
+            add(p("self_attn.q_proj.bias"), vec![q], 0.2, 0.0);
+            add(p("self_attn.k_proj.bias"), vec![kv], 0.2, 0.0);
+            add(p("self_attn.v_proj.bias"), vec![kv], 0.2, 0.0);
+        }
+        add(p("self_attn.o_proj.weight"), vec![e, q], 0.15, 0.0);
+        add(p("post_attention_layernorm.weight"), vec![e], 0.2, 1.0);
+        add(p("mlp.gate_proj.weight"), vec![ff, e], 0.2, 0.0);
+        add(p("mlp.up_proj.weight"), vec![ff, e], 0.2, 0.0);
+        add(p("mlp.down_proj.weight"), vec![e, ff], 0.15, 0.0);
+    }
+    add("model.norm.weight".into(), vec![e], 0.2, 1.0);
+    if !t.tie {
+        add("lm_head.weight".into(), vec![VOCAB, e], 0.2, 0.0);
+    }
+    write_safetensors(&out, &tensors, t.dtype, t.shards);
+
+    let mut config = json!({
+        "architectures": [t.arch],
+        "model_type": if t.arch == "Qwen2ForCausalLM" { "qwen2" } else { "llama" },
+        "hidden_size": e,
+        "intermediate_size": ff,
+        "num_hidden_layers": t.n_layer,
+        "num_attention_heads": t.n_head,
+        "num_key_value_heads": t.n_head_kv,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": t.tie,
+        "hidden_act": "silu",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    });
+    if let Some(rs) = &t.rope_scaling {
+        config["rope_scaling"] = rs.clone();
+    }
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("smollm2-tokenizer").join(f), out.join(f)).unwrap();
+    }
+    out
+}
+
+/// Writes tensors as one or several safetensors files (with an index when sharded).
+pub fn write_safetensors(
+    dir: &Path,
+    tensors: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    dtype: Dtype,
+    shards: usize,
+) {
+    let names: Vec<&String> = tensors.keys().collect();
+    let per = names.len().div_ceil(shards.max(1));
+    let mut weight_map = serde_json::Map::new();
+    for (s, chunk) in names.chunks(per).enumerate() {
+        let file = if shards > 1 {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, shards)
+        } else {
+            "model.safetensors".to_string()
+        };
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|n| {
+                let (shape, v) = &tensors[*n];
+                ((*n).clone(), shape.clone(), encode(v, dtype))
+            })
+            .collect();
+        let st = match dtype {
+            Dtype::F32 => safetensors::Dtype::F32,
+            Dtype::F16 => safetensors::Dtype::F16,
+            Dtype::BF16 => safetensors::Dtype::BF16,
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, shape, bytes)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(st, shape.clone(), bytes).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), json!(file));
+        }
+    }
+    if shards > 1 {
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+/// Path of the real SmolLM2-135M-Instruct GGUF (scripts/fetch-model.sh puts it there).
+pub fn real_model() -> PathBuf {
+    let p = std::env::var_os("HOPSCOTCH_SMOLLM2_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/fetch-model.sh first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("HOPSCOTCH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/hopscotch")
+        })
+}
+
+/// The hopscotch binary built for this test run.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hopscotch"))
+}

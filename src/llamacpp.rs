@@ -88,15 +88,40 @@ impl LoadedModel {
         self.model.n_vocab().max(0) as usize
     }
 
-    /// A context of `n_ctx` tokens that returns logits for every batch position asked for.
+    /// A context of `n_ctx` tokens that returns logits for every batch position asked for,
+    /// with llama.cpp's default f16 KV cache.
     pub fn context(&self, n_ctx: usize, threads: usize) -> Result<Ctx<'_>, LlamaError> {
+        self.context_with(n_ctx, threads, false)
+    }
+
+    /// As [`LoadedModel::context`], with an f32 KV cache when `f32_kv` (for exact comparisons:
+    /// the default f16 cache rounds keys and values to 11 bits).
+    pub fn context_with(
+        &self,
+        n_ctx: usize,
+        threads: usize,
+        f32_kv: bool,
+    ) -> Result<Ctx<'_>, LlamaError> {
+        use llama_cpp_2::context::params::KvCacheType;
         let n_ctx = n_ctx.max(1) as u32;
-        let params = LlamaContextParams::default()
+        let kv = if f32_kv {
+            KvCacheType::F32
+        } else {
+            KvCacheType::F16
+        };
+        let mut params = LlamaContextParams::default()
+            .with_type_k(kv)
+            .with_type_v(kv)
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx.min(512))
             .with_n_threads(threads as i32)
             .with_n_threads_batch(threads as i32);
+        if f32_kv {
+            // llama.cpp's CPU flash attention rounds queries to f16 whatever the cache type.
+            params =
+                params.with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED);
+        }
         let ctx = self
             .model
             .new_context(backend(), params)

@@ -33,11 +33,17 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         });
     }
     let tok_cfg = dir.join("tokenizer_config.json");
-    let vocab = Vocab::from_hf_files(
+    let mut vocab = Vocab::from_hf_files(
         &tok,
         tok_cfg.is_file().then_some(tok_cfg.as_path()),
         arch.vocab_size,
     )?;
+    vocab.fill_special_ids_from_config_json(&config);
+    // convert_hf_to_gguf.py's LlamaModel: models with a 49152-token vocabulary (SmolLM,
+    // Granite small) are written with add_bos_token = false.
+    if arch.family == Family::Llama && arch.vocab_size == 49152 {
+        vocab.add_bos = Some(false);
+    }
 
     let mut maps = Vec::new();
     let mut tensors = Vec::new();

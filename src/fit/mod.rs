@@ -3,4 +3,5 @@
 //! [`scales`] trains the four scalars per layer for a fixed skip mask and scores a mask by the
 //! mean training loss, the inner step of the paper's greedy, re-scored search.
 
+pub mod plan;
 pub mod scales;

@@ -1,0 +1,296 @@
+//! The plan: what a fit produced, as JSON. Which attention blocks to skip, the four scalars per
+//! layer, how every candidate scored in every round, the settings, and what model and task
+//! data it was fitted on (so `export` can refuse another model and `eval` can hold out the
+//! fitted documents).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::checkpoint::Checkpoint;
+use crate::model::ScaleValues;
+use crate::output::{AtomicFile, OutputError};
+
+/// Errors reading or writing a plan.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The plan file.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid plan.
+    #[error("{path}: not a valid plan: {message}")]
+    Invalid {
+        /// The plan file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The plan was fitted on another model.
+    #[error("{plan}: fitted on {expected}, but {model} is {found}")]
+    WrongModel {
+        /// The plan file.
+        plan: String,
+        /// The model given.
+        model: String,
+        /// The fingerprint recorded in the plan.
+        expected: String,
+        /// The fingerprint of the model given.
+        found: String,
+    },
+    /// The output could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
+
+/// Identifies the model a plan was fitted on: its shape and a hash of its tensors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelFingerprint {
+    /// Hugging Face architecture class.
+    pub architecture: String,
+    /// Layers.
+    pub n_layer: usize,
+    /// Hidden width.
+    pub n_embd: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_head_kv: usize,
+    /// MLP width.
+    pub n_ff: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// sha256 over every tensor's name, type, shape and stored bytes, in name order.
+    pub tensor_sha256: String,
+}
+
+impl ModelFingerprint {
+    /// Fingerprints a checkpoint (reads every tensor once).
+    pub fn of(ck: &Checkpoint) -> ModelFingerprint {
+        let mut entries: Vec<_> = ck.tensors.iter().collect();
+        entries.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut h = Sha256::new();
+        for e in entries {
+            h.update(e.name.as_bytes());
+            h.update(e.dtype.name().as_bytes());
+            for d in &e.shape {
+                h.update((*d as u64).to_le_bytes());
+            }
+            h.update(ck.stored_bytes(e));
+        }
+        let a = &ck.arch;
+        ModelFingerprint {
+            architecture: a.hf_architecture.clone(),
+            n_layer: a.n_layer,
+            n_embd: a.n_embd,
+            n_head: a.n_head,
+            n_head_kv: a.n_head_kv,
+            n_ff: a.n_ff,
+            vocab_size: a.vocab_size,
+            tensor_sha256: format!("{:x}", h.finalize()),
+        }
+    }
+}
+
+impl std::fmt::Display for ModelFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} layers, width {}, tensors sha256 {})",
+            self.architecture,
+            self.n_layer,
+            self.n_embd,
+            &self.tensor_sha256[..self.tensor_sha256.len().min(12)]
+        )
+    }
+}
+
+/// The task data a plan was fitted on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRef {
+    /// The task file as given.
+    pub path: String,
+    /// sha256 of its bytes.
+    pub sha256: String,
+    /// Its detected format.
+    pub format: String,
+}
+
+/// How one candidate block scored in one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateScore {
+    /// Layer index of the attention block tried.
+    pub layer: usize,
+    /// Cheap screening score (fast mode): lower is a better block to skip.
+    pub screen: Option<f32>,
+    /// Mean training loss with the scalars trained (the paper's score), if trained.
+    pub trained_loss: Option<f32>,
+}
+
+/// One greedy round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Round {
+    /// Every candidate of the round.
+    pub candidates: Vec<CandidateScore>,
+    /// The layer skipped for good.
+    pub chosen: usize,
+    /// Its score.
+    pub loss: f32,
+}
+
+/// The fit's settings, recorded so a plan can be reproduced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitSettings {
+    /// `hopscotch`, `attn-cosine` or `random`.
+    pub method: String,
+    /// `kl` or `ce`.
+    pub objective: String,
+    /// Blocks to skip.
+    pub skip: usize,
+    /// Documents fitted on.
+    pub fit_docs: usize,
+    /// Training steps per candidate.
+    pub candidate_steps: usize,
+    /// Training steps for the final choice.
+    pub final_steps: usize,
+    /// Learning rate of the candidate training.
+    pub lr: f64,
+    /// Learning rate of the final training.
+    pub final_lr: f64,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Longest sequence in tokens.
+    pub max_seq_len: usize,
+    /// Seed for the document split and batch order.
+    pub seed: u64,
+    /// Whether every candidate was trained (the paper's loop).
+    pub exhaustive: bool,
+    /// Candidates trained per round in fast mode.
+    pub shortlist: usize,
+    /// Whether the scalars were trained at all.
+    pub train_scales: bool,
+}
+
+/// A fitted plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Version of the tool that wrote it.
+    pub tool_version: String,
+    /// The model it was fitted on.
+    pub model: ModelFingerprint,
+    /// The task data it was fitted on.
+    pub task: TaskRef,
+    /// Documents used for fitting (held out of evaluation).
+    pub fit_doc_ids: Vec<String>,
+    /// Layers whose attention block is skipped, in the order chosen.
+    pub skipped_blocks: Vec<usize>,
+    /// The four scalars per layer.
+    pub scales: ScaleValues,
+    /// Every round of the search.
+    pub rounds: Vec<Round>,
+    /// Loss per step of the final training.
+    pub final_loss_history: Vec<f32>,
+    /// Mean loss of the final plan on the fit data (before and after the final training).
+    pub final_loss: Option<f32>,
+    /// The settings.
+    pub settings: FitSettings,
+}
+
+impl Plan {
+    /// Reads and validates a plan file.
+    pub fn load(path: &Path) -> Result<Plan, PlanError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PlanError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| PlanError::Invalid {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        plan.validate()
+            .map_err(|message| PlanError::Invalid { path: p, message })?;
+        Ok(plan)
+    }
+
+    /// Checks internal consistency: scale lengths, skipped layers in range and distinct, finite
+    /// scalars, layer 0 kept (llama.cpp's `deci` takes the head size from layer 0).
+    pub fn validate(&self) -> Result<(), String> {
+        let n = self.model.n_layer;
+        for (name, v) in self.scales.named() {
+            if v.len() != n {
+                return Err(format!(
+                    "scales.{name} has {} values, expected {n}",
+                    v.len()
+                ));
+            }
+            if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                return Err(format!("scales.{name}[{i}] is not finite"));
+            }
+        }
+        let mut seen = vec![false; n];
+        for &l in &self.skipped_blocks {
+            if l >= n {
+                return Err(format!(
+                    "skipped block {l} is out of range (model has {n} layers)"
+                ));
+            }
+            if std::mem::replace(&mut seen[l], true) {
+                return Err(format!("skipped block {l} is listed twice"));
+            }
+        }
+        if self.skipped_blocks.len() >= n {
+            return Err(format!(
+                "the plan skips {} of {n} attention blocks; at least one must stay",
+                self.skipped_blocks.len()
+            ));
+        }
+        if seen.first() == Some(&true) {
+            return Err("layer 0's attention block cannot be skipped (llama.cpp's deci takes the head size from layer 0)".into());
+        }
+        Ok(())
+    }
+
+    /// Refuses a checkpoint other than the one the plan was fitted on.
+    pub fn check_model(&self, ck: &Checkpoint, plan_path: &Path) -> Result<(), PlanError> {
+        let found = ModelFingerprint::of(ck);
+        if found != self.model {
+            return Err(PlanError::WrongModel {
+                plan: plan_path.display().to_string(),
+                model: ck.display_path(),
+                expected: self.model.to_string(),
+                found: found.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The skip mask per layer.
+    pub fn skip_mask(&self) -> Vec<bool> {
+        let mut m = vec![false; self.model.n_layer];
+        for &l in &self.skipped_blocks {
+            m[l] = true;
+        }
+        m
+    }
+
+    /// Writes the plan as pretty JSON, whole or not at all.
+    pub fn save(&self, path: &Path, force: bool) -> Result<(), PlanError> {
+        use std::io::Write;
+        let mut f = AtomicFile::create(path, force)?;
+        let text = serde_json::to_string_pretty(self).expect("plan serializes");
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.write_all(b"\n"))
+            .map_err(|source| OutputError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        f.commit()?;
+        Ok(())
+    }
+}

@@ -116,7 +116,11 @@ impl LoadedModel {
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx.min(512))
             .with_n_threads(threads as i32)
-            .with_n_threads_batch(threads as i32);
+            .with_n_threads_batch(threads as i32)
+            // One KV cache for all sequences: several fill the context together, and a token
+            // can belong to several (a shared prefix).
+            .with_n_seq_max(MAX_SEQS as u32)
+            .with_kv_unified(true);
         if f32_kv {
             // llama.cpp's CPU flash attention rounds queries to f16 whatever the cache type.
             params =
@@ -136,6 +140,21 @@ impl LoadedModel {
             n_ctx: n_ctx as usize,
         })
     }
+}
+
+/// The most sequences one decode holds, and so the most a batch token can belong to. A context
+/// reserves a logits row per sequence up front, so this stays well below llama.cpp's
+/// `LLAMA_MAX_SEQ` (256).
+pub const MAX_SEQS: usize = 64;
+
+/// Sequences decoded together that begin with the same tokens: the prefix enters the batch once,
+/// seen by every sequence of the group, and each sequence's own tokens follow it.
+pub struct SharedPrefix<'a> {
+    /// The tokens every sequence of the group starts with.
+    pub prefix: &'a [u32],
+    /// Each sequence's tokens after the prefix, with the positions whose logits are wanted
+    /// (indices into prefix + suffix).
+    pub suffixes: Vec<(&'a [u32], Vec<usize>)>,
 }
 
 /// A llama.cpp context over one model.
@@ -215,6 +234,85 @@ impl Ctx<'_> {
                     .collect()
             })
             .collect())
+    }
+
+    /// Evaluates groups of sequences in one decode (clearing the cache first), each group's
+    /// prefix entering the batch once for all its sequences, and calls `each(sequence, k, logits)`
+    /// for the k-th position asked for of every sequence (numbered across the groups in order, at
+    /// most [`MAX_SEQS`] in all; the batch must fit the context).
+    pub fn logits_shared(
+        &mut self,
+        groups: &[SharedPrefix<'_>],
+        mut each: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<(), LlamaError> {
+        self.ctx.clear_kv_cache();
+        let n_seqs: usize = groups.iter().map(|g| g.suffixes.len()).sum();
+        if n_seqs > MAX_SEQS {
+            return Err(self.err(
+                "batch",
+                format!("{n_seqs} sequences, more than {MAX_SEQS}"),
+            ));
+        }
+        let total: usize = groups
+            .iter()
+            .filter(|g| !g.suffixes.is_empty())
+            .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
+            .sum();
+        let widest = groups.iter().map(|g| g.suffixes.len()).max().unwrap_or(1);
+        let mut batch = LlamaBatch::new(total.max(1), widest.max(1) as i32);
+        // For every sequence, the batch index of each position asked for.
+        let mut rows: Vec<Vec<i32>> = Vec::with_capacity(n_seqs);
+        let mut at = 0i32;
+        for g in groups.iter().filter(|g| !g.suffixes.is_empty()) {
+            let first = rows.len() as i32;
+            let ids: Vec<i32> = (first..first + g.suffixes.len() as i32).collect();
+            let p = g.prefix.len();
+            let mut flags = vec![false; p];
+            for (suffix, want) in &g.suffixes {
+                if let Some(&w) = want.iter().find(|&&w| w >= p + suffix.len()) {
+                    return Err(self.err(
+                        "batch",
+                        format!("logits asked for at {w}, past a sequence of {}", p + suffix.len()),
+                    ));
+                }
+                for &w in want.iter().filter(|&&w| w < p) {
+                    flags[w] = true;
+                }
+            }
+            let prefix_at = at;
+            for (i, (&t, &f)) in g.prefix.iter().zip(&flags).enumerate() {
+                batch
+                    .add(LlamaToken(t as i32), i as i32, &ids, f)
+                    .map_err(|e| self.err("batch", e.to_string()))?;
+                at += 1;
+            }
+            for ((suffix, want), &id) in g.suffixes.iter().zip(&ids) {
+                let suffix_at = at;
+                for (i, &t) in suffix.iter().enumerate() {
+                    batch
+                        .add(LlamaToken(t as i32), (p + i) as i32, &[id], want.contains(&(p + i)))
+                        .map_err(|e| self.err("batch", e.to_string()))?;
+                    at += 1;
+                }
+                rows.push(
+                    want.iter()
+                        .map(|&w| match w.checked_sub(p) {
+                            Some(s) => suffix_at + s as i32,
+                            None => prefix_at + w as i32,
+                        })
+                        .collect(),
+                );
+            }
+        }
+        self.ctx
+            .decode(&mut batch)
+            .map_err(|e| self.err("decode", e.to_string()))?;
+        for (seq, row) in rows.iter().enumerate() {
+            for (k, &i) in row.iter().enumerate() {
+                each(seq, k, self.ctx.get_logits_ith(i));
+            }
+        }
+        Ok(())
     }
 
     fn err(&self, what: &'static str, message: String) -> LlamaError {

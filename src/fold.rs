@@ -1,0 +1,360 @@
+//! Fold a plan's scalars into the weights, so that a plain transformer (stock llama.cpp's
+//! `llama`, `qwen2` or `deci`) computes what the model with the Hopscotch scalars computes.
+//!
+//! The model with scalars, per layer `l` (Eyceoz et al. 2025, <https://arxiv.org/abs/2506.03303>):
+//!
+//! ```text
+//! x1  = b_att[l] * Attn(N(x)) + s_att[l] * x        (attention skipped: x1 = x)
+//! out = b_mlp[l] * MLP(N(x1)) + s_mlp[l] * x1
+//! ```
+//!
+//! A plain layer adds its branches with weight 1: `x1 = x + Attn(N(x))`. The folded model
+//! carries the true residual stream divided by a running factor `c` (`h' = h / c`, `c = 1` at
+//! the embedding). RMSNorm `N` gives the same output for `h / c` as for `h` when `c > 0`, and
+//! the negated output when `c < 0`, so each norm weight is multiplied by `sign(c)` of its input
+//! and the branches see what they saw before. At a residual scalar `s` the true stream becomes
+//! `s * h + b * branch`; dividing by `c_next = c * s` gives `h' + (b / c_next) * branch`, a plain
+//! residual add once the branch's output projection (`attn_output`, `ffn_down`) is multiplied by
+//! `b / c_next`. The final norm removes the last `c` (its weight takes `sign(c)`), so the LM head,
+//! and the token embedding it may share, stay as they are.
+//!
+//! The one inexact step is RMSNorm's epsilon: `N(h / c)` divides by `sqrt(mean(h²) + eps c²)`
+//! instead of `sqrt(mean(h²) + eps)`, a relative change of about `eps (c² - 1) / (2 mean(h²))`,
+//! far below f32 rounding for residual streams of ordinary size.
+
+use crate::arch::Arch;
+use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
+use crate::model::ScaleValues;
+
+/// Errors folding a plan's scalars.
+#[derive(Debug, thiserror::Error)]
+pub enum FoldError {
+    /// A vector of scalars or the skip mask has a length other than the number of layers.
+    #[error("{name} has {found} entries, the model has {expected} layers")]
+    Length {
+        /// Which vector (`skip mask`, `b_att`, `s_att`, `b_mlp`, `s_mlp`).
+        name: &'static str,
+        /// The number of layers.
+        expected: usize,
+        /// The vector's length.
+        found: usize,
+    },
+    /// A scalar is NaN or infinite.
+    #[error("{name}[{layer}] is {value}, not a finite number")]
+    NotFinite {
+        /// Which scalar.
+        name: &'static str,
+        /// Its layer.
+        layer: usize,
+        /// Its value.
+        value: f32,
+    },
+    /// A residual scalar is zero: the stream before it is erased and cannot be carried as a
+    /// rescaled copy.
+    #[error("{name}[{layer}] is 0: a residual erased by a zero scalar cannot be folded into the weights")]
+    ZeroResidual {
+        /// `s_att` or `s_mlp`.
+        name: &'static str,
+        /// Its layer.
+        layer: usize,
+    },
+    /// The running residual factor left the range where the folded weights stay finite.
+    #[error("after {name}[{layer}] the residual stream is scaled by {factor:e}, outside what f32 weights can carry")]
+    FactorOutOfRange {
+        /// The scalar that took it out of range.
+        name: &'static str,
+        /// Its layer.
+        layer: usize,
+        /// The running factor.
+        factor: f64,
+    },
+}
+
+/// How one layer is folded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerFold {
+    /// Whether the layer's attention block is skipped (its attention tensors are dropped).
+    pub attn_skipped: bool,
+    /// The factor `c` the residual stream entering the layer is divided by.
+    pub residual_in: f64,
+    /// `c` after the attention sub-block (`residual_in * s_att`, or `residual_in` when skipped).
+    pub residual_mid: f64,
+    /// `c` after the MLP sub-block (`residual_mid * s_mlp`).
+    pub residual_out: f64,
+    /// Multiplier of `attn_output.weight`: `b_att / residual_mid` (1 when skipped).
+    pub attn_output_scale: f64,
+    /// Multiplier of `ffn_down.weight`: `b_mlp / residual_out`.
+    pub ffn_down_scale: f64,
+}
+
+/// The fold of a plan into a model: per layer, which tensors go and what each is multiplied by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fold {
+    /// One entry per layer.
+    pub layers: Vec<LayerFold>,
+}
+
+/// Largest (and, inverted, smallest) running factor accepted: beyond it a folded projection
+/// or the rescaled stream itself would approach f32's range (about 3.4e38).
+const MAX_RESIDUAL_FACTOR: f64 = 1e30;
+
+fn sign(x: f64) -> f64 {
+    if x < 0.0 {
+        -1.0
+    } else {
+        1.0
+    }
+}
+
+impl Fold {
+    /// The fold of `scales` with the attention blocks flagged in `skipped` left out. The
+    /// attention scalars of a skipped layer are ignored.
+    pub fn new(n_layer: usize, skipped: &[bool], scales: &ScaleValues) -> Result<Fold, FoldError> {
+        if skipped.len() != n_layer {
+            return Err(FoldError::Length {
+                name: "skip mask",
+                expected: n_layer,
+                found: skipped.len(),
+            });
+        }
+        for (name, v) in scales.named() {
+            if v.len() != n_layer {
+                return Err(FoldError::Length {
+                    name,
+                    expected: n_layer,
+                    found: v.len(),
+                });
+            }
+        }
+        let check = |name: &'static str, layer: usize, value: f32| {
+            if value.is_finite() {
+                Ok(value as f64)
+            } else {
+                Err(FoldError::NotFinite { name, layer, value })
+            }
+        };
+        let residual = |name: &'static str, layer: usize, c: f64, s: f64| {
+            if s == 0.0 {
+                return Err(FoldError::ZeroResidual { name, layer });
+            }
+            let next = c * s;
+            let magnitude = next.abs();
+            if !(1.0 / MAX_RESIDUAL_FACTOR..=MAX_RESIDUAL_FACTOR).contains(&magnitude) {
+                return Err(FoldError::FactorOutOfRange {
+                    name,
+                    layer,
+                    factor: next,
+                });
+            }
+            Ok(next)
+        };
+        let mut c = 1.0f64;
+        let mut layers = Vec::with_capacity(n_layer);
+        for (l, &attn_skipped) in skipped.iter().enumerate() {
+            let residual_in = c;
+            let (residual_mid, attn_output_scale) = if attn_skipped {
+                (c, 1.0)
+            } else {
+                let b = check("b_att", l, scales.b_att[l])?;
+                let s = check("s_att", l, scales.s_att[l])?;
+                let mid = residual("s_att", l, c, s)?;
+                (mid, b / mid)
+            };
+            let b = check("b_mlp", l, scales.b_mlp[l])?;
+            let s = check("s_mlp", l, scales.s_mlp[l])?;
+            let residual_out = residual("s_mlp", l, residual_mid, s)?;
+            c = residual_out;
+            layers.push(LayerFold {
+                attn_skipped,
+                residual_in,
+                residual_mid,
+                residual_out,
+                attn_output_scale,
+                ffn_down_scale: b / residual_out,
+            });
+        }
+        Ok(Fold { layers })
+    }
+
+    /// The running factor of the stream entering the final norm.
+    pub fn residual_final(&self) -> f64 {
+        self.layers.last().map_or(1.0, |l| l.residual_out)
+    }
+
+    /// The smallest and largest `|c|` over the stream (the embedding's 1 included): how far the
+    /// folded stream's scale moves from the original's, which sets RMSNorm's epsilon error.
+    pub fn residual_range(&self) -> (f64, f64) {
+        self.layers
+            .iter()
+            .flat_map(|l| [l.residual_mid.abs(), l.residual_out.abs()])
+            .fold((1.0f64, 1.0f64), |(lo, hi), c| (lo.min(c), hi.max(c)))
+    }
+
+    /// Whether the folded model keeps tensor `name` (GGUF name): the attention tensors of a
+    /// skipped layer (`blk.N.attn_*`, its norm included) are dropped, everything else stays.
+    pub fn keeps(&self, name: &str) -> bool {
+        match split_block(name) {
+            Some((l, suffix)) => {
+                !(suffix.starts_with("attn_") && self.layers.get(l).is_some_and(|f| f.attn_skipped))
+            }
+            None => true,
+        }
+    }
+
+    /// The multiplier of tensor `name` (GGUF name) in the folded model.
+    pub fn tensor_scale(&self, name: &str) -> f64 {
+        if name == crate::gguf::consts::OUTPUT_NORM {
+            return sign(self.residual_final());
+        }
+        let Some((l, suffix)) = split_block(name) else {
+            return 1.0;
+        };
+        let Some(f) = self.layers.get(l) else {
+            return 1.0;
+        };
+        match suffix {
+            "attn_norm.weight" => sign(f.residual_in),
+            "attn_output.weight" | "attn_output.bias" => f.attn_output_scale,
+            "ffn_norm.weight" => sign(f.residual_mid),
+            "ffn_down.weight" | "ffn_down.bias" => f.ffn_down_scale,
+            _ => 1.0,
+        }
+    }
+
+    /// The tensors of the folded model, by GGUF name, with torch-order shapes.
+    pub fn kept_tensors(&self, arch: &Arch) -> Vec<(String, Vec<usize>)> {
+        arch.expected_tensors()
+            .into_iter()
+            .filter(|(name, _)| self.keeps(name))
+            .collect()
+    }
+}
+
+/// `blk.N.rest` as `(N, rest)`.
+fn split_block(name: &str) -> Option<(usize, &str)> {
+    let (index, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    Some((index.parse().ok()?, rest))
+}
+
+/// Multiplies f32 values by a fold multiplier (a copy when it is 1).
+pub fn scale_values(values: &mut [f32], scale: f64) {
+    if scale != 1.0 {
+        for v in values {
+            *v = (*v as f64 * scale) as f32;
+        }
+    }
+}
+
+/// A checkpoint's tensors with a fold applied, as f32 in Hugging Face layout. The tensors the
+/// fold drops are missing ([`CheckpointError::MissingTensor`]).
+pub struct FoldedWeights<'a> {
+    ck: &'a Checkpoint,
+    fold: &'a Fold,
+}
+
+impl<'a> FoldedWeights<'a> {
+    /// The folded view of `ck`.
+    pub fn new(ck: &'a Checkpoint, fold: &'a Fold) -> Self {
+        Self { ck, fold }
+    }
+}
+
+impl TensorSource for FoldedWeights<'_> {
+    fn arch(&self) -> &Arch {
+        &self.ck.arch
+    }
+
+    fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError> {
+        if !self.fold.keeps(name) {
+            return Err(CheckpointError::MissingTensor {
+                path: format!("{} (folded)", self.ck.display_path()),
+                name: name.to_string(),
+            });
+        }
+        let (shape, mut values) = self.ck.tensor_f32(name)?;
+        scale_values(&mut values, self.fold.tensor_scale(name));
+        Ok((shape, values))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scales(n: usize, s_att: f32, s_mlp: f32) -> ScaleValues {
+        ScaleValues {
+            b_att: vec![2.0; n],
+            s_att: vec![s_att; n],
+            b_mlp: vec![3.0; n],
+            s_mlp: vec![s_mlp; n],
+        }
+    }
+
+    #[test]
+    fn running_factor_multiplies_the_residual_scalars() {
+        let f = Fold::new(3, &[false, true, false], &scales(3, 0.5, 4.0)).unwrap();
+        let c: Vec<_> = f.layers.iter().map(|l| l.residual_out).collect();
+        // layer 0: 0.5 * 4; layer 1 (attention skipped): * 4; layer 2: * 0.5 * 4
+        assert_eq!(c, vec![2.0, 8.0, 16.0]);
+        assert_eq!(f.layers[0].attn_output_scale, 2.0 / 0.5);
+        assert_eq!(f.layers[1].attn_output_scale, 1.0);
+        assert_eq!(f.layers[2].ffn_down_scale, 3.0 / 16.0);
+        // layer 2 enters with c = 8; its attention residual takes it to 8 * 0.5
+        assert_eq!(f.tensor_scale("blk.2.attn_output.weight"), 2.0 / 4.0);
+        assert_eq!(f.tensor_scale("output_norm.weight"), 1.0);
+        assert_eq!(f.tensor_scale("token_embd.weight"), 1.0);
+        assert!(!f.keeps("blk.1.attn_norm.weight"));
+        assert!(!f.keeps("blk.1.attn_q.bias"));
+        assert!(f.keeps("blk.1.ffn_norm.weight"));
+        assert!(f.keeps("blk.0.attn_q.weight"));
+        assert_eq!(f.residual_range(), (0.5, 16.0));
+    }
+
+    #[test]
+    fn negative_factors_flip_the_following_norms() {
+        let f = Fold::new(2, &[false, false], &scales(2, -1.0, 1.0)).unwrap();
+        assert_eq!(f.tensor_scale("blk.0.attn_norm.weight"), 1.0);
+        assert_eq!(f.tensor_scale("blk.0.ffn_norm.weight"), -1.0);
+        assert_eq!(f.tensor_scale("blk.1.attn_norm.weight"), -1.0);
+        assert_eq!(f.tensor_scale("blk.1.ffn_norm.weight"), 1.0);
+        assert_eq!(f.tensor_scale("output_norm.weight"), 1.0);
+    }
+
+    #[test]
+    fn bad_scalars_are_refused() {
+        let mut s = scales(2, 1.0, 1.0);
+        s.s_mlp[1] = 0.0;
+        assert!(matches!(
+            Fold::new(2, &[false, false], &s),
+            Err(FoldError::ZeroResidual {
+                name: "s_mlp",
+                layer: 1
+            })
+        ));
+        s.s_mlp[1] = f32::NAN;
+        assert!(matches!(
+            Fold::new(2, &[false, false], &s),
+            Err(FoldError::NotFinite {
+                name: "s_mlp",
+                layer: 1,
+                ..
+            })
+        ));
+        // a skipped layer's attention scalars are never read
+        s.s_mlp[1] = 1.0;
+        s.s_att[1] = 0.0;
+        assert!(Fold::new(2, &[false, true], &s).is_ok());
+        assert!(matches!(
+            Fold::new(3, &[false, true], &s),
+            Err(FoldError::Length { .. })
+        ));
+        let tiny = ScaleValues {
+            s_mlp: vec![1e-20; 2],
+            ..ScaleValues::ones(2)
+        };
+        assert!(matches!(
+            Fold::new(2, &[false, false], &tiny),
+            Err(FoldError::FactorOutOfRange { layer: 1, .. })
+        ));
+    }
+}

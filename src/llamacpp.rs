@@ -119,7 +119,7 @@ impl LoadedModel {
             .with_n_threads_batch(threads as i32)
             // One KV cache for all sequences: several fill the context together, and a token
             // can belong to several (a shared prefix).
-            .with_n_seq_max(MAX_SEQS as u32)
+            .with_n_seq_max(n_ctx.min(MAX_SEQS as u32))
             .with_kv_unified(true);
         if f32_kv {
             // llama.cpp's CPU flash attention rounds queries to f16 whatever the cache type.
@@ -142,9 +142,10 @@ impl LoadedModel {
     }
 }
 
-/// The most sequences one decode holds, and so the most a batch token can belong to. A context
-/// reserves a logits row per sequence up front, so this stays well below llama.cpp's
-/// `LLAMA_MAX_SEQ` (256).
+/// The most sequences one decode holds, and so the most a batch token can belong to; a context
+/// of fewer tokens holds as many sequences as tokens (llama.cpp reserves a logits row per
+/// sequence and at most one per batch token). The rows are reserved up front, so this stays well
+/// below llama.cpp's `LLAMA_MAX_SEQ` (256).
 pub const MAX_SEQS: usize = 64;
 
 /// Sequences decoded together that begin with the same tokens: the prefix enters the batch once,
@@ -239,7 +240,8 @@ impl Ctx<'_> {
     /// Evaluates groups of sequences in one decode (clearing the cache first), each group's
     /// prefix entering the batch once for all its sequences, and calls `each(sequence, k, logits)`
     /// for the k-th position asked for of every sequence (numbered across the groups in order, at
-    /// most [`MAX_SEQS`] in all; the batch must fit the context).
+    /// most [`MAX_SEQS`] in all, and no more than the context's tokens; the batch must fit the
+    /// context).
     pub fn logits_shared(
         &mut self,
         groups: &[SharedPrefix<'_>],
@@ -247,11 +249,9 @@ impl Ctx<'_> {
     ) -> Result<(), LlamaError> {
         self.ctx.clear_kv_cache();
         let n_seqs: usize = groups.iter().map(|g| g.suffixes.len()).sum();
-        if n_seqs > MAX_SEQS {
-            return Err(self.err(
-                "batch",
-                format!("{n_seqs} sequences, more than {MAX_SEQS}"),
-            ));
+        let most = MAX_SEQS.min(self.n_ctx);
+        if n_seqs > most {
+            return Err(self.err("batch", format!("{n_seqs} sequences, more than {most}")));
         }
         let total: usize = groups
             .iter()
@@ -272,7 +272,10 @@ impl Ctx<'_> {
                 if let Some(&w) = want.iter().find(|&&w| w >= p + suffix.len()) {
                     return Err(self.err(
                         "batch",
-                        format!("logits asked for at {w}, past a sequence of {}", p + suffix.len()),
+                        format!(
+                            "logits asked for at {w}, past a sequence of {}",
+                            p + suffix.len()
+                        ),
                     ));
                 }
                 for &w in want.iter().filter(|&&w| w < p) {
@@ -290,7 +293,12 @@ impl Ctx<'_> {
                 let suffix_at = at;
                 for (i, &t) in suffix.iter().enumerate() {
                     batch
-                        .add(LlamaToken(t as i32), (p + i) as i32, &[id], want.contains(&(p + i)))
+                        .add(
+                            LlamaToken(t as i32),
+                            (p + i) as i32,
+                            &[id],
+                            want.contains(&(p + i)),
+                        )
                         .map_err(|e| self.err("batch", e.to_string()))?;
                     at += 1;
                 }

@@ -22,7 +22,14 @@ fn sigint_during_conversion_leaves_the_folder_as_it_was() {
     let out = dir.path().join("out.gguf");
     // Writing the f32 intermediate and quantizing it takes seconds; interrupt after one.
     let mut child = Command::new(common::bin())
-        .args(["convert", model.to_str().unwrap(), "-o", out.to_str().unwrap(), "--type", "q8_0"])
+        .args([
+            "convert",
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--type",
+            "q8_0",
+        ])
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -30,7 +37,10 @@ fn sigint_during_conversion_leaves_the_folder_as_it_was() {
     while listing(dir.path()) == before && start.elapsed() < Duration::from_secs(30) {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(child.try_wait().unwrap().is_none(), "conversion finished before the interrupt");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "conversion finished before the interrupt"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -39,5 +49,9 @@ fn sigint_during_conversion_leaves_the_folder_as_it_was() {
     assert!(status.success());
     let code = child.wait().unwrap();
     assert_eq!(code.code(), Some(130), "{code:?}");
-    assert_eq!(listing(dir.path()), before, "the interrupted run left files behind");
+    assert_eq!(
+        listing(dir.path()),
+        before,
+        "the interrupted run left files behind"
+    );
 }

@@ -12,13 +12,26 @@ use hopscotch::llamacpp::LoadedModel;
 
 fn run(args: &[&str]) {
     let o = Command::new(common::bin()).args(args).output().unwrap();
-    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn ppl(model: &Path, reference: &Path, text: &str) -> PerplexityReport {
     let m = LoadedModel::load(model).unwrap();
     let r = LoadedModel::load(reference).unwrap();
-    let rep = perplexity(&m, Some(&r), text, Path::new("prideprejudice.txt"), 512, Some(4), 2).unwrap();
+    let rep = perplexity(
+        &m,
+        Some(&r),
+        text,
+        Path::new("prideprejudice.txt"),
+        512,
+        Some(4),
+        2,
+    )
+    .unwrap();
     eprintln!(
         "{} vs {}: ppl {:.4} (reference {:.4}), KL {:.6}, top-1 {:.2}%",
         model.file_name().unwrap().to_string_lossy(),
@@ -39,9 +52,23 @@ fn smollm2_survives_gguf_to_hf_to_gguf() {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let s = |n: &str| p(n).to_str().unwrap().to_string();
-    run(&["convert", original.to_str().unwrap(), "-o", &s("hf"), "--to", "hf"]);
+    run(&[
+        "convert",
+        original.to_str().unwrap(),
+        "-o",
+        &s("hf"),
+        "--to",
+        "hf",
+    ]);
     for ty in ["f32", "f16", "q4_1", "q4_k_m"] {
-        run(&["convert", &s("hf"), "-o", &s(&format!("{ty}.gguf")), "--type", ty]);
+        run(&[
+            "convert",
+            &s("hf"),
+            "-o",
+            &s(&format!("{ty}.gguf")),
+            "--type",
+            ty,
+        ]);
     }
 
     // f16 against f32: only the f16 rounding of the weights differs.

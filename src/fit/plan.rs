@@ -174,6 +174,13 @@ pub struct FitSettings {
     pub shortlist: usize,
     /// Whether the scalars were trained at all.
     pub train_scales: bool,
+    /// The screening signal of the fast search (`skip-loss`, ...); `None` when every candidate
+    /// was trained or the method does not search.
+    pub screen: Option<String>,
+    /// Batches the screening (or the attention-cosine importance) was measured on.
+    pub screen_batches: usize,
+    /// Teacher tokens kept per position for the KL objective.
+    pub teacher_top_k: usize,
 }
 
 /// A fitted plan.
@@ -195,8 +202,13 @@ pub struct Plan {
     pub rounds: Vec<Round>,
     /// Loss per step of the final training.
     pub final_loss_history: Vec<f32>,
-    /// Mean loss of the final plan on the fit data (before and after the final training).
+    /// Mean loss of the final plan on the fit data with the trained scalars.
     pub final_loss: Option<f32>,
+    /// Mean loss of the final plan's skipped blocks on the fit data with every scalar at 1.
+    pub final_loss_untrained: Option<f32>,
+    /// Attention importance per layer, `1 - mean cos(X, X + Attn(Norm(X)))` (the
+    /// `attn-cosine` method only).
+    pub attn_importance: Option<Vec<f32>>,
     /// The settings.
     pub settings: FitSettings,
 }

@@ -427,7 +427,7 @@ fn check_batches(batches: &[TrainBatch], objective: Objective) -> Result<(), Fit
 }
 
 /// The scalar loss of `batches[index]`, with a graph back to `scales` when `grad`.
-fn batch_loss(
+pub(crate) fn batch_loss(
     model: &Model,
     batches: &[TrainBatch],
     index: usize,

@@ -1,0 +1,685 @@
+//! Multiple-choice task accuracy in llama.cpp, scored as lm-evaluation-harness scores its
+//! `multiple_choice` tasks (`ConfigurableTask.process_results` in `lm_eval/api/task.py`,
+//! <https://github.com/EleutherAI/lm-evaluation-harness>): a choice's score is the summed
+//! log-probability of its continuation's tokens given its context; `acc` picks the best score,
+//! `acc_norm` the best score per character of the choice (`np.argmax(lls / completion_len)` with
+//! `completion_len = len(choice)`, Python's length in characters, of the choice without the
+//! target delimiter, a space, that precedes it in the continuation).
+//!
+//! Tokenization follows lm-evaluation-harness: the context's trailing whitespace moves to the
+//! continuation, the two are tokenized separately (the context with the model's BOS when it adds
+//! one, the continuation without special tokens) and concatenated; an empty context becomes BOS.
+//! A sequence longer than the context loses tokens from the left. The choices of a doc begin
+//! with the same tokens (the few-shot context), which enter a decode once for all of them, and
+//! several docs fill one decode, in selection order: a selection and a context size always give
+//! the same layout, and a reference decodes in the model's layout. (The layout matters a little
+//! for quantized models: llama.cpp rounds activations to 8 bits in its quantized matmuls, and a
+//! sequence's rounding depends on where it sits in the batch; on SmolLM2-135M that is about 0.07
+//! nats per token either way, against an f32 copy of the same weights.)
+//!
+//! With a reference model, paired statistics on the same documents: answer agreement, the
+//! accuracy difference with a bootstrap interval over documents, and the KL divergence between
+//! the two models' distributions over the choices.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::eval::perplexity::EvalError;
+use crate::fit::plan::Plan;
+use crate::llamacpp::{log_softmax, LlamaError, LoadedModel, SharedPrefix, MAX_SEQS};
+use crate::task::{move_trailing_whitespace, Doc, DocBody, TaskData, TaskFormat};
+
+/// z of a two-sided 95% normal interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// Resamples of the paired bootstrap for the accuracy difference.
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// Seed of the bootstrap, fixed so that a report reproduces.
+pub const BOOTSTRAP_SEED: u64 = 0x0005_eed0_f0e7;
+
+/// Errors from task evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskEvalError {
+    /// llama.cpp failed.
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    /// The model and the reference cannot be compared (different vocabularies).
+    #[error(transparent)]
+    Eval(#[from] EvalError),
+    /// The task file is not made of multiple-choice log-likelihood requests.
+    #[error(
+        "{}: a {format}-format file, but task evaluation scores multiple-choice log-likelihood \
+         requests, one line per choice: {}; use --text for perplexity on text",
+        path.display(),
+        TaskFormat::Requests.line_shape()
+    )]
+    NotChoices {
+        /// The task file.
+        path: PathBuf,
+        /// Its format.
+        format: TaskFormat,
+    },
+    /// The plan given to hold out fit docs was fitted on other task data.
+    #[error(
+        "{}: the plan was fitted on {plan_task} (sha256 {expected}), but {} has sha256 {found}; \
+         fit docs can only be held out of the file they were fitted on",
+        plan.display(),
+        task.display()
+    )]
+    PlanTaskMismatch {
+        /// The plan file.
+        plan: PathBuf,
+        /// The task file the plan records.
+        plan_task: String,
+        /// The task file given.
+        task: PathBuf,
+        /// The sha256 the plan records.
+        expected: String,
+        /// The sha256 of the task file given.
+        found: String,
+    },
+    /// A doc has no correct choice to score against.
+    #[error("{}:{line}: doc {doc_id} has no gold choice (an integer \"label\" or \"doc.gold\")", path.display())]
+    NoGold {
+        /// The task file.
+        path: PathBuf,
+        /// The doc's first line.
+        line: usize,
+        /// The doc.
+        doc_id: String,
+    },
+    /// A continuation has no tokens, so nothing to score.
+    #[error("{}:{line}: doc {doc_id}, choice {choice}: the continuation {continuation:?} has no tokens", path.display())]
+    EmptyContinuation {
+        /// The task file.
+        path: PathBuf,
+        /// The doc's first line.
+        line: usize,
+        /// The doc.
+        doc_id: String,
+        /// The choice index.
+        choice: usize,
+        /// The continuation.
+        continuation: String,
+    },
+    /// A continuation alone does not fit the context.
+    #[error(
+        "{}:{line}: doc {doc_id}, choice {choice}: the continuation has {tokens} tokens, more \
+         than the context of {n_ctx}; raise --ctx",
+        path.display()
+    )]
+    ContinuationTooLong {
+        /// The task file.
+        path: PathBuf,
+        /// The doc's first line.
+        line: usize,
+        /// The doc.
+        doc_id: String,
+        /// The choice index.
+        choice: usize,
+        /// Tokens in the continuation.
+        tokens: usize,
+        /// The context size.
+        n_ctx: usize,
+    },
+    /// No doc is left to score.
+    #[error("{}: no docs left to score ({docs} in the file, {excluded} held out as fit docs)", path.display())]
+    NoDocs {
+        /// The task file.
+        path: PathBuf,
+        /// Docs in the file.
+        docs: usize,
+        /// Docs held out.
+        excluded: usize,
+    },
+}
+
+/// The docs chosen for scoring, in file order.
+#[derive(Debug, Clone)]
+pub struct Selection<'a> {
+    /// The docs.
+    pub docs: Vec<&'a Doc>,
+    /// Docs held out because a plan was fitted on them.
+    pub excluded: usize,
+}
+
+/// Chooses the docs to score: every doc in file order, less the docs the plan of `exclude_fit`
+/// (its file and content) was fitted on, then the first `limit` of those. File order means two
+/// models scored with the same arguments see the same docs. Fails when the file is not
+/// multiple-choice, when the plan was fitted on another file (sha256), or when no doc is left.
+pub fn select_docs<'a>(
+    task: &'a TaskData,
+    exclude_fit: Option<(&Path, &Plan)>,
+    limit: Option<usize>,
+) -> Result<Selection<'a>, TaskEvalError> {
+    if task.format != TaskFormat::Requests {
+        return Err(TaskEvalError::NotChoices {
+            path: task.path.clone(),
+            format: task.format,
+        });
+    }
+    let fit_ids: std::collections::HashSet<&str> = match exclude_fit {
+        Some((plan_path, plan)) => {
+            if plan.task.sha256 != task.sha256 {
+                return Err(TaskEvalError::PlanTaskMismatch {
+                    plan: plan_path.to_path_buf(),
+                    plan_task: plan.task.path.clone(),
+                    task: task.path.clone(),
+                    expected: plan.task.sha256.clone(),
+                    found: task.sha256.clone(),
+                });
+            }
+            plan.fit_doc_ids.iter().map(String::as_str).collect()
+        }
+        None => Default::default(),
+    };
+    let kept: Vec<&Doc> = task
+        .docs
+        .iter()
+        .filter(|d| !fit_ids.contains(d.id.as_str()))
+        .collect();
+    let excluded = task.docs.len() - kept.len();
+    let docs: Vec<&Doc> = kept.into_iter().take(limit.unwrap_or(usize::MAX)).collect();
+    if docs.is_empty() {
+        return Err(TaskEvalError::NoDocs {
+            path: task.path.clone(),
+            docs: task.docs.len(),
+            excluded,
+        });
+    }
+    Ok(Selection { docs, excluded })
+}
+
+/// How one doc was scored.
+#[derive(Debug, Clone, Serialize)]
+pub struct DocScore {
+    /// The doc's id.
+    pub doc_id: String,
+    /// The correct choice.
+    pub gold: usize,
+    /// Each choice's summed continuation log-probability in nats, in choice order.
+    pub loglikelihoods: Vec<f64>,
+    /// Each choice's length in characters, `acc_norm`'s divisor ([`choice_chars`]).
+    pub choice_chars: Vec<usize>,
+    /// The choice with the highest log-likelihood (the first on ties).
+    pub pred: usize,
+    /// The choice with the highest log-likelihood per character (the first on ties).
+    pub pred_norm: usize,
+    /// The reference's log-likelihoods, with a reference.
+    pub reference_loglikelihoods: Option<Vec<f64>>,
+    /// The reference's choice (highest log-likelihood), with a reference.
+    pub reference_pred: Option<usize>,
+}
+
+/// A reference model's accuracy on the same docs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReferenceAccuracy {
+    /// Fraction of docs where the reference's best choice is the gold one.
+    pub accuracy: f64,
+    /// The same with scores per character.
+    pub acc_norm: f64,
+}
+
+/// Accuracy of one model on a multiple-choice task (and, with a reference, paired statistics).
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskReport {
+    /// Fraction of docs whose highest-scoring choice is the gold one.
+    pub accuracy: f64,
+    /// Fraction of docs whose highest score per character is the gold one.
+    pub acc_norm: f64,
+    /// 95% Wilson score interval of `accuracy`.
+    pub accuracy_ci95: [f64; 2],
+    /// 95% Wilson score interval of `acc_norm`.
+    pub acc_norm_ci95: [f64; 2],
+    /// Docs scored.
+    pub n_docs: usize,
+    /// Docs held out as a plan's fit docs.
+    pub excluded_docs: usize,
+    /// (context, continuation) requests scored.
+    pub n_requests: usize,
+    /// Requests cut from the left to fit the context.
+    pub truncated_requests: usize,
+    /// Tokens the model decoded (a doc's shared prefix counts once).
+    pub prompt_tokens: usize,
+    /// `prompt_tokens` per second of decoding (the decode calls, logits read out included).
+    pub prompt_tokens_per_s: f64,
+    /// Context size of a decode.
+    pub n_ctx: usize,
+    /// The reference's accuracy on the same docs.
+    pub reference: Option<ReferenceAccuracy>,
+    /// Fraction of docs where both models pick the same choice (highest log-likelihood).
+    pub agreement: Option<f64>,
+    /// `accuracy` minus the reference's.
+    pub accuracy_diff: Option<f64>,
+    /// 95% paired bootstrap interval of `accuracy_diff`: [`BOOTSTRAP_RESAMPLES`] resamples of
+    /// the docs with replacement, seeded with [`BOOTSTRAP_SEED`], 2.5th and 97.5th percentiles.
+    pub accuracy_diff_ci95: Option<[f64; 2]>,
+    /// Mean over docs of KL(reference || model) between the softmax distributions of the two
+    /// models' choice log-likelihoods, in nats.
+    pub choice_kl_mean: Option<f64>,
+    /// Per-doc scores, in the order scored (not serialized with the summary).
+    #[serde(skip)]
+    pub docs: Vec<DocScore>,
+}
+
+/// Scores the selected docs of `task` with `model` (and `reference`, on the same tokens),
+/// decoding up to `n_ctx` tokens at once with `threads` threads. `progress` counts docs.
+pub fn evaluate(
+    model: &LoadedModel,
+    reference: Option<&LoadedModel>,
+    task: &TaskData,
+    selection: &Selection<'_>,
+    n_ctx: usize,
+    threads: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<TaskReport, TaskEvalError> {
+    if let Some(r) = reference {
+        if r.n_vocab() != model.n_vocab() {
+            return Err(EvalError::VocabMismatch {
+                model: model.path.display().to_string(),
+                reference: r.path.display().to_string(),
+                a: model.n_vocab(),
+                b: r.n_vocab(),
+            }
+            .into());
+        }
+    }
+    let n_ctx = n_ctx.max(1);
+    let requests = selection
+        .docs
+        .iter()
+        .map(|doc| DocRequests::new(model, &task.path, doc, n_ctx))
+        .collect::<Result<Vec<_>, _>>()?;
+    let packs = pack(&requests, n_ctx);
+    let n_models = 1 + usize::from(reference.is_some());
+    progress.set_length((requests.len() * n_models) as u64);
+    let scored = score(model, &requests, &packs, n_ctx, threads, progress)?;
+    let ref_scored = reference
+        .map(|r| score(r, &requests, &packs, n_ctx, threads, progress))
+        .transpose()?;
+    progress.finish_and_clear();
+
+    let docs: Vec<DocScore> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let lls = scored.loglikelihoods[i].clone();
+            let chars: Vec<usize> = r.choices.iter().map(|c| c.chars).collect();
+            let per_char: Vec<f64> = lls.iter().zip(&chars).map(|(l, &c)| l / c as f64).collect();
+            let ref_lls = ref_scored.as_ref().map(|s| s.loglikelihoods[i].clone());
+            DocScore {
+                doc_id: r.doc_id.clone(),
+                gold: r.gold,
+                pred: argmax(&lls),
+                pred_norm: argmax(&per_char),
+                reference_pred: ref_lls.as_deref().map(argmax),
+                loglikelihoods: lls,
+                choice_chars: chars,
+                reference_loglikelihoods: ref_lls,
+            }
+        })
+        .collect();
+    Ok(report(
+        docs,
+        selection.excluded,
+        &requests,
+        &scored,
+        ref_scored.as_ref(),
+        n_ctx,
+    ))
+}
+
+/// The length of a choice in characters, as lm-evaluation-harness's `acc_norm` counts it:
+/// Unicode scalar values (Python's `len`) of the continuation without its leading target
+/// delimiter (one space), at least 1.
+pub fn choice_chars(continuation: &str) -> usize {
+    let choice = continuation.strip_prefix(' ').unwrap_or(continuation);
+    choice.chars().count().max(1)
+}
+
+/// The 95% Wilson score interval of a binomial proportion `successes / n` (`[0, 1]` for `n` 0).
+pub fn wilson_ci95(successes: usize, n: usize) -> [f64; 2] {
+    if n == 0 {
+        return [0.0, 1.0];
+    }
+    let (n, p) = (n as f64, successes as f64 / n as f64);
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    [(center - half).max(0.0), (center + half).min(1.0)]
+}
+
+/// One doc's requests, tokenized.
+struct DocRequests {
+    doc_id: String,
+    gold: usize,
+    /// Leading tokens every choice's input shares.
+    shared: usize,
+    choices: Vec<ChoiceRequest>,
+}
+
+/// One (context, continuation) request, tokenized.
+struct ChoiceRequest {
+    /// The tokens decoded: the context, then the continuation less its last token (whose logits
+    /// predict nothing scored), cut from the left to the context size.
+    input: Vec<u32>,
+    /// The continuation's tokens, predicted by the last `targets.len()` positions of `input`.
+    targets: Vec<u32>,
+    /// `acc_norm`'s divisor.
+    chars: usize,
+    /// Whether `input` lost tokens from the left.
+    truncated: bool,
+}
+
+impl DocRequests {
+    fn new(
+        model: &LoadedModel,
+        path: &Path,
+        doc: &Doc,
+        n_ctx: usize,
+    ) -> Result<DocRequests, TaskEvalError> {
+        let choices = match &doc.body {
+            DocBody::Choices(c) => c,
+            other => {
+                return Err(TaskEvalError::NotChoices {
+                    path: path.to_path_buf(),
+                    format: match other {
+                        DocBody::Text(_) => TaskFormat::Text,
+                        DocBody::Chat(_) => TaskFormat::Chat,
+                        _ => TaskFormat::Prompts,
+                    },
+                })
+            }
+        };
+        let gold = choices.gold.ok_or_else(|| TaskEvalError::NoGold {
+            path: path.to_path_buf(),
+            line: doc.line,
+            doc_id: doc.id.clone(),
+        })?;
+        let vocab = model.model.vocab();
+        let (add_bos, bos) = (vocab.should_add_bos(), vocab.bos().0 as u32);
+        let mut requests = Vec::with_capacity(choices.choices.len());
+        for (i, continuation) in choices.choices.iter().enumerate() {
+            let (context, moved) = move_trailing_whitespace(choices.context(i), continuation);
+            let mut input = model.tokenize(context, add_bos);
+            if input.is_empty() {
+                // lm-evaluation-harness conditions an empty context on its prefix token.
+                input.push(bos);
+            }
+            let targets = model.tokenize(&moved, false);
+            let (line, doc_id) = (doc.line, doc.id.clone());
+            if targets.is_empty() {
+                return Err(TaskEvalError::EmptyContinuation {
+                    path: path.to_path_buf(),
+                    line,
+                    doc_id,
+                    choice: i,
+                    continuation: continuation.clone(),
+                });
+            }
+            if targets.len() > n_ctx {
+                return Err(TaskEvalError::ContinuationTooLong {
+                    path: path.to_path_buf(),
+                    line,
+                    doc_id,
+                    choice: i,
+                    tokens: targets.len(),
+                    n_ctx,
+                });
+            }
+            input.extend_from_slice(&targets[..targets.len() - 1]);
+            let truncated = input.len() > n_ctx;
+            if truncated {
+                input.drain(..input.len() - n_ctx);
+            }
+            requests.push(ChoiceRequest {
+                input,
+                targets,
+                chars: choice_chars(continuation),
+                truncated,
+            });
+        }
+        let shared = requests.split_first().map_or(0, |(first, rest)| {
+            rest.iter().fold(first.input.len(), |n, r| {
+                first.input[..n]
+                    .iter()
+                    .zip(&r.input)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+            })
+        });
+        Ok(DocRequests {
+            doc_id: doc.id.clone(),
+            gold,
+            shared,
+            choices: requests,
+        })
+    }
+}
+
+/// Some choices of one doc, decoded together.
+struct Part {
+    /// Index into the docs' requests.
+    doc: usize,
+    choices: Range<usize>,
+}
+
+/// Packs the requests, in order, into decodes of at most `n_ctx` tokens and as many sequences
+/// as a context of that size holds ([`MAX_SEQS`]); each part of a decode pays for its doc's
+/// shared prefix once.
+fn pack(docs: &[DocRequests], n_ctx: usize) -> Vec<Vec<Part>> {
+    let max_seqs = MAX_SEQS.min(n_ctx);
+    let mut packs = Vec::new();
+    let mut current: Vec<Part> = Vec::new();
+    let (mut tokens, mut seqs) = (0, 0);
+    for (d, doc) in docs.iter().enumerate() {
+        for (c, choice) in doc.choices.iter().enumerate() {
+            let own = choice.input.len() - doc.shared;
+            let same_doc = current.last().is_some_and(|p| p.doc == d);
+            let mut cost = if same_doc { own } else { doc.shared + own };
+            if !current.is_empty() && (seqs == max_seqs || tokens + cost > n_ctx) {
+                packs.push(std::mem::take(&mut current));
+                (tokens, seqs, cost) = (0, 0, doc.shared + own);
+            }
+            match current.last_mut() {
+                Some(part) if part.doc == d => part.choices.end = c + 1,
+                _ => current.push(Part {
+                    doc: d,
+                    choices: c..c + 1,
+                }),
+            }
+            tokens += cost;
+            seqs += 1;
+        }
+    }
+    if !current.is_empty() {
+        packs.push(current);
+    }
+    packs
+}
+
+/// One model's scores.
+struct Scored {
+    /// Per doc, per choice: summed log-probability of the continuation.
+    loglikelihoods: Vec<Vec<f64>>,
+    /// Tokens decoded.
+    tokens: usize,
+    /// Seconds spent decoding.
+    seconds: f64,
+}
+
+fn score(
+    model: &LoadedModel,
+    docs: &[DocRequests],
+    packs: &[Vec<Part>],
+    n_ctx: usize,
+    threads: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<Scored, TaskEvalError> {
+    progress.set_message(format!("scoring {}", model.path.display()));
+    let mut ctx = model.context(n_ctx, threads)?;
+    let mut lls: Vec<Vec<f64>> = docs.iter().map(|d| vec![0.0; d.choices.len()]).collect();
+    let (mut tokens, mut seconds) = (0, 0.0);
+    for parts in packs {
+        let groups: Vec<SharedPrefix<'_>> = parts
+            .iter()
+            .map(|part| {
+                let doc = &docs[part.doc];
+                let first = &doc.choices[part.choices.start];
+                SharedPrefix {
+                    prefix: &first.input[..doc.shared],
+                    suffixes: doc.choices[part.choices.clone()]
+                        .iter()
+                        .map(|r| {
+                            let start = r.input.len() - r.targets.len();
+                            (&r.input[doc.shared..], (start..r.input.len()).collect())
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        tokens += groups
+            .iter()
+            .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
+            .sum::<usize>();
+        let owners: Vec<(usize, usize)> = parts
+            .iter()
+            .flat_map(|p| p.choices.clone().map(move |c| (p.doc, c)))
+            .collect();
+        let started = Instant::now();
+        ctx.logits_shared(&groups, |seq, k, logits| {
+            let (d, c) = owners[seq];
+            let target = docs[d].choices[c].targets[k] as usize;
+            lls[d][c] += log_softmax(logits)[target];
+        })?;
+        seconds += started.elapsed().as_secs_f64();
+        let finished = parts
+            .iter()
+            .filter(|p| p.choices.end == docs[p.doc].choices.len())
+            .count();
+        progress.inc(finished as u64);
+    }
+    Ok(Scored {
+        loglikelihoods: lls,
+        tokens,
+        seconds,
+    })
+}
+
+fn report(
+    docs: Vec<DocScore>,
+    excluded: usize,
+    requests: &[DocRequests],
+    scored: &Scored,
+    reference: Option<&Scored>,
+    n_ctx: usize,
+) -> TaskReport {
+    let n = docs.len();
+    let frac = |k: usize| k as f64 / n as f64;
+    let correct = docs.iter().filter(|d| d.pred == d.gold).count();
+    let correct_norm = docs.iter().filter(|d| d.pred_norm == d.gold).count();
+    let mut report = TaskReport {
+        accuracy: frac(correct),
+        acc_norm: frac(correct_norm),
+        accuracy_ci95: wilson_ci95(correct, n),
+        acc_norm_ci95: wilson_ci95(correct_norm, n),
+        n_docs: n,
+        excluded_docs: excluded,
+        n_requests: requests.iter().map(|r| r.choices.len()).sum(),
+        truncated_requests: requests
+            .iter()
+            .flat_map(|r| &r.choices)
+            .filter(|c| c.truncated)
+            .count(),
+        prompt_tokens: scored.tokens,
+        prompt_tokens_per_s: scored.tokens as f64 / scored.seconds,
+        n_ctx,
+        reference: None,
+        agreement: None,
+        accuracy_diff: None,
+        accuracy_diff_ci95: None,
+        choice_kl_mean: None,
+        docs: Vec::new(),
+    };
+    if reference.is_some() {
+        let mut agree = 0;
+        let (mut ref_correct, mut ref_correct_norm) = (0, 0);
+        let mut kl = 0.0;
+        let mut diffs = Vec::with_capacity(n);
+        for d in &docs {
+            let (Some(ref_lls), Some(ref_pred)) = (&d.reference_loglikelihoods, d.reference_pred)
+            else {
+                continue;
+            };
+            let per_char: Vec<f64> = ref_lls
+                .iter()
+                .zip(&d.choice_chars)
+                .map(|(l, &c)| l / c as f64)
+                .collect();
+            agree += usize::from(ref_pred == d.pred);
+            ref_correct += usize::from(ref_pred == d.gold);
+            ref_correct_norm += usize::from(argmax(&per_char) == d.gold);
+            kl += choice_kl(ref_lls, &d.loglikelihoods);
+            diffs.push(
+                f64::from(u8::from(d.pred == d.gold)) - f64::from(u8::from(ref_pred == d.gold)),
+            );
+        }
+        report.reference = Some(ReferenceAccuracy {
+            accuracy: frac(ref_correct),
+            acc_norm: frac(ref_correct_norm),
+        });
+        report.agreement = Some(frac(agree));
+        report.accuracy_diff = Some(frac(correct) - frac(ref_correct));
+        report.accuracy_diff_ci95 = Some(paired_bootstrap_ci95(&diffs));
+        report.choice_kl_mean = Some(kl / n as f64);
+    }
+    report.docs = docs;
+    report
+}
+
+/// KL(p || q) between the softmax distributions of two models' choice log-likelihoods.
+fn choice_kl(p_lls: &[f64], q_lls: &[f64]) -> f64 {
+    let (lp, lq) = (log_normalize(p_lls), log_normalize(q_lls));
+    lp.iter().zip(&lq).map(|(&p, &q)| p.exp() * (p - q)).sum()
+}
+
+/// log-softmax of a few values.
+fn log_normalize(v: &[f64]) -> Vec<f64> {
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = v.iter().map(|&x| (x - max).exp()).sum::<f64>().ln() + max;
+    v.iter().map(|&x| x - lse).collect()
+}
+
+/// Percentile interval of the mean of `diffs` over [`BOOTSTRAP_RESAMPLES`] resamples with
+/// replacement.
+fn paired_bootstrap_ci95(diffs: &[f64]) -> [f64; 2] {
+    let n = diffs.len();
+    if n == 0 {
+        return [0.0, 0.0];
+    }
+    let mut rng = StdRng::seed_from_u64(BOOTSTRAP_SEED);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| (0..n).map(|_| diffs[rng.gen_range(0..n)]).sum::<f64>() / n as f64)
+        .collect();
+    means.sort_by(f64::total_cmp);
+    let tail = BOOTSTRAP_RESAMPLES / 40;
+    [means[tail], means[BOOTSTRAP_RESAMPLES - 1 - tail]]
+}
+
+/// Index of the largest value (the first on ties, as `np.argmax`).
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}

@@ -1,0 +1,1485 @@
+//! Choosing the attention blocks to skip: Hopscotch's greedy, re-scored search (Eyceoz et al.
+//! 2025, <https://arxiv.org/abs/2506.03303>, algorithm 1), its cheaper screened variant, and two
+//! baselines; then the final training of the scalars, and the whole `hopscotch fit` run.
+//!
+//! Every round, every attention block not yet skipped is a candidate, except layer 0's: llama.cpp's
+//! `deci` architecture, which runs the slim model, derives the head size from layer 0, so that
+//! block always stays. A candidate is scored by skipping it with the blocks already chosen,
+//! resetting all scalars to 1, training them (Adam) for `candidate_steps` and taking the mean
+//! training loss; the lowest score is skipped for good.
+//!
+//! - `--exhaustive` trains every candidate every round: the paper's loop.
+//! - The default screens every candidate cheaply ([`Screen`]) and trains only the `shortlist`
+//!   best screened; the lowest trained score wins. SCREENING_NOTE
+//!
+//! Baselines (`--method`): [`Method::AttnCosine`] drops the blocks whose output changes the
+//! residual stream least (LLM-Drop, He et al. 2024), [`Method::Random`] seeded random blocks.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use super::data;
+use super::plan::{CandidateScore, FitSettings, ModelFingerprint, Plan, PlanError, Round, TaskRef};
+use super::progress::Progress;
+use super::scales::{
+    self, eval_loss, train_scales_observed, FitError, Objective, StepReport, TrainBatch,
+    DEFAULT_TEACHER_TOP_K,
+};
+use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
+use crate::gguf::vocab::VocabError;
+use crate::model::{Model, ModelError, ScaleValues, SkipMask};
+use crate::output::{check_overwrite, OutputError};
+use crate::task::{self, TaskError};
+
+/// Final training length when `final_steps` is not given, in epochs over the fit batches.
+pub const DEFAULT_FINAL_EPOCHS: usize = 4;
+
+/// Errors of a fit. Each names the file, setting or input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    /// A setting is out of its range.
+    #[error("--{name} {value}: expected {expected}")]
+    Setting {
+        /// The option, as spelled on the command line.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        expected: String,
+    },
+    /// More blocks asked for than the model can skip.
+    #[error(
+        "{model}: --skip {skip} is too many: the model has {n_layer} layers and layer 0's \
+         attention must stay (llama.cpp's deci takes the head size from layer 0), so at most {} \
+         blocks can be skipped", n_layer.saturating_sub(1)
+    )]
+    TooManyBlocks {
+        /// The model path.
+        model: String,
+        /// Blocks asked for.
+        skip: usize,
+        /// Layers of the model.
+        n_layer: usize,
+    },
+    /// The checkpoint could not be opened or is not one the fit runs.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The model could not be built from the checkpoint.
+    #[error("{path}: {error}")]
+    LoadModel {
+        /// The model path.
+        path: String,
+        /// The model's error (in the message, so not also a `source()`).
+        error: ModelError,
+    },
+    /// The model failed while running (a token id past its vocabulary, ...).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer could not be built from the checkpoint.
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
+    /// The tokenizer failed.
+    #[error("tokenizer: {what}: {error}")]
+    Tokenizer {
+        /// What it was doing.
+        what: String,
+        /// Its error (in the message, so not also a `source()`).
+        error: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The task file could not be read or parsed.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// Training sequences could not be made from the task's docs.
+    #[error("{}: {error}", path.display())]
+    Examples {
+        /// The task file.
+        path: PathBuf,
+        /// The error, naming the doc (in the message, so not also a `source()`).
+        error: Box<TaskError>,
+    },
+    /// Building batches, training or evaluating failed.
+    #[error(transparent)]
+    Fit(#[from] FitError),
+    /// A tensor operation outside the model failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The plan could not be written or a partial plan could not be read.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// The output exists (without `--force`) or could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// `--resume` found a partial plan from another model, task or settings.
+    #[error("{}: cannot resume: {what} differs (remove it or run without --resume)", path.display())]
+    ResumeMismatch {
+        /// The partial plan.
+        path: PathBuf,
+        /// What differs.
+        what: &'static str,
+    },
+}
+
+/// How the blocks are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Greedy rounds scored by the trained loss (the paper).
+    Hopscotch,
+    /// One shot: the blocks whose output least changes the residual (LLM-Drop).
+    AttnCosine,
+    /// Seeded random blocks (layer 0 excluded).
+    Random,
+}
+
+impl Method {
+    /// The name recorded in plans and taken by `--method`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Hopscotch => "hopscotch",
+            Method::AttnCosine => "attn-cosine",
+            Method::Random => "random",
+        }
+    }
+}
+
+/// The cheap signal the default (non-exhaustive) search ranks candidates by; lower is a better
+/// block to skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Screen {
+    /// The loss on the screening batches with the candidate skipped and every scalar at 1: one
+    /// forward pass per candidate and batch.
+    SkipLoss,
+    /// [`Screen::SkipLoss`] with the scalars the previous round's winner was trained to instead
+    /// of 1 (round 1: all 1).
+    WarmSkipLoss,
+    /// First-order estimate from one forward and backward pass over the screening batches at
+    /// the current state (chosen blocks skipped, scalars 1): removing block `l` changes the loss
+    /// by about `-b_att[l] * dL/db_att[l]`. Zero for every block in round 1 under KL, whose
+    /// gradient vanishes at the original model.
+    Gradient,
+    /// The loss on the screening batches after [`SHORT_TRAIN_STEPS`] training steps on them.
+    ShortTrain,
+}
+
+/// Training steps of [`Screen::ShortTrain`].
+pub const SHORT_TRAIN_STEPS: usize = 2;
+
+impl Screen {
+    /// The name recorded in plans and taken by `--screen`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Screen::SkipLoss => "skip-loss",
+            Screen::WarmSkipLoss => "warm-skip-loss",
+            Screen::Gradient => "gradient",
+            Screen::ShortTrain => "short-train",
+        }
+    }
+}
+
+/// Everything a fit can be asked for, with the CLI's defaults in [`FitOptions::default`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitOptions {
+    /// How blocks are chosen.
+    pub method: Method,
+    /// The training objective.
+    pub objective: Objective,
+    /// Attention blocks to skip.
+    pub skip: usize,
+    /// Documents to fit on (the first of the task's seeded split).
+    pub fit_docs: usize,
+    /// Training steps per trained candidate; `None`: one epoch over the fit batches.
+    pub candidate_steps: Option<usize>,
+    /// Training steps of the final choice; `None`: [`DEFAULT_FINAL_EPOCHS`] epochs.
+    pub final_steps: Option<usize>,
+    /// Learning rate of the candidates' training.
+    pub lr: f64,
+    /// Learning rate of the final training.
+    pub final_lr: f64,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// Longest sequence in tokens (context is cut from the left).
+    pub max_seq_len: usize,
+    /// Seed of the split, the batch order and the random baseline.
+    pub seed: u64,
+    /// Train every candidate every round (the paper's loop).
+    pub exhaustive: bool,
+    /// Candidates trained per round after screening.
+    pub shortlist: usize,
+    /// The screening signal.
+    pub screen: Screen,
+    /// Batches the screening (and the attention-cosine importance) is measured on.
+    pub screen_batches: usize,
+    /// Whether scalars are trained at all.
+    pub train_scales: bool,
+    /// Teacher tokens kept per position for the KL objective.
+    pub teacher_top_k: usize,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        Self {
+            method: Method::Hopscotch,
+            objective: Objective::Kl,
+            skip: 4,
+            fit_docs: 32,
+            candidate_steps: None,
+            final_steps: None,
+            lr: 1e-2,
+            final_lr: 3e-3,
+            batch_size: 8,
+            max_seq_len: 128,
+            seed: 0,
+            exhaustive: false,
+            shortlist: 3,
+            screen: Screen::SkipLoss,
+            screen_batches: 1,
+            train_scales: true,
+            teacher_top_k: DEFAULT_TEACHER_TOP_K,
+        }
+    }
+}
+
+impl FitOptions {
+    /// Refuses settings no fit can run with (before any work starts).
+    pub fn validate(&self) -> Result<(), SearchError> {
+        let bad = |name, value: String, expected: &str| {
+            Err(SearchError::Setting {
+                name,
+                value,
+                expected: expected.into(),
+            })
+        };
+        let positive_lr = |lr: f64| lr.is_finite() && lr > 0.0;
+        if self.skip == 0 {
+            return bad("skip", "0".into(), "at least 1 block");
+        }
+        if self.fit_docs == 0 {
+            return bad("fit-docs", "0".into(), "at least 1 document");
+        }
+        if self.batch_size == 0 {
+            return bad("batch-size", "0".into(), "at least 1 sequence");
+        }
+        if self.max_seq_len < 2 {
+            return bad(
+                "max-seq-len",
+                self.max_seq_len.to_string(),
+                "at least 2 tokens",
+            );
+        }
+        if self.candidate_steps == Some(0) {
+            return bad("candidate-steps", "0".into(), "at least 1 step");
+        }
+        if !positive_lr(self.lr) {
+            return bad("lr", self.lr.to_string(), "a positive number");
+        }
+        if !positive_lr(self.final_lr) {
+            return bad("final-lr", self.final_lr.to_string(), "a positive number");
+        }
+        if self.shortlist == 0 {
+            return bad("shortlist", "0".into(), "at least 1 candidate");
+        }
+        if self.screen_batches == 0 {
+            return bad("screen-batches", "0".into(), "at least 1 batch");
+        }
+        if self.teacher_top_k == 0 {
+            return bad("teacher-top-k", "0".into(), "at least 1 token");
+        }
+        Ok(())
+    }
+
+    /// Training steps per candidate for `n_batches` batches.
+    pub fn resolved_candidate_steps(&self, n_batches: usize) -> usize {
+        self.candidate_steps.unwrap_or(n_batches)
+    }
+
+    /// Final training steps for `n_batches` batches (0 without scalar training).
+    pub fn resolved_final_steps(&self, n_batches: usize) -> usize {
+        if !self.train_scales {
+            return 0;
+        }
+        self.final_steps.unwrap_or(DEFAULT_FINAL_EPOCHS * n_batches)
+    }
+
+    /// The settings as a plan records them.
+    pub fn settings(&self, n_batches: usize) -> FitSettings {
+        let screened = self.method == Method::Hopscotch && !self.exhaustive;
+        FitSettings {
+            method: self.method.name().into(),
+            objective: match self.objective {
+                Objective::Kl => "kl",
+                Objective::Ce => "ce",
+            }
+            .into(),
+            skip: self.skip,
+            fit_docs: self.fit_docs,
+            candidate_steps: if self.train_scales {
+                self.resolved_candidate_steps(n_batches)
+            } else {
+                0
+            },
+            final_steps: self.resolved_final_steps(n_batches),
+            lr: self.lr,
+            final_lr: self.final_lr,
+            batch_size: self.batch_size,
+            max_seq_len: self.max_seq_len,
+            seed: self.seed,
+            exhaustive: self.exhaustive,
+            shortlist: self.shortlist,
+            train_scales: self.train_scales,
+            screen: screened.then(|| self.screen.name().to_string()),
+            screen_batches: self.screen_batches,
+            teacher_top_k: self.teacher_top_k,
+        }
+    }
+}
+
+/// A well-mixed 64-bit function of a seed and a stream number (splitmix64's finalizer), so each
+/// round, the final training and the screening subset get their own reproducible seed.
+pub fn derive_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed ^ stream.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Seed stream of the final training.
+const FINAL_STREAM: u64 = u64::MAX;
+/// Seed stream of the choice of screening batches.
+const SCREEN_STREAM: u64 = u64::MAX - 1;
+
+/// Indices of the `n` batches screening uses: a seeded subset, ascending.
+pub fn screen_subset(n_batches: usize, n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n_batches).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(derive_seed(seed, SCREEN_STREAM)));
+    order.truncate(n.min(n_batches));
+    order.sort_unstable();
+    order
+}
+
+/// Training throughput, accumulated over every training step of a fit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TrainStats {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Real (unpadded) tokens those steps ran through the model.
+    pub tokens: usize,
+    /// Seconds spent in them.
+    pub seconds: f64,
+}
+
+impl TrainStats {
+    /// Tokens per second of the training steps (0 before any step).
+    pub fn tokens_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.tokens as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// The model and data a search runs on.
+pub struct SearchInput<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// The fit batches.
+    pub batches: &'a [TrainBatch],
+    /// Per batch, each row's real length.
+    pub lengths: &'a [Vec<usize>],
+    /// The final norm's weight (`output_norm.weight`), which the attention-cosine baseline
+    /// divides out of the model's normed hidden states.
+    pub output_norm: &'a [f32],
+}
+
+/// What the choice of blocks produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The blocks to skip, in the order chosen.
+    pub skipped: Vec<usize>,
+    /// The rounds of the greedy search (empty for the baselines).
+    pub rounds: Vec<Round>,
+    /// Attention importance per layer (attention-cosine baseline only).
+    pub attn_importance: Option<Vec<f32>>,
+}
+
+/// The final training's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Final {
+    /// The trained scalars; all 1 without training, or when training raised the loss.
+    pub scales: ScaleValues,
+    /// Loss per step.
+    pub loss_history: Vec<f32>,
+    /// Mean loss over the fit batches with the trained scalars.
+    pub loss: f32,
+    /// Mean loss over the fit batches with the blocks skipped and every scalar at 1.
+    pub loss_untrained: f32,
+}
+
+/// Runs the search and the training steps, keeping the statistics and the progress bars.
+struct Searcher<'a> {
+    input: &'a SearchInput<'a>,
+    options: &'a FitOptions,
+    progress: &'a Progress,
+    stats: TrainStats,
+    tokens_per_batch: f64,
+}
+
+impl<'a> Searcher<'a> {
+    fn new(input: &'a SearchInput<'a>, options: &'a FitOptions, progress: &'a Progress) -> Self {
+        let tokens: usize = input.lengths.iter().flatten().sum();
+        Self {
+            input,
+            options,
+            progress,
+            stats: TrainStats::default(),
+            tokens_per_batch: tokens as f64 / input.batches.len().max(1) as f64,
+        }
+    }
+
+    fn n_layer(&self) -> usize {
+        self.input.model.arch().n_layer
+    }
+
+    /// Trains the scalars from 1 for `steps`, with a step bar.
+    fn train(
+        &mut self,
+        batches: &[TrainBatch],
+        skip: &[bool],
+        steps: usize,
+        lr: f64,
+        seed: u64,
+        label: &str,
+    ) -> Result<scales::TrainResult, SearchError> {
+        let bar = self.progress.bar(steps, label);
+        let started = Instant::now();
+        let mut sum = 0.0f64;
+        let result = train_scales_observed(
+            self.input.model,
+            batches,
+            skip,
+            self.options.objective,
+            steps,
+            lr,
+            seed,
+            &mut |StepReport { step, loss }| {
+                sum += loss as f64;
+                bar.set_message(format!("mean loss {:.4}", sum / (step + 1) as f64));
+                bar.inc(1);
+            },
+        );
+        bar.finish_and_clear();
+        self.stats.steps += steps;
+        self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
+        self.stats.seconds += started.elapsed().as_secs_f64();
+        Ok(result?)
+    }
+
+    /// A candidate's score, the mean training loss over `candidate_steps` from scalars 1, and
+    /// the scalars trained; with training off, the loss over all fit batches at scalars 1.
+    fn score(&mut self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
+        let ones = ScaleValues::ones(self.n_layer());
+        if !self.options.train_scales {
+            let loss = eval_loss(
+                self.input.model,
+                self.input.batches,
+                skip,
+                &ones,
+                self.options.objective,
+            )?;
+            return Ok((loss, ones));
+        }
+        let steps = self
+            .options
+            .resolved_candidate_steps(self.input.batches.len());
+        let result = self.train(
+            self.input.batches,
+            skip,
+            steps,
+            self.options.lr,
+            seed,
+            "candidate",
+        )?;
+        Ok((result.mean_loss(), result.scales))
+    }
+
+    /// The greedy rounds, continuing after `done` (rounds of a resumed fit). `on_round` sees
+    /// every round list as it grows.
+    fn greedy(
+        &mut self,
+        mut rounds: Vec<Round>,
+        on_round: &mut dyn FnMut(&[Round]) -> Result<(), SearchError>,
+    ) -> Result<Vec<Round>, SearchError> {
+        let n_layer = self.n_layer();
+        let options = self.options;
+        let subset = screen_subset(
+            self.input.batches.len(),
+            options.screen_batches,
+            options.seed,
+        );
+        let screen_batches: Vec<TrainBatch> = subset
+            .iter()
+            .map(|&i| self.input.batches[i].clone())
+            .collect();
+        let mut warm = ScaleValues::ones(n_layer);
+        let round_bar = self.progress.bar(options.skip, "rounds");
+        round_bar.set_position(rounds.len() as u64);
+        while rounds.len() < options.skip {
+            let round = rounds.len();
+            let chosen: Vec<usize> = rounds.iter().map(|r| r.chosen).collect();
+            let candidates: Vec<usize> = (1..n_layer).filter(|l| !chosen.contains(l)).collect();
+            let seed = derive_seed(options.seed, round as u64 + 1);
+            let screened = !options.exhaustive && options.shortlist < candidates.len();
+            let screens = if screened {
+                let bar = self.progress.bar(candidates.len(), "screen");
+                let s = screen_candidates(
+                    self.input.model,
+                    &screen_batches,
+                    &chosen,
+                    &candidates,
+                    options,
+                    &warm,
+                    &mut || bar.inc(1),
+                )?;
+                bar.finish_and_clear();
+                Some(s)
+            } else {
+                None
+            };
+            let shortlist: Vec<usize> = match &screens {
+                Some(s) => ranked(&candidates, s)
+                    .into_iter()
+                    .take(options.shortlist)
+                    .collect(),
+                None => candidates.clone(),
+            };
+            let bar = self.progress.bar(shortlist.len(), "train");
+            let mut trained = Vec::with_capacity(shortlist.len());
+            let mut trained_scales = Vec::with_capacity(shortlist.len());
+            let mut best: Option<(usize, f32)> = None;
+            for &layer in &shortlist {
+                let mut skip_layers = chosen.clone();
+                skip_layers.push(layer);
+                let skip = SkipMask::from_layers(n_layer, &skip_layers)?;
+                let (score, scales) = self.score(skip.as_slice(), seed)?;
+                trained.push(score);
+                trained_scales.push(scales);
+                if best.is_none_or(|(_, b)| score.total_cmp(&b).is_lt()) {
+                    best = Some((layer, score));
+                }
+                bar.set_message(match best {
+                    Some((l, b)) => format!("best: layer {l}, loss {b:.4}"),
+                    None => String::new(),
+                });
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            let winner = ranked(&shortlist, &trained)[0];
+            let w = shortlist.iter().position(|&l| l == winner).unwrap_or(0);
+            let loss = trained[w];
+            warm = trained_scales.swap_remove(w);
+            let scores = candidates
+                .iter()
+                .enumerate()
+                .map(|(i, &layer)| CandidateScore {
+                    layer,
+                    screen: screens.as_ref().map(|s| s[i]),
+                    trained_loss: shortlist
+                        .iter()
+                        .position(|&l| l == layer)
+                        .map(|j| trained[j]),
+                })
+                .collect();
+            let result = Round {
+                candidates: scores,
+                chosen: winner,
+                loss,
+            };
+            self.progress.note(&round_line(&result, round));
+            rounds.push(result);
+            on_round(&rounds)?;
+            round_bar.inc(1);
+        }
+        round_bar.finish_and_clear();
+        Ok(rounds)
+    }
+}
+
+/// One line per round for the progress log.
+fn round_line(round: &Round, index: usize) -> String {
+    let runner_up = runner_up(round)
+        .map(|(l, s)| format!(", runner-up layer {l} ({s:.4})"))
+        .unwrap_or_default();
+    format!(
+        "round {}: skip layer {} (loss {:.4}){runner_up}",
+        index + 1,
+        round.chosen,
+        round.loss
+    )
+}
+
+/// The second-best trained candidate of a round.
+pub fn runner_up(round: &Round) -> Option<(usize, f32)> {
+    round
+        .candidates
+        .iter()
+        .filter(|c| c.layer != round.chosen)
+        .filter_map(|c| c.trained_loss.map(|s| (c.layer, s)))
+        .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+}
+
+/// `items` ordered by ascending score (ties: by item).
+fn ranked(items: &[usize], scores: &[f32]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.sort_by(|&a, &b| {
+        scores[a]
+            .total_cmp(&scores[b])
+            .then(items[a].cmp(&items[b]))
+    });
+    order.into_iter().map(|i| items[i]).collect()
+}
+
+/// The screening score of each candidate (lower: better to skip) on `batches`, with the blocks
+/// `chosen` already skipped. `warm` is the start of [`Screen::WarmSkipLoss`]; `tick` is called
+/// once per candidate.
+pub fn screen_candidates(
+    model: &Model,
+    batches: &[TrainBatch],
+    chosen: &[usize],
+    candidates: &[usize],
+    options: &FitOptions,
+    warm: &ScaleValues,
+    tick: &mut dyn FnMut(),
+) -> Result<Vec<f32>, SearchError> {
+    let n_layer = model.arch().n_layer;
+    let ones = ScaleValues::ones(n_layer);
+    let objective = options.objective;
+    let mask = |layer: usize| {
+        let mut layers = chosen.to_vec();
+        layers.push(layer);
+        SkipMask::from_layers(n_layer, &layers)
+    };
+    let mut out = Vec::with_capacity(candidates.len());
+    match options.screen {
+        Screen::SkipLoss | Screen::WarmSkipLoss => {
+            let start = if options.screen == Screen::WarmSkipLoss {
+                warm
+            } else {
+                &ones
+            };
+            for &layer in candidates {
+                out.push(eval_loss(
+                    model,
+                    batches,
+                    mask(layer)?.as_slice(),
+                    start,
+                    objective,
+                )?);
+                tick();
+            }
+        }
+        Screen::ShortTrain => {
+            for &layer in candidates {
+                let skip = mask(layer)?;
+                let scales = if options.train_scales {
+                    scales::train_scales(
+                        model,
+                        batches,
+                        skip.as_slice(),
+                        objective,
+                        SHORT_TRAIN_STEPS,
+                        options.lr,
+                        options.seed,
+                    )?
+                    .scales
+                } else {
+                    ones.clone()
+                };
+                out.push(eval_loss(
+                    model,
+                    batches,
+                    skip.as_slice(),
+                    &scales,
+                    objective,
+                )?);
+                tick();
+            }
+        }
+        Screen::Gradient => {
+            let skip = SkipMask::from_layers(n_layer, chosen)?;
+            let vars = model.scales(&ones)?;
+            let mut grad = vec![0f64; n_layer];
+            for index in 0..batches.len() {
+                let loss = scales::batch_loss(
+                    model,
+                    batches,
+                    index,
+                    &vars,
+                    skip.as_slice(),
+                    objective,
+                    true,
+                )?;
+                let grads = loss.backward()?;
+                if let Some(g) = grads.get(vars.b_att.as_tensor()) {
+                    for (acc, v) in grad
+                        .iter_mut()
+                        .zip(g.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+                    {
+                        *acc += v / batches.len() as f64;
+                    }
+                }
+            }
+            for &layer in candidates {
+                out.push(-(grad[layer] as f32));
+                tick();
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// LLM-Drop's attention importance per layer (He et al. 2024, "What Matters in Transformers?
+/// Not All Attention is Needed"): `1 - mean cos(X, X + Attn(Norm(X)))` over the real tokens, `X`
+/// the residual entering the layer with nothing skipped.
+///
+/// The model shows only its final normed states, so the residual is read through the scalars:
+/// with every later layer made the identity (attention skipped, `b_mlp = 0`, `s_mlp = 1`) the
+/// output is `RMSNorm(X) * w`, `w` the final norm's weight. Dividing `w` out leaves `X` scaled
+/// per token, which the cosine ignores (dimensions where `w` is 0 are left out). Two forward
+/// passes per layer: one ending just before its attention, one just after.
+pub fn attn_importance(
+    input: &SearchInput<'_>,
+    batches: &[usize],
+) -> Result<Vec<f32>, SearchError> {
+    let model = input.model;
+    let n_layer = model.arch().n_layer;
+    let d = model.arch().n_embd;
+    let inv_w: Vec<f32> = input
+        .output_norm
+        .iter()
+        .map(|&w| if w.abs() > 1e-12 { 1.0 / w } else { 0.0 })
+        .collect();
+    let inv_w = Tensor::from_vec(inv_w, d, model.device())?.to_dtype(model.dtype())?;
+    let mut sums = vec![0f64; n_layer];
+    let mut count = 0usize;
+    for &b in batches {
+        let batch = &input.batches[b];
+        let lengths = &input.lengths[b];
+        let (_, t) = batch.input_ids.dims2()?;
+        let real: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(row, &len)| (0..len).map(move |j| (row * t + j) as u32))
+            .collect();
+        let real = Tensor::from_vec(real.clone(), real.len(), model.device())?;
+        let residual = |layer: usize, with_attention: bool| -> Result<Tensor, SearchError> {
+            let mut values = ScaleValues::ones(n_layer);
+            values.b_mlp[layer..].fill(0.0);
+            let mut skip = vec![false; n_layer];
+            skip[layer..].fill(true);
+            skip[layer] = !with_attention;
+            let h =
+                model.forward_hidden_no_grad(&batch.input_ids, &model.scales(&values)?, &skip)?;
+            Ok(h.reshape(((), d))?
+                .index_select(&real, 0)?
+                .broadcast_mul(&inv_w)?
+                .to_dtype(DType::F64)?)
+        };
+        for (layer, sum) in sums.iter_mut().enumerate() {
+            let x = residual(layer, false)?;
+            let y = residual(layer, true)?;
+            let dot = (&x * &y)?.sum(1)?;
+            let norms = ((&x * &x)?.sum(1)? * (&y * &y)?.sum(1)?)?.sqrt()?;
+            let cos = (dot / norms.clamp(1e-30, f64::INFINITY)?)?;
+            *sum += cos.sum_all()?.to_scalar::<f64>()?;
+        }
+        count += lengths.iter().sum::<usize>();
+    }
+    Ok(sums
+        .into_iter()
+        .map(|s| (1.0 - s / count.max(1) as f64) as f32)
+        .collect())
+}
+
+/// Chooses the blocks by `options.method`. For Hopscotch, `done` holds rounds already run (a
+/// resumed fit) and `on_round` is called after every round.
+pub fn choose(
+    input: &SearchInput<'_>,
+    options: &FitOptions,
+    done: Vec<Round>,
+    on_round: &mut dyn FnMut(&[Round]) -> Result<(), SearchError>,
+    progress: &Progress,
+) -> Result<(Choice, TrainStats), SearchError> {
+    let n_layer = input.model.arch().n_layer;
+    let candidates: Vec<usize> = (1..n_layer).collect();
+    let mut searcher = Searcher::new(input, options, progress);
+    let choice = match options.method {
+        Method::Hopscotch => {
+            let rounds = searcher.greedy(done, on_round)?;
+            Choice {
+                skipped: rounds.iter().map(|r| r.chosen).collect(),
+                rounds,
+                attn_importance: None,
+            }
+        }
+        Method::Random => {
+            let mut layers = candidates;
+            layers.shuffle(&mut StdRng::seed_from_u64(options.seed));
+            layers.truncate(options.skip);
+            Choice {
+                skipped: layers,
+                rounds: Vec::new(),
+                attn_importance: None,
+            }
+        }
+        Method::AttnCosine => {
+            let subset = screen_subset(input.batches.len(), options.screen_batches, options.seed);
+            let importance = attn_importance(input, &subset)?;
+            let scores: Vec<f32> = candidates.iter().map(|&l| importance[l]).collect();
+            let mut skipped = ranked(&candidates, &scores);
+            skipped.truncate(options.skip);
+            Choice {
+                skipped,
+                rounds: Vec::new(),
+                attn_importance: Some(importance),
+            }
+        }
+    };
+    Ok((choice, searcher.stats))
+}
+
+/// Trains the scalars of the final choice (`final_steps` at `final_lr`) and measures the loss
+/// before and after over all fit batches.
+pub fn train_final(
+    input: &SearchInput<'_>,
+    options: &FitOptions,
+    skipped: &[usize],
+    progress: &Progress,
+) -> Result<(Final, TrainStats), SearchError> {
+    let model = input.model;
+    let n_layer = model.arch().n_layer;
+    let skip = SkipMask::from_layers(n_layer, skipped)?;
+    let ones = ScaleValues::ones(n_layer);
+    let loss_untrained = eval_loss(
+        model,
+        input.batches,
+        skip.as_slice(),
+        &ones,
+        options.objective,
+    )?;
+    let mut searcher = Searcher::new(input, options, progress);
+    let steps = options.resolved_final_steps(input.batches.len());
+    let (scales, loss_history) = if steps > 0 {
+        let r = searcher.train(
+            input.batches,
+            skip.as_slice(),
+            steps,
+            options.final_lr,
+            derive_seed(options.seed, FINAL_STREAM),
+            "final",
+        )?;
+        (r.scales, r.loss_history)
+    } else {
+        (ones, Vec::new())
+    };
+    let mut loss = eval_loss(
+        model,
+        input.batches,
+        skip.as_slice(),
+        &scales,
+        options.objective,
+    )?;
+    // Adam's first steps move every scalar by about the learning rate whatever its gradient; a
+    // training too short to recover from that is worse than none, and is not kept.
+    let scales = if loss > loss_untrained {
+        progress.note(&format!(
+            "the final training raised the loss ({loss_untrained:.4} -> {loss:.4}); keeping the scalars at 1"
+        ));
+        loss = loss_untrained;
+        ScaleValues::ones(n_layer)
+    } else {
+        scales
+    };
+    Ok((
+        Final {
+            scales,
+            loss_history,
+            loss,
+            loss_untrained,
+        },
+        searcher.stats,
+    ))
+}
+
+/// A `hopscotch fit` run: what to fit, on what, and where the plan goes.
+#[derive(Debug, Clone)]
+pub struct FitRequest {
+    /// A Hugging Face folder or GGUF file.
+    pub model: PathBuf,
+    /// The task file.
+    pub task: PathBuf,
+    /// Where the plan is written.
+    pub output: PathBuf,
+    /// Overwrite an existing plan.
+    pub force: bool,
+    /// Continue from `<output>.partial.json` when it exists.
+    pub resume: bool,
+    /// The settings.
+    pub options: FitOptions,
+}
+
+/// Where a fit keeps its rounds while it runs: `<output>.partial.json`.
+pub fn partial_path(output: &Path) -> PathBuf {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial.json");
+    output.with_file_name(name)
+}
+
+/// Seconds per phase of a fit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Opening the model and task, building the batches and the teacher.
+    pub prepare: f64,
+    /// Choosing the blocks.
+    pub search: f64,
+    /// The final training.
+    pub final_training: f64,
+    /// Everything.
+    pub total: f64,
+}
+
+/// One round of the summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundSummary {
+    /// 1-based round.
+    pub round: usize,
+    /// The layer skipped.
+    pub chosen: usize,
+    /// Its score.
+    pub loss: f32,
+    /// The second-best trained candidate and its score.
+    pub runner_up: Option<(usize, f32)>,
+    /// Candidates trained this round.
+    pub trained: usize,
+}
+
+/// What `hopscotch fit` prints: the outcome, the data and the cost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FitReport {
+    /// The plan written.
+    pub plan: PathBuf,
+    /// The method.
+    pub method: Method,
+    /// `kl` or `ce`.
+    pub objective: String,
+    /// The blocks skipped, in the order chosen.
+    pub skipped_blocks: Vec<usize>,
+    /// The greedy rounds.
+    pub rounds: Vec<RoundSummary>,
+    /// Rounds taken over from a partial plan.
+    pub resumed_rounds: usize,
+    /// Loss of the final choice with every scalar at 1.
+    pub final_loss_untrained: f32,
+    /// Loss of the final choice with the trained scalars.
+    pub final_loss: f32,
+    /// Documents fitted on.
+    pub fit_docs: usize,
+    /// Batches per epoch.
+    pub batches: usize,
+    /// Real tokens in the fit data.
+    pub fit_tokens: usize,
+    /// Target positions in the fit data.
+    pub fit_targets: usize,
+    /// Whether the targets were generated by the original model.
+    pub generated_targets: bool,
+    /// Training throughput over the search and the final training.
+    pub train: TrainStats,
+    /// Training tokens per second.
+    pub train_tokens_per_s: f64,
+    /// Seconds per phase.
+    pub seconds: Timings,
+}
+
+impl fmt::Display for FitReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "method {}, objective {}, {} docs ({} tokens, {} targets, {} batches){}",
+            self.method.name(),
+            self.objective,
+            self.fit_docs,
+            self.fit_tokens,
+            self.fit_targets,
+            self.batches,
+            if self.generated_targets {
+                ", targets generated by the model"
+            } else {
+                ""
+            }
+        )?;
+        if !self.rounds.is_empty() {
+            writeln!(f, "round  skip  loss      trained  runner-up")?;
+            for r in &self.rounds {
+                let runner = r
+                    .runner_up
+                    .map(|(l, s)| format!("{l:>4}  {s:.4}"))
+                    .unwrap_or_else(|| "-".into());
+                writeln!(
+                    f,
+                    "{:>5}  {:>4}  {:<8.4}  {:>7}  {runner}",
+                    r.round, r.chosen, r.loss, r.trained
+                )?;
+            }
+        }
+        writeln!(f, "skipped blocks   {:?}", self.skipped_blocks)?;
+        writeln!(
+            f,
+            "final loss       {:.4} (scalars at 1: {:.4})",
+            self.final_loss, self.final_loss_untrained
+        )?;
+        writeln!(
+            f,
+            "training         {} steps, {:.0} tokens/s",
+            self.train.steps, self.train_tokens_per_s
+        )?;
+        writeln!(
+            f,
+            "time             {:.1}s (prepare {:.1}s, search {:.1}s, final {:.1}s){}",
+            self.seconds.total,
+            self.seconds.prepare,
+            self.seconds.search,
+            self.seconds.final_training,
+            if self.resumed_rounds > 0 {
+                format!(", {} rounds resumed", self.resumed_rounds)
+            } else {
+                String::new()
+            }
+        )?;
+        write!(f, "plan             {}", self.plan.display())
+    }
+}
+
+/// Runs `hopscotch fit`: checks the settings, opens the model and task, builds the fit data,
+/// chooses the blocks (saving `<output>.partial.json` after every round), trains the final
+/// scalars and writes the plan whole. Nothing is written at `output` unless everything succeeds.
+pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, SearchError> {
+    let started = Instant::now();
+    let options = &request.options;
+    options.validate()?;
+    check_overwrite(&request.output, request.force)?;
+    let ck = Checkpoint::open(&request.model)?;
+    let n_layer = ck.arch.n_layer;
+    if options.skip >= n_layer {
+        return Err(SearchError::TooManyBlocks {
+            model: ck.display_path(),
+            skip: options.skip,
+            n_layer,
+        });
+    }
+    ck.validate_tensors()?;
+    let task_data = task::load(&request.task)?;
+    let fingerprint = ModelFingerprint::of(&ck);
+    let device = Device::cuda_if_available(0)?;
+    let model = Model::load(&ck, &device).map_err(|error| SearchError::LoadModel {
+        path: ck.display_path(),
+        error,
+    })?;
+    let data = data::build(
+        &ck,
+        &model,
+        &task_data,
+        &fingerprint.tensor_sha256,
+        options,
+        progress,
+    )?;
+    let (_, output_norm) = ck.tensor_f32("output_norm.weight")?;
+    let input = SearchInput {
+        model: &model,
+        batches: &data.batches,
+        lengths: &data.lengths,
+        output_norm: &output_norm,
+    };
+    let settings = options.settings(data.batches.len());
+    let task_ref = TaskRef {
+        path: request.task.display().to_string(),
+        sha256: task_data.sha256.clone(),
+        format: task_data.format.to_string(),
+    };
+    let mut plan = Plan {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: fingerprint,
+        task: task_ref,
+        fit_doc_ids: data.fit_doc_ids.clone(),
+        skipped_blocks: Vec::new(),
+        scales: ScaleValues::ones(n_layer),
+        rounds: Vec::new(),
+        final_loss_history: Vec::new(),
+        final_loss: None,
+        final_loss_untrained: None,
+        attn_importance: None,
+        settings,
+    };
+    let partial = partial_path(&request.output);
+    let done = if request.resume && options.method == Method::Hopscotch && partial.is_file() {
+        resumed_rounds(&plan, &partial)?
+    } else {
+        Vec::new()
+    };
+    let resumed = done.len();
+    let prepared = started.elapsed().as_secs_f64();
+
+    let mut save_partial = |rounds: &[Round]| -> Result<(), SearchError> {
+        let mut p = plan.clone();
+        p.rounds = rounds.to_vec();
+        p.skipped_blocks = rounds.iter().map(|r| r.chosen).collect();
+        p.save(&partial, true)?;
+        Ok(())
+    };
+    let (choice, search_stats) = choose(&input, options, done, &mut save_partial, progress)?;
+    let searched = started.elapsed().as_secs_f64();
+    let (last, final_stats) = train_final(&input, options, &choice.skipped, progress)?;
+    let finished = started.elapsed().as_secs_f64();
+
+    plan.skipped_blocks = choice.skipped.clone();
+    plan.rounds = choice.rounds.clone();
+    plan.attn_importance = choice.attn_importance;
+    plan.scales = last.scales;
+    plan.final_loss_history = last.loss_history;
+    plan.final_loss = Some(last.loss);
+    plan.final_loss_untrained = Some(last.loss_untrained);
+    plan.validate().map_err(|message| PlanError::Invalid {
+        path: request.output.display().to_string(),
+        message,
+    })?;
+    plan.save(&request.output, request.force)?;
+    let _ = std::fs::remove_file(&partial);
+
+    let train = TrainStats {
+        steps: search_stats.steps + final_stats.steps,
+        tokens: search_stats.tokens + final_stats.tokens,
+        seconds: search_stats.seconds + final_stats.seconds,
+    };
+    Ok(FitReport {
+        plan: request.output.clone(),
+        method: options.method,
+        objective: plan.settings.objective.clone(),
+        skipped_blocks: choice.skipped,
+        rounds: choice
+            .rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RoundSummary {
+                round: i + 1,
+                chosen: r.chosen,
+                loss: r.loss,
+                runner_up: runner_up(r),
+                trained: r
+                    .candidates
+                    .iter()
+                    .filter(|c| c.trained_loss.is_some())
+                    .count(),
+            })
+            .collect(),
+        resumed_rounds: resumed,
+        final_loss_untrained: last.loss_untrained,
+        final_loss: last.loss,
+        fit_docs: data.fit_doc_ids.len(),
+        batches: data.batches.len(),
+        fit_tokens: data.n_tokens(),
+        fit_targets: data.n_targets(),
+        generated_targets: data.generated_targets,
+        train_tokens_per_s: train.tokens_per_s(),
+        train,
+        seconds: Timings {
+            prepare: prepared,
+            search: searched - prepared,
+            final_training: finished - searched,
+            total: started.elapsed().as_secs_f64(),
+        },
+    })
+}
+
+/// The rounds of a partial plan, if it was made by the same model, task, documents and settings
+/// as `plan`.
+fn resumed_rounds(plan: &Plan, partial: &Path) -> Result<Vec<Round>, SearchError> {
+    let old = Plan::load(partial)?;
+    let mismatch = |what| SearchError::ResumeMismatch {
+        path: partial.to_path_buf(),
+        what,
+    };
+    if old.model != plan.model {
+        return Err(mismatch("the model"));
+    }
+    if old.task.sha256 != plan.task.sha256 {
+        return Err(mismatch("the task file"));
+    }
+    if old.fit_doc_ids != plan.fit_doc_ids {
+        return Err(mismatch("the fit documents"));
+    }
+    if old.settings != plan.settings {
+        return Err(mismatch("the settings"));
+    }
+    if old.rounds.len() > plan.settings.skip {
+        return Err(mismatch("the number of rounds"));
+    }
+    Ok(old.rounds)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::Rng;
+
+    use super::*;
+    use crate::arch::Arch;
+    use crate::model::tests::{random_source, tiny_arch};
+
+    /// A 5-layer random model whose layer `dead` has a zero attention output projection (its
+    /// attention block adds nothing), batches of random tokens with their teacher, the final
+    /// norm's weight.
+    fn dead_block_setup(dead: usize) -> (Model, Vec<TrainBatch>, Vec<Vec<usize>>, Vec<f32>) {
+        let arch = Arch {
+            n_layer: 5,
+            ..tiny_arch()
+        };
+        let mut source = random_source(&arch, 31);
+        if let Some((_, w)) = source
+            .tensors
+            .get_mut(&format!("blk.{dead}.attn_output.weight"))
+        {
+            w.iter_mut().for_each(|x| *x = 0.0);
+        }
+        let model = Model::load(&source, &Device::Cpu).unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut batches = Vec::new();
+        let mut lengths = Vec::new();
+        for _ in 0..3 {
+            let lens: Vec<usize> = (0..4).map(|_| rng.gen_range(6..12)).collect();
+            let seqs: Vec<Vec<u32>> = lens
+                .iter()
+                .map(|&n| {
+                    (0..n)
+                        .map(|_| rng.gen_range(0..arch.vocab_size as u32))
+                        .collect()
+                })
+                .collect();
+            let masks: Vec<Vec<bool>> = lens
+                .iter()
+                .map(|&n| (0..n).map(|j| j >= 2).collect())
+                .collect();
+            let b = TrainBatch::from_sequences(&seqs, &masks, 0, &Device::Cpu)
+                .unwrap()
+                .with_teacher(&model, 16)
+                .unwrap();
+            batches.push(b);
+            lengths.push(lens);
+        }
+        let norm = source.tensors["output_norm.weight"].1.clone();
+        (model, batches, lengths, norm)
+    }
+
+    fn options(skip: usize) -> FitOptions {
+        FitOptions {
+            skip,
+            shortlist: 2,
+            teacher_top_k: 16,
+            ..FitOptions::default()
+        }
+    }
+
+    #[test]
+    fn the_search_skips_a_block_that_adds_nothing_first() {
+        let (model, batches, lengths, norm) = dead_block_setup(3);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
+            output_norm: &norm,
+        };
+        for exhaustive in [true, false] {
+            for screen in [Screen::SkipLoss, Screen::WarmSkipLoss, Screen::ShortTrain] {
+                let o = FitOptions {
+                    exhaustive,
+                    screen,
+                    ..options(2)
+                };
+                let (choice, stats) =
+                    choose(&input, &o, Vec::new(), &mut |_| Ok(()), &Progress::hidden()).unwrap();
+                assert_eq!(choice.skipped[0], 3, "exhaustive {exhaustive}, {screen:?}");
+                assert_eq!(choice.rounds.len(), 2);
+                let r0 = &choice.rounds[0];
+                assert!(
+                    r0.loss.abs() < 1e-3,
+                    "KL after skipping a dead block: {}",
+                    r0.loss
+                );
+                assert!(r0.candidates.iter().all(|c| c.layer != 0));
+                let trained = r0
+                    .candidates
+                    .iter()
+                    .filter(|c| c.trained_loss.is_some())
+                    .count();
+                assert_eq!(trained, if exhaustive { 4 } else { 2 });
+                assert!(stats.steps > 0);
+            }
+        }
+        let cos = FitOptions {
+            method: Method::AttnCosine,
+            screen_batches: 3,
+            ..options(1)
+        };
+        let (choice, _) = choose(
+            &input,
+            &cos,
+            Vec::new(),
+            &mut |_| Ok(()),
+            &Progress::hidden(),
+        )
+        .unwrap();
+        assert_eq!(choice.skipped, vec![3]);
+        let importance = choice.attn_importance.unwrap();
+        assert!(importance[3].abs() < 1e-6, "{importance:?}");
+        assert!(
+            importance
+                .iter()
+                .enumerate()
+                .all(|(l, &v)| l == 3 || v > 1e-4),
+            "{importance:?}"
+        );
+    }
+
+    #[test]
+    fn gradient_screening_estimates_the_skip_loss_change() {
+        // Away from the original model (one block already skipped) the first-order estimate of
+        // removing a block ranks the dead block as harmless.
+        let (model, batches, _, _) = dead_block_setup(2);
+        let o = FitOptions {
+            screen: Screen::Gradient,
+            objective: Objective::Ce,
+            ..options(2)
+        };
+        let ones = ScaleValues::ones(5);
+        let g =
+            screen_candidates(&model, &batches, &[4], &[1, 2, 3], &o, &ones, &mut || {}).unwrap();
+        assert_eq!(
+            g[1], 0.0,
+            "a block with zero output has zero gradient: {g:?}"
+        );
+        assert!(g[0] != 0.0 && g[2] != 0.0, "{g:?}");
+    }
+
+    #[test]
+    fn random_and_untrained_fits_are_seeded_and_keep_layer_0() {
+        let (model, batches, lengths, norm) = dead_block_setup(3);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
+            output_norm: &norm,
+        };
+        let random = FitOptions {
+            method: Method::Random,
+            seed: 9,
+            ..options(4)
+        };
+        let (a, _) = choose(
+            &input,
+            &random,
+            Vec::new(),
+            &mut |_| Ok(()),
+            &Progress::hidden(),
+        )
+        .unwrap();
+        let (b, _) = choose(
+            &input,
+            &random,
+            Vec::new(),
+            &mut |_| Ok(()),
+            &Progress::hidden(),
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        let mut sorted = a.skipped.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![1, 2, 3, 4]);
+        let untrained = FitOptions {
+            train_scales: false,
+            ..options(1)
+        };
+        let (choice, stats) = choose(
+            &input,
+            &untrained,
+            Vec::new(),
+            &mut |_| Ok(()),
+            &Progress::hidden(),
+        )
+        .unwrap();
+        assert_eq!(choice.skipped, vec![3]);
+        assert_eq!(stats.steps, 0);
+        let (last, _) =
+            train_final(&input, &untrained, &choice.skipped, &Progress::hidden()).unwrap();
+        assert_eq!(last.scales, ScaleValues::ones(5));
+        assert!(last.loss_history.is_empty());
+    }
+
+    #[test]
+    fn derived_seeds_differ_by_stream_and_repeat() {
+        assert_eq!(derive_seed(1, 2), derive_seed(1, 2));
+        assert_ne!(derive_seed(1, 2), derive_seed(1, 3));
+        assert_ne!(derive_seed(1, 2), derive_seed(2, 2));
+    }
+
+    #[test]
+    fn ranking_breaks_ties_by_layer() {
+        assert_eq!(ranked(&[5, 3, 9], &[0.5, 0.5, 0.1]), vec![9, 3, 5]);
+    }
+
+    #[test]
+    fn screen_subset_is_seeded_and_sorted() {
+        let a = screen_subset(10, 3, 4);
+        assert_eq!(a, screen_subset(10, 3, 4));
+        assert_eq!(a.len(), 3);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(screen_subset(2, 5, 4), vec![0, 1]);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let ok = FitOptions::default();
+        assert!(ok.validate().is_ok());
+        for bad in [
+            FitOptions {
+                skip: 0,
+                ..ok.clone()
+            },
+            FitOptions {
+                lr: -1.0,
+                ..ok.clone()
+            },
+            FitOptions {
+                final_lr: f64::NAN,
+                ..ok.clone()
+            },
+            FitOptions {
+                batch_size: 0,
+                ..ok.clone()
+            },
+            FitOptions {
+                max_seq_len: 1,
+                ..ok.clone()
+            },
+            FitOptions {
+                shortlist: 0,
+                ..ok.clone()
+            },
+        ] {
+            assert!(matches!(bad.validate(), Err(SearchError::Setting { .. })));
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! `hopscotch run`: the whole pipeline in one command. Fit a plan, export the slim GGUF, write
+//! the original at the same quant type, evaluate both in llama.cpp on the held-out documents,
+//! and write the report (plan.json, slim.gguf, slim.Modelfile, original.gguf, report.md,
+//! report.json, report.svg) into one folder.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::convert::ConvertError;
+use crate::eval::speed::prompt_tokens_per_s;
+use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
+use crate::export::{export, ExportError, ExportOptions};
+use crate::fit::plan::{Plan, PlanError};
+use crate::fit::progress::Progress;
+use crate::fit::search::{fit, FitOptions, FitRequest, SearchError};
+use crate::gguf::consts::QuantType;
+use crate::llamacpp::{LlamaError, LoadedModel};
+use crate::output::{AtomicFile, OutputError};
+use crate::report::{kv_bytes_per_token, ModelFigures, Paired, RoundPoint, RunReport, Seconds};
+use crate::task::{self, DocBody, TaskError};
+
+/// Errors of the pipeline, each from the stage that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The output folder cannot be used.
+    #[error("{path}: {message}")]
+    OutDir {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The fit failed.
+    #[error(transparent)]
+    Fit(#[from] SearchError),
+    /// Reading the plan back failed.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// Opening the model failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The export failed.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// Writing the original at the quant type failed.
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    /// Reading the task failed.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// Evaluating failed.
+    #[error(transparent)]
+    Eval(#[from] TaskEvalError),
+    /// llama.cpp failed.
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    /// A report file could not be written.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
+
+/// What `hopscotch run` is asked to do.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// HF folder or GGUF.
+    pub model: PathBuf,
+    /// The task file (log-likelihood requests).
+    pub task: PathBuf,
+    /// Output folder.
+    pub out_dir: PathBuf,
+    /// Quant type of both evaluated files.
+    pub qtype: QuantType,
+    /// Held-out documents to evaluate (all when `None`).
+    pub limit: Option<usize>,
+    /// Fit settings (`skip` is K).
+    pub fit: FitOptions,
+    /// Replace existing outputs.
+    pub force: bool,
+    /// Threads for llama.cpp.
+    pub threads: usize,
+    /// Context of an evaluation decode.
+    pub n_ctx: usize,
+}
+
+/// The files of a run's folder.
+pub fn outputs(dir: &Path) -> [PathBuf; 6] {
+    [
+        dir.join("plan.json"),
+        dir.join("slim.gguf"),
+        dir.join("original.gguf"),
+        dir.join("report.md"),
+        dir.join("report.json"),
+        dir.join("report.svg"),
+    ]
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), OutputError> {
+    use std::io::Write;
+    let mut f = AtomicFile::create(path, true)?;
+    f.write_all(text.as_bytes())
+        .map_err(|source| OutputError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    f.commit()
+}
+
+/// Runs the pipeline and returns the report (also written to the folder).
+pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&req.out_dir).map_err(|e| RunError::OutDir {
+        path: req.out_dir.clone(),
+        message: e.to_string(),
+    })?;
+    let [plan_path, slim_path, orig_path, md_path, json_path, svg_path] = outputs(&req.out_dir);
+    if !req.force {
+        if let Some(p) = outputs(&req.out_dir).iter().find(|p| p.exists()) {
+            return Err(OutputError::Exists(p.clone()).into());
+        }
+    }
+    // The task must be a multiple-choice one before minutes go into the fit.
+    let task_data = task::load(&req.task)?;
+    select_docs(&task_data, None, Some(1))?;
+
+    progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
+    let fit_report = fit(
+        &FitRequest {
+            model: req.model.clone(),
+            task: req.task.clone(),
+            output: plan_path.clone(),
+            force: req.force,
+            resume: true,
+            options: req.fit.clone(),
+        },
+        progress,
+    )?;
+    let t_fit = started.elapsed().as_secs_f64();
+
+    let plan = Plan::load(&plan_path)?;
+    let ck = Checkpoint::open(&req.model)?;
+    let bar = indicatif::ProgressBar::hidden();
+    progress.note(&format!(
+        "exporting slim.gguf and original.gguf as {}",
+        req.qtype.name()
+    ));
+    let opts = ExportOptions {
+        qtype: req.qtype,
+        force: req.force,
+        threads: req.threads,
+    };
+    export(&ck, &plan, &plan_path, &slim_path, &opts, &bar)?;
+    crate::convert::to_gguf(&ck, &orig_path, req.qtype, req.force, req.threads, &bar)?;
+    let t_export = started.elapsed().as_secs_f64() - t_fit;
+
+    progress.note("evaluating both models in llama.cpp on the held-out documents");
+    let selection = select_docs(&task_data, Some((&plan_path, &plan)), req.limit)?;
+    let slim = LoadedModel::load(&slim_path)?;
+    let orig = LoadedModel::load(&orig_path)?;
+    let rep = evaluate(
+        &slim,
+        Some(&orig),
+        &task_data,
+        &selection,
+        req.n_ctx,
+        req.threads,
+        &bar,
+    )?;
+    // Prompt speed on the same real text for both: the contexts of the evaluated documents.
+    let text: String = selection
+        .docs
+        .iter()
+        .take(8)
+        .filter_map(|d| match &d.body {
+            DocBody::Choices(c) => Some(c.context(0).to_string()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    let tokens = orig.tokenize(&text, true);
+    let speed_orig = prompt_tokens_per_s(&orig, &tokens, 512, 4, req.threads)?;
+    let speed_slim = prompt_tokens_per_s(&slim, &tokens, 512, 4, req.threads)?;
+    let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
+
+    let n = rep.n_docs;
+    let reference = rep.reference.clone().expect("evaluated with a reference");
+    let file_bytes = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut skipped_sorted = plan.skipped_blocks.clone();
+    skipped_sorted.sort_unstable();
+    let report = RunReport {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: req.model.display().to_string(),
+        task: req.task.display().to_string(),
+        quant_type: req.qtype.name().to_string(),
+        method: fit_report.method.name().to_string(),
+        objective: fit_report.objective.clone(),
+        skipped_blocks: plan.skipped_blocks.clone(),
+        rounds: fit_report
+            .rounds
+            .iter()
+            .map(|r| RoundPoint {
+                k: r.round,
+                chosen: r.chosen,
+                loss: r.loss,
+            })
+            .collect(),
+        fit_loss_untrained: fit_report.final_loss_untrained,
+        fit_loss: fit_report.final_loss,
+        original: ModelFigures {
+            path: orig_path.display().to_string(),
+            skipped_blocks: Vec::new(),
+            accuracy: reference.accuracy,
+            accuracy_ci95: wilson_ci95((reference.accuracy * n as f64).round() as usize, n),
+            acc_norm: reference.acc_norm,
+            n_docs: n,
+            file_bytes: file_bytes(&orig_path),
+            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
+            prompt_tokens_per_s: speed_orig,
+        },
+        slim: ModelFigures {
+            path: slim_path.display().to_string(),
+            skipped_blocks: skipped_sorted,
+            accuracy: rep.accuracy,
+            accuracy_ci95: rep.accuracy_ci95,
+            acc_norm: rep.acc_norm,
+            n_docs: n,
+            file_bytes: file_bytes(&slim_path),
+            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
+            prompt_tokens_per_s: speed_slim,
+        },
+        paired: Paired {
+            agreement: rep.agreement.unwrap_or(0.0),
+            accuracy_diff: rep.accuracy_diff.unwrap_or(0.0),
+            accuracy_diff_ci95: rep.accuracy_diff_ci95.unwrap_or([0.0, 0.0]),
+            choice_kl_mean: rep.choice_kl_mean.unwrap_or(0.0),
+        },
+        seconds: Seconds {
+            fit: t_fit,
+            export: t_export,
+            eval: t_eval,
+            total: started.elapsed().as_secs_f64(),
+        },
+    };
+    write_text(&md_path, &report.markdown())?;
+    write_text(
+        &json_path,
+        &(serde_json::to_string_pretty(&report).expect("report serializes") + "\n"),
+    )?;
+    write_text(&svg_path, &report.svg())?;
+    Ok(report)
+}

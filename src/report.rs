@@ -1,0 +1,250 @@
+//! The report of `hopscotch run`: the original and the slim model side by side, as a markdown
+//! table, JSON, and an SVG plot of the search (loss per round) and the accuracy per k.
+
+use serde::Serialize;
+
+use crate::arch::Arch;
+
+/// KV cache bytes per token in llama.cpp's default f16 cache: keys and values of every layer
+/// that keeps its attention.
+pub fn kv_bytes_per_token(arch: &Arch, skipped: &[usize]) -> u64 {
+    let attention_layers = arch.n_layer - skipped.len();
+    (attention_layers * 2 * arch.kv_dim() * 2) as u64
+}
+
+/// One model's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelFigures {
+    /// The GGUF evaluated.
+    pub path: String,
+    /// Attention blocks skipped.
+    pub skipped_blocks: Vec<usize>,
+    /// Accuracy on the held-out documents.
+    pub accuracy: f64,
+    /// 95% Wilson interval of the accuracy.
+    pub accuracy_ci95: [f64; 2],
+    /// Length-normalised accuracy.
+    pub acc_norm: f64,
+    /// Documents evaluated.
+    pub n_docs: usize,
+    /// Size of the GGUF.
+    pub file_bytes: u64,
+    /// KV cache bytes per token (f16 cache).
+    pub kv_bytes_per_token: u64,
+    /// Prompt processing speed in llama.cpp.
+    pub prompt_tokens_per_s: f64,
+}
+
+/// Paired comparison of the slim model against the original on the same documents.
+#[derive(Debug, Clone, Serialize)]
+pub struct Paired {
+    /// Fraction of documents where both pick the same answer.
+    pub agreement: f64,
+    /// Slim accuracy minus original accuracy.
+    pub accuracy_diff: f64,
+    /// Paired 95% interval of that difference.
+    pub accuracy_diff_ci95: [f64; 2],
+    /// Mean KL(original || slim) of the choice distributions.
+    pub choice_kl_mean: f64,
+}
+
+/// One greedy round, for the plot and the table.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundPoint {
+    /// 1-based round (= k).
+    pub k: usize,
+    /// The block skipped.
+    pub chosen: usize,
+    /// Its score.
+    pub loss: f32,
+}
+
+/// Everything `hopscotch run` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Tool version.
+    pub tool_version: String,
+    /// The input model.
+    pub model: String,
+    /// The task file.
+    pub task: String,
+    /// Quant type of both evaluated files.
+    pub quant_type: String,
+    /// The fit's method and objective.
+    pub method: String,
+    /// The fit's objective.
+    pub objective: String,
+    /// Blocks skipped in the order chosen.
+    pub skipped_blocks: Vec<usize>,
+    /// The greedy rounds.
+    pub rounds: Vec<RoundPoint>,
+    /// Fit loss with the scalars at 1 and trained.
+    pub fit_loss_untrained: f32,
+    /// Fit loss with the trained scalars.
+    pub fit_loss: f32,
+    /// The original at the same quant type.
+    pub original: ModelFigures,
+    /// The slim model.
+    pub slim: ModelFigures,
+    /// Paired statistics.
+    pub paired: Paired,
+    /// Seconds per phase: fit, export, evaluation, total.
+    pub seconds: Seconds,
+}
+
+/// Wall time per phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seconds {
+    /// The fit.
+    pub fit: f64,
+    /// Export and conversion of both files.
+    pub export: f64,
+    /// Evaluation.
+    pub eval: f64,
+    /// Everything.
+    pub total: f64,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+impl RunReport {
+    /// The side-by-side table (markdown).
+    pub fn table(&self) -> String {
+        let row = |name: &str, m: &ModelFigures, kl: &str| {
+            format!(
+                "| {name} | {} | {} | {} | {:.2}% [{:.2}, {:.2}] | {:.2}% | {kl} | {:.0} |\n",
+                if m.skipped_blocks.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:?}", m.skipped_blocks)
+                },
+                mib(m.file_bytes),
+                m.kv_bytes_per_token,
+                m.accuracy * 100.0,
+                m.accuracy_ci95[0] * 100.0,
+                m.accuracy_ci95[1] * 100.0,
+                m.acc_norm * 100.0,
+                m.prompt_tokens_per_s
+            )
+        };
+        let mut t = String::from(
+            "| model | skipped blocks | file | KV bytes/token | accuracy [95% CI] | acc_norm | choice KL to original | prompt tokens/s |\n|---|---|---|---|---|---|---|---|\n",
+        );
+        t += &row("original", &self.original, "0");
+        t += &row(
+            "slim",
+            &self.slim,
+            &format!("{:.4}", self.paired.choice_kl_mean),
+        );
+        t
+    }
+
+    /// The whole markdown report.
+    pub fn markdown(&self) -> String {
+        let mut s = format!(
+            "# hopscotch run\n\nModel `{}`, task `{}`, {} held-out documents, both files {}.\n\
+             Fit: method {}, objective {}, loss {:.4} (scalars at 1: {:.4}).\n\n",
+            self.model,
+            self.task,
+            self.slim.n_docs,
+            self.quant_type,
+            self.method,
+            self.objective,
+            self.fit_loss,
+            self.fit_loss_untrained
+        );
+        s += &self.table();
+        s += &format!(
+            "\nAnswer agreement with the original: {:.2}%. Accuracy difference: {:+.2} points \
+             (paired 95% CI [{:+.2}, {:+.2}]).\n\n",
+            self.paired.agreement * 100.0,
+            self.paired.accuracy_diff * 100.0,
+            self.paired.accuracy_diff_ci95[0] * 100.0,
+            self.paired.accuracy_diff_ci95[1] * 100.0
+        );
+        if !self.rounds.is_empty() {
+            s += "| k | block skipped | fit loss |\n|---|---|---|\n";
+            for r in &self.rounds {
+                s += &format!("| {} | {} | {:.4} |\n", r.k, r.chosen, r.loss);
+            }
+        }
+        s += &format!(
+            "\nTime: fit {:.0} s, export {:.0} s, evaluation {:.0} s, total {:.0} s.\n\n![search](report.svg)\n",
+            self.seconds.fit, self.seconds.export, self.seconds.eval, self.seconds.total
+        );
+        s
+    }
+
+    /// An SVG with two panels: the fit loss of the block chosen in each round, and the
+    /// accuracy at k = 0 (original) and k = K (slim) with their intervals.
+    pub fn svg(&self) -> String {
+        let (w, h) = (720.0, 300.0);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        );
+        let panel = |x0: f64, title: &str| {
+            format!(
+                "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">{title}</text>\n<line x1=\"{}\" y1=\"260\" x2=\"{}\" y2=\"260\" stroke=\"black\"/>\n<line x1=\"{}\" y1=\"40\" x2=\"{}\" y2=\"260\" stroke=\"black\"/>\n",
+                x0 + 150.0, x0 + 30.0, x0 + 320.0, x0 + 30.0, x0 + 30.0
+            )
+        };
+        s += &panel(0.0, "fit loss of the block chosen, per round");
+        s += &panel(360.0, "accuracy per k (held-out docs)");
+        // loss panel
+        let losses: Vec<f32> = self.rounds.iter().map(|r| r.loss).collect();
+        if !losses.is_empty() {
+            let lo = losses
+                .iter()
+                .copied()
+                .fold(f32::INFINITY, f32::min)
+                .min(self.fit_loss) as f64;
+            let hi = losses.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let span = (hi - lo).max(1e-6);
+            let n = losses.len() as f64;
+            let x = |i: usize| 30.0 + 290.0 * (i as f64 + 1.0) / (n + 1.0);
+            let y = |v: f64| 250.0 - 200.0 * (v - lo) / span;
+            let pts: Vec<String> = losses
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| format!("{:.1},{:.1}", x(i), y(l as f64)))
+                .collect();
+            s += &format!(
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"steelblue\" stroke-width=\"2\"/>\n",
+                pts.join(" ")
+            );
+            for (i, r) in self.rounds.iter().enumerate() {
+                s += &format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"4\" fill=\"steelblue\"/><text x=\"{:.1}\" y=\"275\" text-anchor=\"middle\">k={} (L{})</text><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.3}</text>\n",
+                    x(i), y(r.loss as f64), x(i), r.k, r.chosen, x(i), y(r.loss as f64) - 8.0, r.loss
+                );
+            }
+        }
+        // accuracy panel
+        let pts = [
+            (0usize, &self.original),
+            (self.skipped_blocks.len(), &self.slim),
+        ];
+        let lo = pts.iter().map(|p| p.1.accuracy_ci95[0]).fold(1.0, f64::min) - 0.02;
+        let hi = pts.iter().map(|p| p.1.accuracy_ci95[1]).fold(0.0, f64::max) + 0.02;
+        let span = (hi - lo).max(1e-6);
+        let kmax = self.skipped_blocks.len().max(1) as f64;
+        let x = |k: usize| 390.0 + 40.0 + 230.0 * k as f64 / kmax;
+        let y = |v: f64| 250.0 - 200.0 * (v - lo) / span;
+        for (k, m) in pts {
+            s += &format!(
+                "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"gray\"/><circle cx=\"{0:.1}\" cy=\"{3:.1}\" r=\"5\" fill=\"darkorange\"/><text x=\"{0:.1}\" y=\"275\" text-anchor=\"middle\">k={4}</text><text x=\"{5:.1}\" y=\"{3:.1}\">{6:.1}%</text>\n",
+                x(k),
+                y(m.accuracy_ci95[0]),
+                y(m.accuracy_ci95[1]),
+                y(m.accuracy),
+                k,
+                x(k) + 8.0,
+                m.accuracy * 100.0
+            );
+        }
+        s += "</svg>\n";
+        s
+    }
+}

@@ -1,0 +1,488 @@
+//! Task evaluation in llama.cpp: continuation log-likelihoods against an independent candle
+//! computation on a tiny model (whole and truncated), accuracy and acc_norm from them,
+//! `--exclude-fit`, a reference against itself, and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor, D};
+use common::{bin, write_tiny, Tiny};
+use hopscotch::checkpoint::Checkpoint;
+use hopscotch::eval::task::{
+    choice_chars, evaluate, select_docs, wilson_ci95, Selection, TaskReport,
+};
+use hopscotch::fit::plan::Plan;
+use hopscotch::llamacpp::LoadedModel;
+use hopscotch::model::{Model, ScaleValues};
+use serde_json::{json, Value};
+
+/// Largest difference allowed between llama.cpp's and candle's summed log-likelihoods of an f32
+/// model, relative to the larger of 1 and the value (the measured maximum is printed).
+const LL_TOLERANCE: f64 = 1e-3;
+
+/// (contexts, one per choice; continuations; gold) of the three test docs: a shared context,
+/// a context with trailing whitespace and a non-ASCII choice, and per-choice contexts with one
+/// continuation (winogrande's partial scoring).
+fn test_docs() -> Vec<(Vec<&'static str>, Vec<&'static str>, u64)> {
+    let sky = "Question: What color is the sky on a clear day?\nAnswer:";
+    let city = "The largest city in Switzerland is ";
+    vec![
+        (
+            vec![sky; 3],
+            vec![" blue", " green", " the color of a ripe banana"],
+            0,
+        ),
+        (
+            vec![city; 3],
+            vec!["Zürich.", "Geneva.", "Bern, of course."],
+            0,
+        ),
+        (
+            vec![
+                "The trophy would not fit in the suitcase because the trophy",
+                "The trophy would not fit in the suitcase because the suitcase",
+                "The trophy would not fit in the suitcase because the box",
+            ],
+            vec![" was too big."; 3],
+            0,
+        ),
+    ]
+}
+
+fn write_task(dir: &Path) -> PathBuf {
+    let mut lines = String::new();
+    for (d, (contexts, continuations, gold)) in test_docs().into_iter().enumerate() {
+        for (i, (context, continuation)) in contexts.iter().zip(&continuations).enumerate() {
+            let line = json!({
+                "request": {"context": context, "continuation": continuation},
+                "doc_id": d,
+                "idx": i,
+                "label": gold,
+                "native_id": format!("native-{d}"),
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+    }
+    let path = dir.join("task.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+/// A tiny random model as a Hugging Face folder and as an f32 GGUF.
+fn tiny(dir: &Path) -> (PathBuf, PathBuf) {
+    let hf = write_tiny(dir, &Tiny::llama());
+    let gguf = dir.join("tiny.gguf");
+    let out = hopscotch(&["convert", s(&hf), "-o", s(&gguf), "--type", "f32"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (hf, gguf)
+}
+
+fn hopscotch(args: &[&str]) -> std::process::Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run hopscotch")
+}
+
+fn json_of(args: &[&str]) -> Value {
+    let out = hopscotch(args);
+    assert!(
+        out.status.success(),
+        "hopscotch {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn eval_lib(gguf: &Path, task: &Path, n_ctx: usize) -> TaskReport {
+    let model = LoadedModel::load(gguf).unwrap();
+    let data = hopscotch::task::load(task).unwrap();
+    let selection = select_docs(&data, None, None).unwrap();
+    evaluate(
+        &model,
+        None,
+        &data,
+        &selection,
+        n_ctx,
+        2,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap()
+}
+
+/// Summed log-probabilities of each doc's continuations computed in candle from the Hugging
+/// Face folder, tokenized with the `tokenizers` crate as lm-evaluation-harness does, decoding
+/// at most `n_ctx` tokens (cut from the left).
+fn candle_loglikelihoods(hf: &Path, add_bos: Option<u32>, n_ctx: usize) -> Vec<Vec<f64>> {
+    let ck = Checkpoint::open(hf).unwrap();
+    let model = Model::load(&ck, &Device::Cpu).unwrap();
+    let n_layer = model.arch().n_layer;
+    let scales = model.scales(&ScaleValues::ones(n_layer)).unwrap();
+    let skip = vec![false; n_layer];
+    let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    let encode = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
+    test_docs()
+        .into_iter()
+        .map(|(contexts, continuations, _)| {
+            contexts
+                .iter()
+                .zip(&continuations)
+                .map(|(context, continuation)| {
+                    let kept = context.trim_end();
+                    let moved = format!("{}{continuation}", &context[kept.len()..]);
+                    let mut full: Vec<u32> = add_bos.into_iter().collect();
+                    full.extend(encode(kept));
+                    let targets = encode(&moved);
+                    full.extend(&targets);
+                    let mut input = full[..full.len() - 1].to_vec();
+                    if input.len() > n_ctx {
+                        input.drain(..input.len() - n_ctx);
+                    }
+                    let t = input.len();
+                    let ids = Tensor::from_vec(input, (1, t), &Device::Cpu).unwrap();
+                    let hidden = model.forward_hidden_no_grad(&ids, &scales, &skip).unwrap();
+                    let positions: Vec<u32> = (t - targets.len()..t).map(|p| p as u32).collect();
+                    let positions = Tensor::new(positions, &Device::Cpu).unwrap();
+                    let logits = model.logits_at(&hidden, &positions).unwrap();
+                    let lp = candle_nn::ops::log_softmax(&logits, D::Minus1)
+                        .unwrap()
+                        .to_vec2::<f32>()
+                        .unwrap();
+                    targets
+                        .iter()
+                        .zip(&lp)
+                        .map(|(&tgt, row)| row[tgt as usize] as f64)
+                        .sum()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn loglikelihoods_match_candle_and_accuracy_follows_from_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hf, gguf) = tiny(dir.path());
+    let task = write_task(dir.path());
+    let model = LoadedModel::load(&gguf).unwrap();
+    let vocab = model.model.vocab();
+    let bos = vocab.should_add_bos().then(|| vocab.bos().0 as u32);
+
+    // 4096: every doc in one decode, nothing cut; 12: several decodes, contexts cut from the left.
+    for n_ctx in [4096, 12] {
+        let report = eval_lib(&gguf, &task, n_ctx);
+        let expected = candle_loglikelihoods(&hf, bos, n_ctx);
+        assert_eq!(report.n_docs, 3);
+        assert_eq!(report.n_requests, 9);
+        if n_ctx == 4096 {
+            assert_eq!(report.truncated_requests, 0);
+        } else {
+            assert!(report.truncated_requests > 0);
+        }
+        let (mut max_abs, mut max_rel) = (0f64, 0f64);
+        for (doc, want) in report.docs.iter().zip(&expected) {
+            assert_eq!(doc.loglikelihoods.len(), 3);
+            for (&got, &want) in doc.loglikelihoods.iter().zip(want) {
+                let abs = (got - want).abs();
+                max_abs = max_abs.max(abs);
+                max_rel = max_rel.max(abs / want.abs().max(1.0));
+                assert!(
+                    abs <= LL_TOLERANCE * want.abs().max(1.0),
+                    "doc {}: llama.cpp {got} vs candle {want} (n_ctx {n_ctx})",
+                    doc.doc_id
+                );
+            }
+        }
+        eprintln!(
+            "n_ctx {n_ctx}: max |llama.cpp - candle| = {max_abs:.2e} nats, relative {max_rel:.2e}"
+        );
+
+        // accuracy and acc_norm from the log-likelihoods, lm-evaluation-harness's way
+        let docs = test_docs();
+        let (mut correct, mut correct_norm) = (0, 0);
+        for (doc, (_, continuations, gold)) in report.docs.iter().zip(&docs) {
+            let chars: Vec<usize> = continuations.iter().map(|c| choice_chars(c)).collect();
+            assert_eq!(doc.choice_chars, chars);
+            let best = |v: &[f64]| (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+            let per_char: Vec<f64> = doc
+                .loglikelihoods
+                .iter()
+                .zip(&chars)
+                .map(|(l, &c)| l / c as f64)
+                .collect();
+            assert_eq!(doc.pred, best(&doc.loglikelihoods));
+            assert_eq!(doc.pred_norm, best(&per_char));
+            assert_eq!(doc.gold, *gold as usize);
+            correct += usize::from(doc.pred == doc.gold);
+            correct_norm += usize::from(doc.pred_norm == doc.gold);
+        }
+        assert_eq!(report.accuracy, correct as f64 / 3.0);
+        assert_eq!(report.acc_norm, correct_norm as f64 / 3.0);
+        assert_eq!(report.accuracy_ci95, wilson_ci95(correct, 3));
+        assert_eq!(report.acc_norm_ci95, wilson_ci95(correct_norm, 3));
+        assert!(report.prompt_tokens > 0 && report.prompt_tokens_per_s > 0.0);
+    }
+}
+
+#[test]
+fn choice_length_and_wilson_interval() {
+    // the target delimiter (one leading space) is not counted; characters, not bytes
+    assert_eq!(choice_chars(" blue"), 4);
+    assert_eq!(choice_chars("Zürich."), 7);
+    assert_eq!(choice_chars("  two"), 4);
+    assert_eq!(choice_chars(""), 1);
+    // textbook values of the 95% Wilson interval
+    let close = |a: [f64; 2], b: [f64; 2]| (a[0] - b[0]).abs() < 1e-4 && (a[1] - b[1]).abs() < 1e-4;
+    assert!(close(wilson_ci95(0, 10), [0.0, 0.2775]));
+    assert!(close(wilson_ci95(5, 10), [0.2366, 0.7634]));
+    assert!(close(wilson_ci95(10, 10), [0.7225, 1.0]));
+}
+
+/// A minimal plan file (fields that are options left out) recording `sha256` as its task's.
+fn write_plan(path: &Path, task: &Path, sha256: &str, fit_doc_ids: &[&str]) {
+    let t = Tiny::llama();
+    let ones = vec![1.0; t.n_layer];
+    let plan = json!({
+        "tool_version": "test",
+        "model": {
+            "architecture": t.arch, "n_layer": t.n_layer, "n_embd": t.n_embd,
+            "n_head": t.n_head, "n_head_kv": t.n_head_kv, "n_ff": t.n_ff,
+            "vocab_size": common::VOCAB, "tensor_sha256": "0".repeat(64),
+        },
+        "task": {"path": task.display().to_string(), "sha256": sha256, "format": "requests"},
+        "fit_doc_ids": fit_doc_ids,
+        "skipped_blocks": [],
+        "scales": {"b_att": ones, "s_att": ones, "b_mlp": ones, "s_mlp": ones},
+        "rounds": [],
+        "final_loss_history": [],
+        "settings": {
+            "method": "hopscotch", "objective": "kl", "skip": 0,
+            "fit_docs": fit_doc_ids.len(), "candidate_steps": 0, "final_steps": 0,
+            "lr": 0.0, "final_lr": 0.0, "batch_size": 1, "max_seq_len": 2, "seed": 0,
+            "exhaustive": false, "shortlist": 0, "train_scales": false,
+            "screen_batches": 0, "teacher_top_k": 0,
+        },
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&plan).unwrap()).unwrap();
+}
+
+#[test]
+fn exclude_fit_drops_exactly_the_plans_docs_and_limit_takes_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let task = write_task(dir.path());
+    let data = hopscotch::task::load(&task).unwrap();
+    let plan_path = dir.path().join("plan.json");
+    write_plan(&plan_path, &task, &data.sha256, &["1"]);
+    let plan = Plan::load(&plan_path).unwrap();
+
+    fn ids(sel: &Selection<'_>) -> Vec<String> {
+        sel.docs.iter().map(|d| d.id.clone()).collect()
+    }
+    let sel = select_docs(&data, Some((&plan_path, &plan)), None).unwrap();
+    assert_eq!(ids(&sel), ["0", "2"]);
+    assert_eq!(sel.excluded, 1);
+    let sel = select_docs(&data, Some((&plan_path, &plan)), Some(1)).unwrap();
+    assert_eq!(ids(&sel), ["0"]);
+    assert_eq!(ids(&select_docs(&data, None, Some(2)).unwrap()), ["0", "1"]);
+
+    let all = json_of(&["eval", s(&gguf), "--task", s(&task), "--json"]);
+    let held = json_of(&[
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--exclude-fit",
+        s(&plan_path),
+        "--json",
+    ]);
+    assert_eq!(all["n_docs"], 3);
+    assert_eq!(held["n_docs"], 2);
+    assert_eq!(held["excluded_docs"], 1);
+    assert_eq!(held["n_requests"], 6);
+
+    // the kept docs score as they do in the full run
+    let full = eval_lib(&gguf, &task, 4096);
+    let model = LoadedModel::load(&gguf).unwrap();
+    let kept = evaluate(
+        &model,
+        None,
+        &data,
+        &select_docs(&data, Some((&plan_path, &plan)), None).unwrap(),
+        4096,
+        2,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let by_id = |id: &str| full.docs.iter().find(|d| d.doc_id == id).unwrap();
+    for doc in &kept.docs {
+        for (a, b) in doc
+            .loglikelihoods
+            .iter()
+            .zip(&by_id(&doc.doc_id).loglikelihoods)
+        {
+            assert!((a - b).abs() < 1e-4, "doc {}: {a} vs {b}", doc.doc_id);
+        }
+    }
+
+    // a plan fitted on other task data is refused
+    let other = dir.path().join("other-plan.json");
+    write_plan(&other, &task, &"f".repeat(64), &["1"]);
+    let out = hopscotch(&[
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--exclude-fit",
+        s(&other),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("sha256") && err.contains("other-plan.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reference_against_itself_agrees_fully() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let task = write_task(dir.path());
+    let v = json_of(&[
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--reference",
+        s(&gguf),
+        "--json",
+    ]);
+    assert_eq!(v["agreement"], 1.0);
+    assert_eq!(v["accuracy_diff"], 0.0);
+    assert_eq!(v["accuracy_diff_ci95"], json!([0.0, 0.0]));
+    assert!(v["choice_kl_mean"].as_f64().unwrap().abs() < 1e-12, "{v}");
+    assert_eq!(v["reference"]["accuracy"], v["accuracy"]);
+    assert_eq!(v["reference"]["acc_norm"], v["acc_norm"]);
+    for key in [
+        "accuracy",
+        "acc_norm",
+        "accuracy_ci95",
+        "acc_norm_ci95",
+        "n_docs",
+        "prompt_tokens",
+        "prompt_tokens_per_s",
+    ] {
+        assert!(!v[key].is_null(), "{key} missing: {v}");
+    }
+
+    // the text summary names the paired statistics
+    let out = hopscotch(&[
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--reference",
+        s(&gguf),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    for needle in [
+        "accuracy",
+        "acc_norm",
+        "agreement        100.00%",
+        "choice KL mean",
+    ] {
+        assert!(text.contains(needle), "{text}");
+    }
+}
+
+#[test]
+fn bad_input_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let check = |args: &[&str], code: i32, needles: &[&str]| {
+        let out = hopscotch(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+        }
+    };
+    let write = |name: &str, body: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    };
+
+    let unknown = write("unknown.jsonl", "{\"question\": \"why?\"}\n");
+    check(
+        &["eval", s(&gguf), "--task", s(&unknown)],
+        1,
+        &["unknown.jsonl:1", "\"request\""],
+    );
+    let text = write("text.jsonl", "{\"text\": \"Once upon a time.\"}\n");
+    check(
+        &["eval", s(&gguf), "--task", s(&text)],
+        1,
+        &["text.jsonl", "text-format", "--text"],
+    );
+    let missing = dir.path().join("missing.jsonl");
+    check(
+        &["eval", s(&gguf), "--task", s(&missing)],
+        1,
+        &["missing.jsonl"],
+    );
+    let no_gold = write(
+        "nogold.jsonl",
+        &[0, 1]
+            .map(|i| {
+                json!({"request": {"context": "Q:", "continuation": format!(" {i}")},
+                       "doc_id": 7, "idx": i})
+                .to_string()
+            })
+            .join("\n"),
+    );
+    check(
+        &["eval", s(&gguf), "--task", s(&no_gold)],
+        1,
+        &["nogold.jsonl:1", "doc 7", "gold"],
+    );
+    let task = write_task(dir.path());
+    check(
+        &["eval", s(&gguf), "--task", s(&task), "--limit", "0"],
+        1,
+        &["no docs left"],
+    );
+    check(
+        &[
+            "eval",
+            s(&gguf),
+            "--task",
+            s(&task),
+            "--reference",
+            s(&missing),
+        ],
+        1,
+        &["missing.jsonl"],
+    );
+    // --text and --task are exclusive, and one is required (usage errors)
+    check(&["eval", s(&gguf)], 2, &["--text", "--task"]);
+    check(
+        &["eval", s(&gguf), "--task", s(&task), "--text", s(&text)],
+        2,
+        &["--text", "--task"],
+    );
+}

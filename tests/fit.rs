@@ -1,0 +1,385 @@
+//! `hopscotch fit` end to end on tiny random models: the search finds a block that adds
+//! nothing, trained scalars lower the loss, runs repeat byte for byte (and resume to the same
+//! plan), prompts-only tasks get generated targets, and bad input fails cleanly.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{bin, write_safetensors, write_tiny, Dtype, Tiny};
+use hopscotch::fit::plan::Plan;
+
+/// The layer whose attention output projection is zeroed in [`dead_block_model`].
+const DEAD: usize = 2;
+
+/// A tiny 4-layer random Llama (real SmolLM2 tokenizer) whose layer [`DEAD`] attention adds
+/// nothing: its output projection is all zeros.
+fn dead_block_model(dir: &Path) -> PathBuf {
+    let model = write_tiny(dir, &Tiny::llama());
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if name == format!("model.layers.{DEAD}.self_attn.o_proj.weight") {
+            values.iter_mut().for_each(|v| *v = 0.0);
+        }
+        tensors.insert(name, (view.shape().to_vec(), values));
+    }
+    write_safetensors(&model, &tensors, Dtype::F32, 1);
+    model
+}
+
+/// Sixteen short English texts, one `{"text"}` line each.
+fn text_task(dir: &Path) -> PathBuf {
+    let subjects = [
+        "The river",
+        "A small dog",
+        "My neighbour",
+        "The old train",
+        "Every student",
+        "The bakery",
+        "A quiet storm",
+        "The city council",
+    ];
+    let endings = [
+        "walked slowly along the bank while the sun went down behind the hills.",
+        "answered every question about history, science and the long winter.",
+    ];
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            let text = format!("{} {}", subjects[i % 8], endings[i / 8]);
+            serde_json::json!({ "id": format!("doc-{i}"), "text": text }).to_string()
+        })
+        .collect();
+    let path = dir.join("task.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+/// Runs `hopscotch fit MODEL --task TASK -o OUT <args>` with the target cache under `dir`, and
+/// small defaults for the settings `args` does not give.
+fn fit(dir: &Path, model: &Path, task: &Path, out: &Path, args: &[&str]) -> Output {
+    let mut all: Vec<&str> = args.to_vec();
+    for (flag, value) in [
+        ("--fit-docs", "8"),
+        ("--batch-size", "4"),
+        ("--max-seq-len", "24"),
+        ("--threads", "1"),
+    ] {
+        if !args.contains(&flag) {
+            all.extend([flag, value]);
+        }
+    }
+    Command::new(bin())
+        .arg("fit")
+        .arg(model)
+        .arg("--task")
+        .arg(task)
+        .arg("-o")
+        .arg(out)
+        .args(all)
+        .env("HOPSCOTCH_CACHE", dir.join("cache"))
+        .output()
+        .expect("run hopscotch")
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "hopscotch fit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Expects exit code 1, an error naming `needle`, no panic and no plan written.
+fn fails(out: Output, plan: &Path, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!plan.exists(), "{} was written", plan.display());
+}
+
+#[test]
+fn the_search_skips_the_block_that_adds_nothing_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_block_model(dir.path());
+    let task = text_task(dir.path());
+    for (name, extra) in [
+        ("fast", &["--shortlist", "1"][..]),
+        ("exhaustive", &["--exhaustive"][..]),
+        ("cosine", &["--method", "attn-cosine"][..]),
+    ] {
+        let out = dir.path().join(format!("{name}.json"));
+        ok(fit(
+            dir.path(),
+            &model,
+            &task,
+            &out,
+            &[&["--skip", "2", "--final-steps", "2"][..], extra].concat(),
+        ));
+        let plan = Plan::load(&out).unwrap();
+        assert_eq!(plan.skipped_blocks.len(), 2, "{name}");
+        assert_eq!(plan.skipped_blocks[0], DEAD, "{name}: {:?}", plan.rounds);
+        assert!(!plan.skipped_blocks.contains(&0), "{name}");
+        assert_eq!(plan.fit_doc_ids.len(), 8);
+        match name {
+            "cosine" => {
+                let importance = plan.attn_importance.unwrap();
+                assert!(importance[DEAD].abs() < 1e-6, "{importance:?}");
+            }
+            _ => {
+                let trained = plan.rounds[0]
+                    .candidates
+                    .iter()
+                    .filter(|c| c.trained_loss.is_some())
+                    .count();
+                assert_eq!(trained, if name == "fast" { 1 } else { 3 }, "{name}");
+                // not quite 0: Adam moves every scalar by about the learning rate
+                assert!(
+                    plan.rounds[0].loss < 1e-2,
+                    "{name}: {}",
+                    plan.rounds[0].loss
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn trained_scales_lower_the_loss_of_the_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let out = dir.path().join("plan.json");
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &out,
+        &[
+            "--skip",
+            "2",
+            "--method",
+            "random",
+            "--final-steps",
+            "40",
+            "--final-lr",
+            "5e-2",
+        ],
+    ));
+    let plan = Plan::load(&out).unwrap();
+    let (trained, untrained) = (plan.final_loss.unwrap(), plan.final_loss_untrained.unwrap());
+    assert!(
+        trained < 0.99 * untrained,
+        "trained {trained}, untrained {untrained}"
+    );
+    assert_ne!(plan.scales, hopscotch::model::ScaleValues::ones(4));
+    assert_eq!(plan.final_loss_history.len(), 40);
+
+    let none = dir.path().join("none.json");
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &none,
+        &["--skip", "2", "--method", "random", "--no-scales"],
+    ));
+    let plan = Plan::load(&none).unwrap();
+    assert_eq!(plan.scales, hopscotch::model::ScaleValues::ones(4));
+    assert_eq!(plan.final_loss, plan.final_loss_untrained);
+    assert!(plan.final_loss_history.is_empty());
+}
+
+#[test]
+fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let args = [
+        "--skip",
+        "3",
+        "--shortlist",
+        "2",
+        "--final-steps",
+        "3",
+        "--seed",
+        "5",
+    ];
+    let a = dir.path().join("a.json");
+    let b = dir.path().join("b.json");
+    let summary = ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &a,
+        &[&args[..], &["--json"]].concat(),
+    ));
+    ok(fit(dir.path(), &model, &task, &b, &args));
+    let first = std::fs::read(&a).unwrap();
+    assert_eq!(first, std::fs::read(&b).unwrap());
+    assert!(!hopscotch::fit::search::partial_path(&a).exists());
+    let report: serde_json::Value = serde_json::from_slice(&summary.stdout).unwrap();
+    assert_eq!(report["rounds"].as_array().unwrap().len(), 3);
+
+    // A run stopped after its first round left this partial plan behind.
+    let c = dir.path().join("c.json");
+    let mut partial = Plan::load(&a).unwrap();
+    partial.rounds.truncate(1);
+    partial.skipped_blocks.truncate(1);
+    partial.scales = hopscotch::model::ScaleValues::ones(4);
+    partial.final_loss_history.clear();
+    partial.final_loss = None;
+    partial.final_loss_untrained = None;
+    partial
+        .save(&hopscotch::fit::search::partial_path(&c), false)
+        .unwrap();
+    let resumed = ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &c,
+        &[&args[..], &["--resume", "--json"]].concat(),
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&resumed.stdout).unwrap();
+    assert_eq!(report["resumed_rounds"], 1);
+    assert_eq!(first, std::fs::read(&c).unwrap());
+
+    // A partial plan from other settings is refused.
+    let d = dir.path().join("d.json");
+    partial
+        .save(&hopscotch::fit::search::partial_path(&d), false)
+        .unwrap();
+    fails(
+        fit(
+            dir.path(),
+            &model,
+            &task,
+            &d,
+            &["--skip", "3", "--seed", "5", "--shortlist", "1", "--resume"],
+        ),
+        &d,
+        "cannot resume: the settings differ",
+    );
+}
+
+#[test]
+fn prompts_only_tasks_train_on_generated_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = dir.path().join("prompts.jsonl");
+    let lines: Vec<String> = ["What is two plus two?", "Name a colour.", "Say hello."]
+        .iter()
+        .map(|p| serde_json::json!({ "prompt": p }).to_string())
+        .collect();
+    std::fs::write(&task, lines.join("\n")).unwrap();
+    let out = dir.path().join("plan.json");
+    let args = [
+        "--skip",
+        "1",
+        "--max-seq-len",
+        "96",
+        "--final-steps",
+        "1",
+        "--json",
+    ];
+    let summary = ok(fit(dir.path(), &model, &task, &out, &args));
+    let report: serde_json::Value = serde_json::from_slice(&summary.stdout).unwrap();
+    assert_eq!(report["generated_targets"], true);
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("cache/targets"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    // the second run takes the answers from the cache and fits the same plan
+    let again = dir.path().join("again.json");
+    ok(fit(dir.path(), &model, &task, &again, &args));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+}
+
+#[test]
+fn bad_input_fails_with_a_clear_error_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let out = dir.path().join("plan.json");
+
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    fails(
+        fit(dir.path(), &model, &empty, &out, &["--skip", "1"]),
+        &out,
+        "empty.jsonl: the file is empty",
+    );
+
+    let malformed = dir.path().join("malformed.jsonl");
+    std::fs::write(&malformed, "{\"text\": \"fine\"}\n{\"text\": \"broken\n").unwrap();
+    fails(
+        fit(dir.path(), &model, &malformed, &out, &["--skip", "1"]),
+        &out,
+        "malformed.jsonl:2: not valid JSON",
+    );
+
+    fails(
+        fit(dir.path(), &model, &task, &out, &["--skip", "4"]),
+        &out,
+        "--skip 4 is too many: the model has 4 layers",
+    );
+    fails(
+        fit(dir.path(), &model, &task, &out, &["--skip", "0"]),
+        &out,
+        "--skip 0: expected at least 1 block",
+    );
+    fails(
+        fit(dir.path(), &model, &task, &out, &["--skip", "1", "--lr=-1"]),
+        &out,
+        "--lr -1: expected a positive number",
+    );
+
+    let gpt2 = dir.path().join("gpt2");
+    std::fs::create_dir_all(&gpt2).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+    ] {
+        std::fs::copy(model.join(f), gpt2.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("config.json")).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
+    config["model_type"] = serde_json::json!("gpt2");
+    std::fs::write(gpt2.join("config.json"), config.to_string()).unwrap();
+    fails(
+        fit(dir.path(), &gpt2, &task, &out, &["--skip", "1"]),
+        &out,
+        "GPT2LMHeadModel is not supported",
+    );
+
+    fails(
+        fit(
+            dir.path(),
+            &dir.path().join("missing.gguf"),
+            &task,
+            &out,
+            &["--skip", "1"],
+        ),
+        &out,
+        "missing.gguf",
+    );
+
+    // an existing plan is kept unless --force
+    std::fs::write(&out, "keep").unwrap();
+    let o = fit(dir.path(), &model, &task, &out, &["--skip", "1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep");
+}

@@ -1,0 +1,167 @@
+//! `hopscotch run` end to end on a tiny random model: fit, export, evaluate, report.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{bin, write_tiny, Tiny};
+use hopscotch::gguf::reader::GgufFile;
+use serde_json::{json, Value};
+
+fn write_task(dir: &Path) -> std::path::PathBuf {
+    let questions = [
+        (
+            "The capital of France is",
+            [" Paris.", " Rome.", " Oslo."],
+            0,
+        ),
+        (
+            "Water freezes at",
+            [" zero degrees.", " ninety degrees.", " ten degrees."],
+            0,
+        ),
+        ("The sun rises in the", [" west.", " east.", " north."], 1),
+        (
+            "A week has",
+            [" five days.", " nine days.", " seven days."],
+            2,
+        ),
+        ("Cats are", [" animals.", " rocks.", " numbers."], 0),
+        ("Two plus two is", [" three.", " four.", " five."], 1),
+        ("Snow is usually", [" green.", " white.", " red."], 1),
+        ("The opposite of hot is", [" cold.", " warm.", " loud."], 0),
+        ("Birds can", [" swim only.", " fly.", " read."], 1),
+        ("Ice is made of", [" water.", " sand.", " iron."], 0),
+        (
+            "A year has",
+            [" ten months.", " twelve months.", " six months."],
+            1,
+        ),
+        (
+            "The moon orbits the",
+            [" sun only.", " earth.", " mars."],
+            1,
+        ),
+    ];
+    let mut lines = String::new();
+    for (d, (q, choices, gold)) in questions.iter().enumerate() {
+        for (i, c) in choices.iter().enumerate() {
+            let line = json!({
+                "request": {"context": format!("Question: {q}\nAnswer:"), "continuation": c},
+                "doc_id": d, "idx": i, "label": gold,
+                "doc": {"query": q, "choices": choices, "gold": gold},
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+    }
+    let path = dir.join("task.jsonl");
+    std::fs::write(&path, lines).unwrap();
+    path
+}
+
+#[test]
+fn run_fits_exports_evaluates_and_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let task = write_task(dir.path());
+    let out = dir.path().join("out");
+    let o = Command::new(bin())
+        .args([
+            "run",
+            hf.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--skip",
+            "1",
+            "--type",
+            "f16",
+            "--fit-docs",
+            "4",
+            "--batch-size",
+            "2",
+            "--limit",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "plan.json",
+        "slim.gguf",
+        "slim.Modelfile",
+        "original.gguf",
+        "report.md",
+        "report.json",
+        "report.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let printed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report, printed);
+    let skipped = report["skipped_blocks"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1);
+    let layer = skipped[0].as_u64().unwrap() as usize;
+    assert_ne!(layer, 0);
+    for m in ["original", "slim"] {
+        for k in [
+            "accuracy",
+            "acc_norm",
+            "n_docs",
+            "file_bytes",
+            "kv_bytes_per_token",
+            "prompt_tokens_per_s",
+        ] {
+            assert!(report[m][k].is_number(), "{m}.{k} missing");
+        }
+        // 12 docs, 4 fitted on, all 8 others evaluated
+        assert_eq!(report[m]["n_docs"], 8);
+    }
+    // KV cache per token falls by one layer's share (1 of 4 layers)
+    let kv = |m: &str| report[m]["kv_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(kv("slim") * 4, kv("original") * 3);
+    // the slim file is deci with the chosen layer attention-free
+    let f = GgufFile::open(&out.join("slim.gguf")).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), "deci");
+    let heads: Vec<u64> = f
+        .get_arr("deci.attention.head_count")
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(heads.len(), 4);
+    assert_eq!(heads[layer], 0);
+    assert!(f.tensor(&format!("blk.{layer}.attn_q.weight")).is_none());
+    // the plan's fitted documents were held out of the evaluation
+    let plan: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(plan["fit_doc_ids"].as_array().unwrap().len(), 4);
+    assert!(std::fs::read_to_string(out.join("report.svg"))
+        .unwrap()
+        .starts_with("<svg"));
+
+    // an existing run folder is kept without --force
+    let again = Command::new(bin())
+        .args([
+            "run",
+            hf.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--skip",
+            "1",
+            "-o",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+}

@@ -322,6 +322,16 @@ impl Model {
                 }
                 .into());
             }
+            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+                return Err(CheckpointError::Invalid {
+                    path: SOURCE_LABEL.to_string(),
+                    message: format!(
+                        "tensor {name} holds a non-finite value ({}) at flat index {i}",
+                        data[i]
+                    ),
+                }
+                .into());
+            }
             Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
         };
         let (d, q_dim, kv_dim, ff) = (arch.n_embd, arch.q_dim(), arch.kv_dim(), arch.n_ff);

@@ -703,7 +703,7 @@ fn write_hf_files(
         offset += n;
     }
     let mut header_bytes = serde_json::to_vec(&header).expect("JSON of plain values");
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     progress.set_length(offset as u64);

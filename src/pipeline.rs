@@ -33,7 +33,7 @@ pub enum RunError {
     },
     /// The fit failed.
     #[error(transparent)]
-    Fit(#[from] SearchError),
+    Fit(#[from] Box<SearchError>),
     /// Reading the plan back failed.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -134,7 +134,8 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
             options: req.fit.clone(),
         },
         progress,
-    )?;
+    )
+    .map_err(Box::new)?;
     let t_fit = started.elapsed().as_secs_f64();
 
     let plan = Plan::load(&plan_path)?;

@@ -152,7 +152,7 @@ fn quantized_types_go_through_llama_cpp_and_load() {
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
-    let f = GgufFile::open(&dir.path().join("q8_0.gguf")).unwrap();
+    let f = GgufFile::open(dir.path().join("q8_0.gguf")).unwrap();
     assert!(f.tensors().iter().any(|t| t.ggml_type.name() == "q8_0"));
 }
 

@@ -129,7 +129,7 @@ fn run_fits_exports_evaluates_and_reports() {
     let kv = |m: &str| report[m]["kv_bytes_per_token"].as_u64().unwrap();
     assert_eq!(kv("slim") * 4, kv("original") * 3);
     // the slim file is deci with the chosen layer attention-free
-    let f = GgufFile::open(&out.join("slim.gguf")).unwrap();
+    let f = GgufFile::open(out.join("slim.gguf")).unwrap();
     assert_eq!(f.get_str("general.architecture").unwrap(), "deci");
     let heads: Vec<u64> = f
         .get_arr("deci.attention.head_count")

@@ -135,8 +135,8 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
                 message: format!("tensor {} is not part of a {arch_name} model", t.name),
             });
         }
-        let row_order = if family == Family::Llama && t.name.ends_with("attn_q.weight")
-            || family == Family::Llama && t.name.ends_with("attn_q.bias")
+        let row_order = if family == Family::Llama
+            && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_q.bias"))
         {
             RowOrder::RopeInterleaved {
                 n_head: arch.n_head,

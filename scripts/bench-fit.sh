@@ -24,6 +24,11 @@
 #                          the default mode (default "skip-loss warm-skip-loss")
 #        BENCH_EXTRA       further arguments for every run (e.g. "--final-steps 8")
 #        BENCH_OUT         folder for plans and logs (default $HOPSCOTCH_CACHE/bench/fit)
+#        BENCH_SUMMARY_ONLY=1  only print the summary of the runs already in BENCH_OUT
+#
+# Other jobs on the machine change the step time from run to run, so besides the wall-clock
+# speed-up the summary gives one at equal load: the exhaustive run's steps (plus its untimed
+# rest) at the screened run's own seconds per step, against the screened run's wall time.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -70,10 +75,12 @@ run() { # name, extra args...
         -o "$out/$name.json" >"$out/$name.summary.json" 2>"$out/$name.log"
 }
 
-run exhaustive --exhaustive
-for s in $screens; do
-    run "screen-$s" --screen "$s"
-done
+if [ -z "${BENCH_SUMMARY_ONLY:-}" ]; then
+    run exhaustive --exhaustive
+    for s in $screens; do
+        run "screen-$s" --screen "$s"
+    done
+fi
 
 say "summary"
 python3 - "$out" exhaustive $(for s in $screens; do echo "screen-$s"; done) <<'EOF'
@@ -117,13 +124,19 @@ summaries = {n: json.load(open(f"{out}/{n}.summary.json")) for n in names}
 base = plans["exhaustive"]
 base_wall = time_v("exhaustive")[0]
 print(f"settings: {json.dumps({k: base['settings'][k] for k in ('skip', 'fit_docs', 'batch_size', 'max_seq_len', 'candidate_steps', 'final_steps', 'lr', 'final_lr', 'objective')})}")
-print(f"{'run':<22} {'wall s':>8} {'speed-up':>8} {'peak MiB':>9} {'tok/s':>6} {'final loss':>10} {'vs exh.':>8}  blocks")
+base_train = summaries["exhaustive"]["train"]
+base_rest = base_wall - base_train["seconds"]
+print(f"{'run':<22} {'wall s':>7} {'speed-up':>8} {'at eq. load':>11} {'steps':>5} {'screened':>8} "
+      f"{'peak MiB':>8} {'tok/s':>5} {'final loss':>10} {'vs exh.':>7}  blocks")
 for n in names:
     wall, rss = time_v(n)
     p, s = plans[n], summaries[n]
+    t = s["train"]
+    per_step = t["seconds"] / t["steps"] if t["steps"] else float("nan")
+    equal = (base_train["steps"] * per_step + base_rest) / wall
     rel = (p["final_loss"] - base["final_loss"]) / base["final_loss"] * 100 if base["final_loss"] else float("nan")
-    print(f"{n:<22} {wall:>8.0f} {base_wall / wall:>7.1f}x {rss:>9.0f} {s['train_tokens_per_s']:>6.0f} "
-          f"{p['final_loss']:>10.4f} {rel:>+7.1f}%  {p['skipped_blocks']}"
+    print(f"{n:<22} {wall:>7.0f} {base_wall / wall:>7.1f}x {equal:>10.1f}x {t['steps']:>5} {t['screened']:>8} "
+          f"{rss:>8.0f} {s['train_tokens_per_s']:>5.0f} {p['final_loss']:>10.4f} {rel:>+6.1f}%  {p['skipped_blocks']}"
           f"{'  (same as exhaustive)' if p['skipped_blocks'] == base['skipped_blocks'] else ''}")
 
 print("\nscreening vs exhaustive trained scores (rounds with the same blocks chosen before):")

@@ -127,6 +127,24 @@ pub struct WriteSummary {
     pub file_bytes: u64,
 }
 
+impl WriteSummary {
+    /// The summary of a finished file at `path` holding `n_tensors` tensors.
+    fn of(path: &Path, n_tensors: usize) -> Result<WriteSummary, ConvertError> {
+        let file_bytes =
+            std::fs::metadata(path)
+                .map(|m| m.len())
+                .map_err(|source| ConvertError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        Ok(WriteSummary {
+            path: path.to_path_buf(),
+            n_tensors,
+            file_bytes,
+        })
+    }
+}
+
 /// The metadata llama.cpp needs for `arch` in a plain `llama`/`qwen2` file.
 pub fn arch_kvs(arch: &Arch, gguf_arch: &str) -> Vec<(String, Value)> {
     let k = |s: &str| arch_key(gguf_arch, s);
@@ -491,17 +509,7 @@ pub fn write_gguf(
     let w = w?;
     w.finish()?;
     progress.finish_and_clear();
-    let file_bytes = std::fs::metadata(target)
-        .map(|m| m.len())
-        .map_err(|source| ConvertError::Io {
-            path: target.to_path_buf(),
-            source,
-        })?;
-    Ok(WriteSummary {
-        path: target.to_path_buf(),
-        n_tensors: jobs.len(),
-        file_bytes,
-    })
+    WriteSummary::of(target, jobs.len())
 }
 
 /// The tensor jobs that turn a checkpoint into a plain `llama`/`qwen2` GGUF of `target` type.
@@ -600,17 +608,7 @@ where
     let result = write(&tmp, intermediate, progress).and_then(|written| {
         progress.set_message(format!("quantizing to {}", qtype.name()));
         quantize_file(&tmp, target, qtype, threads, force)?;
-        let file_bytes = std::fs::metadata(target)
-            .map(|m| m.len())
-            .map_err(|source| ConvertError::Io {
-                path: target.to_path_buf(),
-                source,
-            })?;
-        Ok(WriteSummary {
-            path: target.to_path_buf(),
-            n_tensors: written.n_tensors,
-            file_bytes,
-        })
+        WriteSummary::of(target, written.n_tensors)
     });
     let _ = std::fs::remove_file(&tmp);
     crate::output::unregister_temp(&tmp);

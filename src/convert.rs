@@ -512,19 +512,21 @@ pub fn write_gguf(
     WriteSummary::of(target, jobs.len())
 }
 
+/// The `rope_freqs` tensor that carries Llama 3.1's rope scaling, when the model has it.
+pub fn rope_freqs_job(arch: &Arch) -> Option<TensorJob<'static>> {
+    let factors = arch.llama3_rope_factors()?;
+    Some(TensorJob {
+        name: crate::gguf::consts::ROPE_FREQS.into(),
+        shape: vec![factors.len()],
+        dtype: GgmlType::F32,
+        produce: Box::new(move || Ok(encode_f32(&factors, GgmlType::F32))),
+    })
+}
+
 /// The tensor jobs that turn a checkpoint into a plain `llama`/`qwen2` GGUF of `target` type.
 pub fn checkpoint_jobs<'a>(ck: &'a Checkpoint, target: FloatType) -> Vec<TensorJob<'a>> {
     let interleave = ck.arch.family == Family::Llama;
-    let mut jobs = Vec::new();
-    if let Some(factors) = ck.arch.llama3_rope_factors() {
-        let shape = vec![factors.len()];
-        jobs.push(TensorJob {
-            name: "rope_freqs.weight".into(),
-            shape,
-            dtype: GgmlType::F32,
-            produce: Box::new(move || Ok(encode_f32(&factors, GgmlType::F32))),
-        });
-    }
+    let mut jobs: Vec<TensorJob<'a>> = rope_freqs_job(&ck.arch).into_iter().collect();
     for (name, shape) in ck.arch.expected_tensors() {
         let dtype = float_out_type(&shape, target);
         jobs.push(TensorJob {

@@ -19,14 +19,14 @@ use std::path::{Path, PathBuf};
 use crate::arch::{permute_rope_rows, Family};
 use crate::checkpoint::Checkpoint;
 use crate::convert::{
-    checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_heads, write_gguf,
-    write_typed, ConvertError, FloatType, TensorJob, WriteSummary,
+    checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job, rope_heads,
+    write_gguf, write_typed, ConvertError, FloatType, TensorJob, WriteSummary,
 };
 use crate::fit::plan::{Plan, PlanError};
 use crate::fold::{scale_values, Fold, FoldError};
 use crate::gguf::consts::{arch_key, QuantType};
 use crate::gguf::vocab::Vocab;
-use crate::gguf::{GgmlType, Value};
+use crate::gguf::Value;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
@@ -252,15 +252,7 @@ pub fn folded_jobs<'a>(
     target: FloatType,
     interleave_rope: bool,
 ) -> Vec<TensorJob<'a>> {
-    let mut jobs = Vec::new();
-    if let Some(factors) = ck.arch.llama3_rope_factors() {
-        jobs.push(TensorJob {
-            name: crate::gguf::consts::ROPE_FREQS.into(),
-            shape: vec![factors.len()],
-            dtype: GgmlType::F32,
-            produce: Box::new(move || Ok(encode_f32(&factors, GgmlType::F32))),
-        });
-    }
+    let mut jobs: Vec<TensorJob<'a>> = rope_freqs_job(&ck.arch).into_iter().collect();
     for (name, shape) in fold.kept_tensors(&ck.arch) {
         let dtype = float_out_type(&shape, target);
         jobs.push(TensorJob {

@@ -107,3 +107,49 @@ fn forged_safetensors_headers_are_refused() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn a_full_disk_gives_an_error_and_no_file() {
+    // A 2 MiB tmpfs stands in for a full disk; mounting needs root (as CI runs). Elsewhere the
+    // test says so and checks nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=2M",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        return;
+    }
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let out = mnt.join("out.gguf");
+    let o = Command::new(bin())
+        .args([
+            "convert",
+            hf.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--type",
+            "f32",
+        ])
+        .output()
+        .unwrap();
+    let listing: Vec<_> = std::fs::read_dir(&mnt).unwrap().collect();
+    let _ = Command::new("umount").arg(&mnt).status();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("out.gguf"),
+        "{err}"
+    );
+    assert!(listing.is_empty(), "left behind: {listing:?}");
+}

@@ -12,7 +12,11 @@ fi
 mkdir -p "$out" "$cache/debs"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-(cd "$cache/debs" && ls r-cran-janeaustenr_*.deb >/dev/null 2>&1 || apt-get download r-cran-janeaustenr >&2)
+if ! ls "$cache"/debs/r-cran-janeaustenr_*.deb >/dev/null 2>&1; then
+    # a fresh machine may have no package lists yet
+    (cd "$cache/debs" && { apt-get download r-cran-janeaustenr >&2 2>/dev/null \
+        || { apt-get update -qq >&2 && apt-get download r-cran-janeaustenr >&2; }; })
+fi
 dpkg -x "$(ls "$cache"/debs/r-cran-janeaustenr_*.deb | head -n 1)" "$tmp"
 python3 - "$tmp/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb" "$out" <<'PY'
 # An R lazy-load database is a run of [u32 big-endian length][zlib stream] records, each an

@@ -15,5 +15,5 @@ model="$("$here/fetch-model.sh")"
 task="$("$here/fetch-tasks.sh")/${TASK:-arc_easy}.jsonl.gz"
 out="${OUT:-hopscotch-demo}"
 "$CARGO_TARGET_DIR/release/hopscotch" run "$model" --task "$task" --skip "${K:-4}" \
-    --type "${TYPE:-q4_k_m}" --limit "${LIMIT:-500}" -o "$out" --force
+    --type "${TYPE:-q4_k_m}" --limit "${LIMIT:-300}" -o "$out" --force
 echo "report: $out/report.md"

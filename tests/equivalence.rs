@@ -6,11 +6,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use candle_core::{Device, Tensor};
-use common::{bin, write_tiny, Tiny};
+use common::{bin, candle_logits, llama_logits, max_abs_diff, sample_tokens, write_tiny, Tiny};
 use hopscotch::checkpoint::Checkpoint;
-use hopscotch::llamacpp::LoadedModel;
-use hopscotch::model::{Model, ScaleValues};
+use hopscotch::model::ScaleValues;
 
 fn convert(hf: &Path, out: &Path, ty: &str) {
     let o = Command::new(bin())
@@ -27,64 +25,13 @@ fn convert(hf: &Path, out: &Path, ty: &str) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// Logits of every position of `tokens` from candle on the HF folder.
-fn candle_logits(hf: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let ck = Checkpoint::open(hf).unwrap();
-    let model = Model::load(&ck, &Device::Cpu).unwrap();
-    let n = ck.arch.n_layer;
-    let ids = Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let scales = model.scales(&ScaleValues::ones(n)).unwrap();
-    let h = model
-        .forward_hidden_no_grad(&ids, &scales, &vec![false; n])
-        .unwrap();
-    let pos: Vec<u32> = (0..tokens.len() as u32).collect();
-    let pos = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
-    model.logits_at(&h, &pos).unwrap().to_vec2::<f32>().unwrap()
-}
-
-fn llama_logits(gguf: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let m = LoadedModel::load(gguf).unwrap();
-    let mut ctx = m.context_with(tokens.len(), 2, true).unwrap();
-    let want: Vec<usize> = (0..tokens.len()).collect();
-    ctx.logits(tokens, &want).unwrap()
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
-    let mut d = 0f32;
-    let mut scale = 0f32;
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len());
-        for (x, y) in ra.iter().zip(rb) {
-            d = d.max((x - y).abs());
-            scale = scale.max(x.abs());
-        }
-    }
-    (d, scale)
-}
-
-fn tokens() -> Vec<u32> {
-    // a real sentence through the real tokenizer, then some ids spread over the vocabulary
-    let tok = tokenizers::Tokenizer::from_file(
-        common::fixtures().join("smollm2-tokenizer/tokenizer.json"),
-    )
-    .unwrap();
-    let mut ids = tok
-        .encode("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.", false)
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    ids.extend((0..40u32).map(|i| (i * 1231 + 17) % common::VOCAB as u32));
-    ids
-}
-
 fn check(tiny: Tiny, bounds: &[(&str, f32)]) {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &tiny);
-    let toks = tokens();
-    let reference = candle_logits(&hf, &toks);
+    let toks = sample_tokens();
+    let ck = Checkpoint::open(&hf).unwrap();
+    let n = ck.arch.n_layer;
+    let reference = candle_logits(&ck, &ScaleValues::ones(n), &vec![false; n], &toks);
     for (ty, bound) in bounds {
         let out = dir.path().join(format!("m-{ty}.gguf"));
         convert(&hf, &out, ty);

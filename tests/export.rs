@@ -7,15 +7,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use candle_core::{Device, Tensor};
-use common::{bin, write_tiny, Tiny};
+use common::{bin, candle_logits, llama_logits, max_abs_diff, sample_tokens, write_tiny, Tiny};
 use hopscotch::arch::Arch;
 use hopscotch::checkpoint::{Checkpoint, CheckpointError, TensorSource};
 use hopscotch::fit::plan::{FitSettings, ModelFingerprint, Plan, TaskRef};
 use hopscotch::fold::{Fold, FoldedWeights};
 use hopscotch::gguf::reader::GgufFile;
 use hopscotch::llamacpp::LoadedModel;
-use hopscotch::model::{Model, ScaleValues};
+use hopscotch::model::ScaleValues;
 use rand::{Rng, SeedableRng};
 
 fn hopscotch(args: &[&str]) -> std::process::Output {
@@ -89,62 +88,6 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
     }
 }
 
-fn tokens() -> Vec<u32> {
-    let tok = tokenizers::Tokenizer::from_file(
-        common::fixtures().join("smollm2-tokenizer/tokenizer.json"),
-    )
-    .unwrap();
-    let mut ids = tok
-        .encode(
-            "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.",
-            false,
-        )
-        .unwrap()
-        .get_ids()
-        .to_vec();
-    ids.extend((0..40u32).map(|i| (i * 1231 + 17) % common::VOCAB as u32));
-    ids
-}
-
-/// Logits at every position from candle on `source` with `scales` and the skip mask.
-fn candle_logits(
-    source: &dyn TensorSource,
-    scales: &ScaleValues,
-    skip: &[bool],
-    toks: &[u32],
-) -> Vec<Vec<f32>> {
-    let model = Model::load(source, &Device::Cpu).unwrap();
-    let ids = Tensor::new(toks, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let sc = model.scales(scales).unwrap();
-    let h = model.forward_hidden_no_grad(&ids, &sc, skip).unwrap();
-    let pos: Vec<u32> = (0..toks.len() as u32).collect();
-    let pos = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
-    model.logits_at(&h, &pos).unwrap().to_vec2::<f32>().unwrap()
-}
-
-fn llama_logits(gguf: &Path, toks: &[u32]) -> Vec<Vec<f32>> {
-    let m = LoadedModel::load(gguf).unwrap();
-    let mut ctx = m.context_with(toks.len(), 2, true).unwrap();
-    let want: Vec<usize> = (0..toks.len()).collect();
-    ctx.logits(toks, &want).unwrap()
-}
-
-/// Max |a - b| and max |a|.
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
-    let (mut d, mut scale) = (0f32, 0f32);
-    for (ra, rb) in a.iter().zip(b) {
-        assert_eq!(ra.len(), rb.len());
-        for (x, y) in ra.iter().zip(rb) {
-            d = d.max((x - y).abs());
-            scale = scale.max(x.abs());
-        }
-    }
-    (d, scale)
-}
-
 /// The folded weights, with a skipped layer's dropped attention tensors served from the
 /// original so that the candle model (which needs every tensor, and never reads those with the
 /// skip mask) can load them.
@@ -204,7 +147,7 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, expect_arch: &str) 
         plan.scales.s_mlp[2] = -0.8;
     }
     let skip = plan.skip_mask();
-    let toks = tokens();
+    let toks = sample_tokens();
     let gated = candle_logits(&ck, &plan.scales, &skip, &toks);
 
     let fold = Fold::new(ck.arch.n_layer, &skip, &plan.scales).unwrap();
@@ -310,7 +253,7 @@ fn exported_deci_file_has_the_slim_layout_and_loads_also_quantized() {
         }
         let m = LoadedModel::load(&out).unwrap();
         assert_eq!(m.n_vocab(), common::VOCAB);
-        let toks = tokens();
+        let toks = sample_tokens();
         let logits = llama_logits(&out, &toks);
         assert!(logits.iter().flatten().all(|x| x.is_finite()));
 

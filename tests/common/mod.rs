@@ -228,3 +228,60 @@ pub fn cache_dir() -> PathBuf {
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hopscotch"))
 }
+
+/// A real sentence through the real tokenizer, then ids spread over the vocabulary.
+pub fn sample_tokens() -> Vec<u32> {
+    let tok = tokenizers::Tokenizer::from_file(fixtures().join("smollm2-tokenizer/tokenizer.json"))
+        .unwrap();
+    let mut ids = tok
+        .encode(
+            "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.",
+            false,
+        )
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    ids.extend((0..40u32).map(|i| (i * 1231 + 17) % VOCAB as u32));
+    ids
+}
+
+/// Logits at every position from candle on `source` with `scales` and the skip mask.
+pub fn candle_logits(
+    source: &dyn hopscotch::checkpoint::TensorSource,
+    scales: &hopscotch::model::ScaleValues,
+    skip: &[bool],
+    toks: &[u32],
+) -> Vec<Vec<f32>> {
+    use candle_core::{Device, Tensor};
+    let model = hopscotch::model::Model::load(source, &Device::Cpu).unwrap();
+    let ids = Tensor::new(toks, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let sc = model.scales(scales).unwrap();
+    let h = model.forward_hidden_no_grad(&ids, &sc, skip).unwrap();
+    let pos: Vec<u32> = (0..toks.len() as u32).collect();
+    let pos = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
+    model.logits_at(&h, &pos).unwrap().to_vec2::<f32>().unwrap()
+}
+
+/// Logits at every position from llama.cpp, with an f32 KV cache and flash attention off.
+pub fn llama_logits(gguf: &Path, toks: &[u32]) -> Vec<Vec<f32>> {
+    let m = hopscotch::llamacpp::LoadedModel::load(gguf).unwrap();
+    let mut ctx = m.context_with(toks.len(), 2, true).unwrap();
+    let want: Vec<usize> = (0..toks.len()).collect();
+    ctx.logits(toks, &want).unwrap()
+}
+
+/// Max |a - b| and max |a|.
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
+    let (mut d, mut scale) = (0f32, 0f32);
+    for (ra, rb) in a.iter().zip(b) {
+        assert_eq!(ra.len(), rb.len());
+        for (x, y) in ra.iter().zip(rb) {
+            d = d.max((x - y).abs());
+            scale = scale.max(x.abs());
+        }
+    }
+    (d, scale)
+}

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use hopscotch::checkpoint::Checkpoint;
 use hopscotch::fit::scales::Objective;
-use hopscotch::fit::search::{FitOptions, Method, Screen};
+use hopscotch::fit::search::{FitOptions, LossTokens, Method, Screen};
 use hopscotch::gguf::consts::QuantType;
 
 #[derive(Parser)]
@@ -225,6 +225,10 @@ struct FitArgs {
     /// Train no scalars: score candidates by the loss with scalars at 1, keep them all at 1.
     #[arg(long)]
     no_scales: bool,
+    /// Positions the loss covers: the task's targets (a request's answer, a chat's assistant
+    /// turns), or every token after the first (context included).
+    #[arg(long, value_enum, default_value = "targets")]
+    loss_tokens: LossTokensArg,
 }
 
 impl FitArgs {
@@ -246,9 +250,19 @@ impl FitArgs {
             screen: self.screen.into(),
             screen_batches: self.screen_batches,
             train_scales: !self.no_scales,
+            loss_tokens: match self.loss_tokens {
+                LossTokensArg::Targets => LossTokens::Targets,
+                LossTokensArg::All => LossTokens::All,
+            },
             ..FitOptions::default()
         }
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LossTokensArg {
+    Targets,
+    All,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

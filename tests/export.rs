@@ -84,6 +84,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             screen: None,
             screen_batches: 0,
             teacher_top_k: 0,
+            loss_tokens: "targets".into(),
         },
     }
 }

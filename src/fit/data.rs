@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 
 use super::progress::Progress;
 use super::scales::{Objective, TrainBatch};
-use super::search::{FitOptions, SearchError};
+use super::search::{FitOptions, LossTokens, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Model, ScaleValues};
 use crate::output::AtomicFile;
@@ -164,7 +164,7 @@ pub fn build(
     } else {
         task_data
     };
-    let examples = task::examples(
+    let mut examples = task::examples(
         data,
         &fit_idx,
         &setup.tokenizer,
@@ -176,6 +176,13 @@ pub fn build(
         path: task_data.path.clone(),
         error: Box::new(source),
     })?;
+    if options.loss_tokens == LossTokens::All {
+        for example in &mut examples {
+            for (j, target) in example.target_mask.iter_mut().enumerate() {
+                *target = j > 0;
+            }
+        }
+    }
     let (mut batches, lengths) =
         FitData::from_examples(&examples, options.batch_size, setup.pad_id, model.device())?;
     if options.objective == Objective::Kl {

@@ -181,6 +181,13 @@ pub struct FitSettings {
     pub screen_batches: usize,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
+    /// Positions the loss covered: `targets` or `all` (plans from before the option: targets).
+    #[serde(default = "default_loss_tokens")]
+    pub loss_tokens: String,
+}
+
+fn default_loss_tokens() -> String {
+    "targets".into()
 }
 
 /// A fitted plan.

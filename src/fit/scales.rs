@@ -414,7 +414,7 @@ pub fn eval_loss(
 }
 
 /// Refuses an empty batch list, and batches without teacher outputs under the KL objective.
-fn check_batches(batches: &[TrainBatch], objective: Objective) -> Result<(), FitError> {
+pub(crate) fn check_batches(batches: &[TrainBatch], objective: Objective) -> Result<(), FitError> {
     if batches.is_empty() {
         return Err(FitError::NoBatches);
     }
@@ -442,7 +442,19 @@ pub(crate) fn batch_loss(
     } else {
         model.forward_hidden_no_grad(&batch.input_ids, scales, skip)?
     };
-    let logits = model.logits_at(&hidden, &batch.target_positions)?;
+    hidden_loss(model, batch, index, &hidden, objective)
+}
+
+/// The scalar loss of `batch` (index `index` in its list, for errors) from the model's final
+/// hidden states on it.
+pub(crate) fn hidden_loss(
+    model: &Model,
+    batch: &TrainBatch,
+    index: usize,
+    hidden: &Tensor,
+    objective: Objective,
+) -> Result<Tensor, FitError> {
+    let logits = model.logits_at(hidden, &batch.target_positions)?;
     let log_q = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let loss = match (objective, &batch.teacher) {
         (Objective::Ce, _) => log_q

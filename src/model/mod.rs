@@ -452,6 +452,64 @@ impl Model {
         scales: &[Tensor; 4],
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
+        let (b, t) = self.check_inputs(input_ids, scales, skip)?;
+        let x = self.embed(input_ids, b, t)?;
+        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _| Ok(()))
+    }
+
+    /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
+    /// without a graph: the shared start of many forward passes that differ only from some layer
+    /// on ([`Model::forward_hidden_from_no_grad`]).
+    pub fn residuals_no_grad(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let scales = scales.tensors(false);
+        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
+        let x = self.embed(input_ids, b, t)?;
+        let mut residuals = Vec::with_capacity(self.arch.n_layer);
+        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, x| {
+            residuals.push(x.clone());
+            Ok(())
+        })?;
+        Ok(residuals)
+    }
+
+    /// The hidden states after the final norm, `(b, t, n_embd)`, running layers `from..` on
+    /// `residual`, the stream entering layer `from` as [`Model::residuals_no_grad`] gives it for
+    /// the same token ids `(b, t)`. Equals [`Model::forward_hidden_no_grad`] bit for bit when
+    /// the layers before `from` ran with the same scalars and skip mask.
+    pub fn forward_hidden_from_no_grad(
+        &self,
+        input_ids: &Tensor,
+        residual: &Tensor,
+        from: usize,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        let scales = scales.tensors(false);
+        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
+        if from >= self.arch.n_layer || residual.dims() != [b * t, self.arch.n_embd] {
+            return Err(input_error(
+                "residual",
+                residual,
+                "(b * t, n_embd), entering a layer of the model",
+            ));
+        }
+        self.run_layers(residual.clone(), from, b, t, &scales, skip, &mut |_, _| {
+            Ok(())
+        })
+    }
+
+    /// Checks the skip mask, the scalars and the token ids; returns `(b, t)`.
+    fn check_inputs(
+        &self,
+        input_ids: &Tensor,
+        scales: &[Tensor; 4],
+        skip: &[bool],
+    ) -> Result<(usize, usize), ModelError> {
         let n_layer = self.arch.n_layer;
         if skip.len() != n_layer {
             return Err(ModelError::SkipMaskLength {
@@ -482,17 +540,37 @@ impl Model {
                 vocab_size: self.arch.vocab_size,
             });
         }
+        Ok((b, t))
+    }
+
+    /// The token embeddings, `(b * t, n_embd)`.
+    fn embed(&self, input_ids: &Tensor, b: usize, t: usize) -> Result<Tensor, ModelError> {
+        Ok(self
+            .token_embd
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b * t, self.arch.n_embd))?)
+    }
+
+    /// Runs layers `from..` on the residual `x` and the final norm; `observe(l, x)` sees the
+    /// stream entering each layer `l`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_layers(
+        &self,
+        mut x: Tensor,
+        from: usize,
+        b: usize,
+        t: usize,
+        scales: &[Tensor; 4],
+        skip: &[bool],
+        observe: &mut dyn FnMut(usize, &Tensor) -> Result<(), ModelError>,
+    ) -> Result<Tensor, ModelError> {
         let (cos, sin) = self.rope_tables(t)?;
         let mask = self.causal_mask(t)?;
         let [b_att, s_att, b_mlp, s_mlp] = scales;
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
-
-        let mut x = self
-            .token_embd
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b * t, d))?;
-        for (l, layer) in self.layers.iter().enumerate() {
+        for (l, layer) in self.layers.iter().enumerate().skip(from) {
+            observe(l, &x)?;
             let x1 = if skip[l] {
                 x
             } else {

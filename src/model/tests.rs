@@ -305,6 +305,46 @@ fn other_scales_and_skips_match_reference() {
 }
 
 #[test]
+fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
+    let arch = tiny_arch();
+    let model = Model::load(&random_source(&arch, 8), &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 2, 9, 3);
+    let scales = model.scales(&perturbed_scales(arch.n_layer, 9)).unwrap();
+    let base = SkipMask::from_layers(arch.n_layer, &[2]).unwrap();
+    let residuals = model
+        .residuals_no_grad(&ids, &scales, base.as_slice())
+        .unwrap();
+    assert_eq!(residuals.len(), arch.n_layer);
+    for from in 0..arch.n_layer {
+        // the layers from `from` on may differ from the base mask; those before may not
+        let skip = SkipMask::from_layers(arch.n_layer, &[from.max(1), 2]).unwrap();
+        let whole = model
+            .forward_hidden_no_grad(&ids, &scales, skip.as_slice())
+            .unwrap();
+        let cached = model
+            .forward_hidden_from_no_grad(&ids, &residuals[from], from, &scales, skip.as_slice())
+            .unwrap();
+        let diff = (whole - cached)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "from layer {from}");
+    }
+    // a residual of the wrong shape or a layer past the model is refused
+    assert!(model
+        .forward_hidden_from_no_grad(&ids, &residuals[0], arch.n_layer, &scales, base.as_slice())
+        .is_err());
+    let short = residuals[0].narrow(0, 0, 3).unwrap();
+    assert!(model
+        .forward_hidden_from_no_grad(&ids, &short, 0, &scales, base.as_slice())
+        .is_err());
+}
+
+#[test]
 fn skipping_equals_removing_the_attention() {
     let arch = tiny_arch();
     let src = random_source(&arch, 6);

@@ -315,14 +315,14 @@ fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
         .residuals_no_grad(&ids, &scales, base.as_slice())
         .unwrap();
     assert_eq!(residuals.len(), arch.n_layer);
-    for from in 0..arch.n_layer {
+    for (from, residual) in residuals.iter().enumerate() {
         // the layers from `from` on may differ from the base mask; those before may not
         let skip = SkipMask::from_layers(arch.n_layer, &[from.max(1), 2]).unwrap();
         let whole = model
             .forward_hidden_no_grad(&ids, &scales, skip.as_slice())
             .unwrap();
         let cached = model
-            .forward_hidden_from_no_grad(&ids, &residuals[from], from, &scales, skip.as_slice())
+            .forward_hidden_from_no_grad(&ids, residual, from, &scales, skip.as_slice())
             .unwrap();
         let diff = (whole - cached)
             .unwrap()

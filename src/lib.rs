@@ -23,4 +23,5 @@ pub mod output;
 pub mod pipeline;
 pub mod quantize;
 pub mod report;
+pub mod sweep;
 pub mod task;

@@ -123,6 +123,8 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
         #[command(flatten)]
+        choice: ChoiceArgs,
+        #[command(flatten)]
         fit: FitArgs,
         /// Threads for the model (candle's CPU pool). Its workers busy-wait for each other, so
         /// on a shared machine one thread is fastest: SmolLM2-135M on 2 busy cores trained at
@@ -163,6 +165,8 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         ctx: usize,
         #[command(flatten)]
+        choice: ChoiceArgs,
+        #[command(flatten)]
         fit: FitArgs,
         /// Threads for the fit (candle) and llama.cpp.
         #[arg(long, default_value_t = 2)]
@@ -174,15 +178,82 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fit and export every configuration (task x method x objective x K), evaluate every slim
+    /// model on the held-out documents of every task against the original, and write
+    /// sweep.json, sweep.md and SVG plots. Finished work in the folder is reused: an
+    /// interrupted sweep continues where it stopped.
+    Sweep {
+        /// The model: a Hugging Face folder or a .gguf file.
+        model: PathBuf,
+        /// A task file (multiple-choice log-likelihood requests); give --task once per task.
+        /// Each is fitted on, and every model is evaluated on all of them.
+        #[arg(long = "task", required = true)]
+        tasks: Vec<PathBuf>,
+        /// The numbers of attention blocks to skip, comma-separated (1,2,4,6,8,10). One search
+        /// per configuration runs to the largest; smaller ones take its first blocks.
+        #[arg(long, value_delimiter = ',', required = true)]
+        skip: Vec<usize>,
+        /// How to choose the blocks, comma-separated.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "hopscotch,attn-cosine,random"
+        )]
+        method: Vec<MethodArg>,
+        /// Training objectives, comma-separated (kl,ce compares them).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "kl")]
+        objective: Vec<ObjectiveArg>,
+        /// Also every method without scalar training (for a baseline, one configuration
+        /// whatever the objective).
+        #[arg(long)]
+        no_scales_too: bool,
+        /// Output folder.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Type of every evaluated file: f32, f16, bf16 or any llama-quantize type.
+        #[arg(short = 't', long = "type", default_value = "q4_k_m")]
+        qtype: String,
+        /// Held-out documents to evaluate per task (default: all); the same for every model.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Context of one evaluation decode, in tokens.
+        #[arg(long, default_value_t = 4096)]
+        ctx: usize,
+        #[command(flatten)]
+        fit: FitArgs,
+        /// Threads for the fits (candle) and llama.cpp.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Start over: remove the folder's sweep files (needed when the folder holds a sweep
+        /// of another model, task file, type, limit or fit settings).
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
-/// The fit's settings, shared by `fit` and `run`.
+/// How `fit` and `run` choose the blocks and train: one method, one objective (`sweep` takes
+/// lists of these instead).
 #[derive(clap::Args)]
-struct FitArgs {
+struct ChoiceArgs {
     /// Training objective: KL to the original model's next-token distribution, or
     /// cross-entropy of the targets.
     #[arg(long, value_enum, default_value = "kl")]
     objective: ObjectiveArg,
+    /// How to choose the blocks: the greedy search, or a baseline.
+    #[arg(long, value_enum, default_value = "hopscotch")]
+    method: MethodArg,
+    /// Train no scalars: score candidates by the loss with scalars at 1, keep them all at 1.
+    #[arg(long)]
+    no_scales: bool,
+}
+
+/// The fit's settings, shared by `fit`, `run` and `sweep`.
+#[derive(clap::Args)]
+struct FitArgs {
     /// Documents to fit on (the first of the task's seeded split).
     #[arg(long, default_value_t = FitOptions::default().fit_docs)]
     fit_docs: usize,
@@ -219,12 +290,6 @@ struct FitArgs {
     /// Batches the screening (and the attn-cosine importance) is measured on.
     #[arg(long, default_value_t = FitOptions::default().screen_batches)]
     screen_batches: usize,
-    /// How to choose the blocks: the greedy search, or a baseline.
-    #[arg(long, value_enum, default_value = "hopscotch")]
-    method: MethodArg,
-    /// Train no scalars: score candidates by the loss with scalars at 1, keep them all at 1.
-    #[arg(long)]
-    no_scales: bool,
     /// Positions the loss covers: the task's targets (a request's answer, a chat's assistant
     /// turns), or every token after the first (context included).
     #[arg(long, value_enum, default_value = "targets")]
@@ -232,11 +297,21 @@ struct FitArgs {
 }
 
 impl FitArgs {
-    fn options(&self, skip: usize) -> FitOptions {
+    /// The options of a fit of `skip` blocks with `choice`'s method and objective.
+    fn options(&self, skip: usize, choice: &ChoiceArgs) -> FitOptions {
         FitOptions {
-            method: self.method.into(),
-            objective: self.objective.into(),
+            method: choice.method.into(),
+            objective: choice.objective.into(),
             skip,
+            train_scales: !choice.no_scales,
+            ..self.shared()
+        }
+    }
+
+    /// The settings every configuration of a sweep shares (method, objective, skip and scalar
+    /// training at their defaults; the sweep sets them per configuration).
+    fn shared(&self) -> FitOptions {
+        FitOptions {
             fit_docs: self.fit_docs,
             candidate_steps: self.candidate_steps,
             final_steps: self.final_steps,
@@ -249,7 +324,6 @@ impl FitArgs {
             shortlist: self.shortlist,
             screen: self.screen.into(),
             screen_batches: self.screen_batches,
-            train_scales: !self.no_scales,
             loss_tokens: match self.loss_tokens {
                 LossTokensArg::Targets => LossTokens::Targets,
                 LossTokensArg::All => LossTokens::All,
@@ -524,6 +598,7 @@ fn run(cli: Cli) -> Result<()> {
             task,
             skip,
             output,
+            choice,
             fit,
             threads: t,
             force,
@@ -538,7 +613,7 @@ fn run(cli: Cli) -> Result<()> {
                 output,
                 force,
                 resume,
-                options: fit.options(skip),
+                options: fit.options(skip, &choice),
             };
             let progress = hopscotch::fit::progress::Progress::stderr();
             let report = hopscotch::fit::search::fit(&request, &progress)?;
@@ -556,6 +631,7 @@ fn run(cli: Cli) -> Result<()> {
             qtype,
             limit,
             ctx,
+            choice,
             fit,
             threads: t,
             force,
@@ -568,7 +644,7 @@ fn run(cli: Cli) -> Result<()> {
                 out_dir: output,
                 qtype: QuantType::from_name(&qtype)?,
                 limit,
-                fit: fit.options(skip),
+                fit: fit.options(skip, &choice),
                 force,
                 threads: t.max(1),
                 n_ctx: ctx,
@@ -589,6 +665,50 @@ fn run(cli: Cli) -> Result<()> {
                 println!(
                     "report           {}",
                     request.out_dir.join("report.md").display()
+                );
+            }
+        }
+        Command::Sweep {
+            model,
+            tasks,
+            skip,
+            method,
+            objective,
+            no_scales_too,
+            output,
+            qtype,
+            limit,
+            ctx,
+            fit,
+            threads: t,
+            force,
+            json,
+        } => {
+            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+            let request = hopscotch::sweep::SweepRequest {
+                model,
+                tasks,
+                skips: skip,
+                methods: method.into_iter().map(Method::from).collect(),
+                objectives: objective.into_iter().map(Objective::from).collect(),
+                no_scales_too,
+                qtype: QuantType::from_name(&qtype)?,
+                limit,
+                fit: fit.shared(),
+                out_dir: output,
+                force,
+                threads: t.max(1),
+                n_ctx: ctx,
+            };
+            let progress = hopscotch::fit::progress::Progress::stderr();
+            let report = hopscotch::sweep::sweep(&request, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.summary());
+                println!(
+                    "report           {}",
+                    request.out_dir.join("sweep.md").display()
                 );
             }
         }

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor, D};
 use common::{bin, write_tiny, Tiny};
 use hopscotch::checkpoint::Checkpoint;
 use hopscotch::eval::task::{
-    choice_chars, evaluate, select_docs, wilson_ci95, Selection, TaskReport,
+    choice_chars, evaluate, pair_with_reference, select_docs, wilson_ci95, Selection, TaskReport,
 };
 use hopscotch::fit::plan::Plan;
 use hopscotch::llamacpp::LoadedModel;
@@ -406,6 +406,51 @@ fn reference_against_itself_agrees_fully() {
     ] {
         assert!(text.contains(needle), "{text}");
     }
+}
+
+#[test]
+fn a_reference_scored_apart_pairs_as_one_scored_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other_hf = write_tiny(
+        &other_dir,
+        &Tiny {
+            seed: 99,
+            ..Tiny::llama()
+        },
+    );
+    let other = dir.path().join("other.gguf");
+    let out = hopscotch(&["convert", s(&other_hf), "-o", s(&other), "--type", "f32"]);
+    assert!(out.status.success());
+    let task = write_task(dir.path());
+    let data = hopscotch::task::load(&task).unwrap();
+    let selection = select_docs(&data, None, None).unwrap();
+    let (m, r) = (
+        LoadedModel::load(&gguf).unwrap(),
+        LoadedModel::load(&other).unwrap(),
+    );
+    let bar = indicatif::ProgressBar::hidden();
+    let together = evaluate(&m, Some(&r), &data, &selection, 2048, 2, &bar).unwrap();
+    let mut alone = evaluate(&m, None, &data, &selection, 2048, 2, &bar).unwrap();
+    let reference = evaluate(&r, None, &data, &selection, 2048, 2, &bar).unwrap();
+    let p = pair_with_reference(&mut alone.docs, &reference.docs).unwrap();
+    assert_eq!(Some(p.agreement), together.agreement);
+    assert_eq!(Some(p.accuracy_diff), together.accuracy_diff);
+    assert_eq!(Some(p.accuracy_diff_ci95), together.accuracy_diff_ci95);
+    assert_eq!(Some(p.choice_kl_mean), together.choice_kl_mean);
+    assert!(p.choice_kl_mean > 0.0, "two different models");
+    let reference_acc = together.reference.unwrap();
+    assert_eq!(p.reference.accuracy, reference_acc.accuracy);
+    assert_eq!(p.reference.acc_norm, reference_acc.acc_norm);
+    for (a, t) in alone.docs.iter().zip(&together.docs) {
+        assert_eq!(a.reference_loglikelihoods, t.reference_loglikelihoods);
+        assert_eq!(a.reference_pred, t.reference_pred);
+    }
+    // other documents cannot be paired
+    let fewer = &reference.docs[1..];
+    assert!(pair_with_reference(&mut alone.docs, fewer).is_err());
 }
 
 #[test]

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::eval::perplexity::EvalError;
 use crate::fit::plan::Plan;
@@ -128,6 +128,17 @@ pub enum TaskEvalError {
         /// The context size.
         n_ctx: usize,
     },
+    /// A reference's doc scores are not of the same docs as the model's.
+    #[error(
+        "the reference was scored on other documents ({reference} against the model's {docs}, or \
+         in another order): paired statistics need the same documents"
+    )]
+    ReferenceDocs {
+        /// Docs the model scored.
+        docs: usize,
+        /// Docs the reference scored.
+        reference: usize,
+    },
     /// No doc is left to score.
     #[error("{}: no docs left to score ({docs} in the file, {excluded} held out as fit docs)", path.display())]
     NoDocs {
@@ -197,7 +208,7 @@ pub fn select_docs<'a>(
 }
 
 /// How one doc was scored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DocScore {
     /// The doc's id.
     pub doc_id: String,
@@ -609,39 +620,93 @@ fn report(
         docs: Vec::new(),
     };
     if reference.is_some() {
-        let mut agree = 0;
-        let (mut ref_correct, mut ref_correct_norm) = (0, 0);
-        let mut kl = 0.0;
-        let mut diffs = Vec::with_capacity(n);
-        for d in &docs {
-            let (Some(ref_lls), Some(ref_pred)) = (&d.reference_loglikelihoods, d.reference_pred)
-            else {
-                continue;
-            };
-            let per_char: Vec<f64> = ref_lls
-                .iter()
-                .zip(&d.choice_chars)
-                .map(|(l, &c)| l / c as f64)
-                .collect();
-            agree += usize::from(ref_pred == d.pred);
-            ref_correct += usize::from(ref_pred == d.gold);
-            ref_correct_norm += usize::from(argmax(&per_char) == d.gold);
-            kl += choice_kl(ref_lls, &d.loglikelihoods);
-            diffs.push(
-                f64::from(u8::from(d.pred == d.gold)) - f64::from(u8::from(ref_pred == d.gold)),
-            );
-        }
-        report.reference = Some(ReferenceAccuracy {
-            accuracy: frac(ref_correct),
-            acc_norm: frac(ref_correct_norm),
-        });
-        report.agreement = Some(frac(agree));
-        report.accuracy_diff = Some(frac(correct) - frac(ref_correct));
-        report.accuracy_diff_ci95 = Some(paired_bootstrap_ci95(&diffs));
-        report.choice_kl_mean = Some(kl / n as f64);
+        let p = paired_figures(&docs);
+        report.reference = Some(p.reference);
+        report.agreement = Some(p.agreement);
+        report.accuracy_diff = Some(p.accuracy_diff);
+        report.accuracy_diff_ci95 = Some(p.accuracy_diff_ci95);
+        report.choice_kl_mean = Some(p.choice_kl_mean);
     }
     report.docs = docs;
     report
+}
+
+/// Paired figures of a model against a reference on the same docs.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairedFigures {
+    /// The reference's accuracy on the docs.
+    pub reference: ReferenceAccuracy,
+    /// Fraction of docs where both models pick the same choice (highest log-likelihood).
+    pub agreement: f64,
+    /// The model's accuracy minus the reference's.
+    pub accuracy_diff: f64,
+    /// 95% paired bootstrap interval of `accuracy_diff` (as [`TaskReport::accuracy_diff_ci95`]).
+    pub accuracy_diff_ci95: [f64; 2],
+    /// Mean over docs of KL(reference || model) of the choice distributions, in nats.
+    pub choice_kl_mean: f64,
+}
+
+/// Pairs a model's doc scores with a reference's scored separately on the same docs (a cached
+/// evaluation of the original, say), as [`evaluate`] with a reference pairs them: fills in each
+/// doc's reference fields and returns the paired figures. Fails unless both list the same docs
+/// in the same order.
+pub fn pair_with_reference(
+    docs: &mut [DocScore],
+    reference: &[DocScore],
+) -> Result<PairedFigures, TaskEvalError> {
+    let same = docs.len() == reference.len()
+        && docs
+            .iter()
+            .zip(reference)
+            .all(|(d, r)| d.doc_id == r.doc_id && d.loglikelihoods.len() == r.loglikelihoods.len());
+    if !same {
+        return Err(TaskEvalError::ReferenceDocs {
+            docs: docs.len(),
+            reference: reference.len(),
+        });
+    }
+    for (d, r) in docs.iter_mut().zip(reference) {
+        d.reference_pred = Some(argmax(&r.loglikelihoods));
+        d.reference_loglikelihoods = Some(r.loglikelihoods.clone());
+    }
+    Ok(paired_figures(docs))
+}
+
+/// The paired figures of docs scored with a reference (each doc's reference fields filled in).
+fn paired_figures(docs: &[DocScore]) -> PairedFigures {
+    let n = docs.len();
+    let frac = |k: usize| k as f64 / n as f64;
+    let correct = docs.iter().filter(|d| d.pred == d.gold).count();
+    let mut agree = 0;
+    let (mut ref_correct, mut ref_correct_norm) = (0, 0);
+    let mut kl = 0.0;
+    let mut diffs = Vec::with_capacity(n);
+    for d in docs {
+        let (Some(ref_lls), Some(ref_pred)) = (&d.reference_loglikelihoods, d.reference_pred)
+        else {
+            continue;
+        };
+        let per_char: Vec<f64> = ref_lls
+            .iter()
+            .zip(&d.choice_chars)
+            .map(|(l, &c)| l / c as f64)
+            .collect();
+        agree += usize::from(ref_pred == d.pred);
+        ref_correct += usize::from(ref_pred == d.gold);
+        ref_correct_norm += usize::from(argmax(&per_char) == d.gold);
+        kl += choice_kl(ref_lls, &d.loglikelihoods);
+        diffs.push(f64::from(u8::from(d.pred == d.gold)) - f64::from(u8::from(ref_pred == d.gold)));
+    }
+    PairedFigures {
+        reference: ReferenceAccuracy {
+            accuracy: frac(ref_correct),
+            acc_norm: frac(ref_correct_norm),
+        },
+        agreement: frac(agree),
+        accuracy_diff: frac(correct) - frac(ref_correct),
+        accuracy_diff_ci95: paired_bootstrap_ci95(&diffs),
+        choice_kl_mean: kl / n as f64,
+    }
 }
 
 /// KL(p || q) between the softmax distributions of two models' choice log-likelihoods.

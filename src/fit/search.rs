@@ -1163,6 +1163,167 @@ impl fmt::Display for FitReport {
     }
 }
 
+/// A model opened for fitting: the checkpoint, its fingerprint, the candle model (on the GPU when
+/// there is one) and the final norm's weight. Opened once, it serves any number of tasks and
+/// fits (`hopscotch sweep` fits many configurations on one model).
+pub struct FitModel {
+    /// The checkpoint.
+    pub ck: Checkpoint,
+    /// Its fingerprint, recorded in every plan.
+    pub fingerprint: ModelFingerprint,
+    /// The candle model.
+    pub model: Model,
+    /// The final norm's weight, for the attention-cosine baseline.
+    output_norm: Vec<f32>,
+}
+
+impl FitModel {
+    /// Loads `ck`, whose tensors the caller has validated and whose `fingerprint`
+    /// ([`ModelFingerprint::of`]) it has taken.
+    pub fn load(ck: Checkpoint, fingerprint: ModelFingerprint) -> Result<Self, SearchError> {
+        let device = Device::cuda_if_available(0)?;
+        let model = Model::load(&ck, &device).map_err(|error| SearchError::LoadModel {
+            path: ck.display_path(),
+            error,
+        })?;
+        let (_, output_norm) = ck.tensor_f32("output_norm.weight")?;
+        Ok(Self {
+            ck,
+            fingerprint,
+            model,
+            output_norm,
+        })
+    }
+}
+
+/// One task's fit data for a model and a set of options, and the task as plans record it.
+pub struct FitTask {
+    /// The task file, its hash and format.
+    pub task: TaskRef,
+    /// The batches (with the teacher under KL) and the fit documents.
+    pub data: data::FitData,
+}
+
+impl FitTask {
+    /// Builds the fit data of `task_data` (read from `path`) for `model` with `options`' split,
+    /// batching and objective.
+    pub fn build(
+        model: &FitModel,
+        path: &Path,
+        task_data: &task::TaskData,
+        options: &FitOptions,
+        progress: &Progress,
+    ) -> Result<Self, SearchError> {
+        let data = data::build(
+            &model.ck,
+            &model.model,
+            task_data,
+            &model.fingerprint.tensor_sha256,
+            options,
+            progress,
+        )?;
+        Ok(Self {
+            task: TaskRef {
+                path: path.display().to_string(),
+                sha256: task_data.sha256.clone(),
+                format: task_data.format.to_string(),
+            },
+            data,
+        })
+    }
+
+    /// What a search on this data runs on.
+    pub fn input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
+        SearchInput {
+            model: &model.model,
+            batches: &self.data.batches,
+            lengths: &self.data.lengths,
+            output_norm: &model.output_norm,
+        }
+    }
+
+    /// A plan of this model, task and `options` with nothing chosen yet: no block skipped, every
+    /// scalar 1, no rounds.
+    pub fn empty_plan(&self, model: &FitModel, options: &FitOptions) -> Plan {
+        Plan {
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            model: model.fingerprint.clone(),
+            task: self.task.clone(),
+            fit_doc_ids: self.data.fit_doc_ids.clone(),
+            skipped_blocks: Vec::new(),
+            scales: ScaleValues::ones(model.ck.arch.n_layer),
+            rounds: Vec::new(),
+            final_loss_history: Vec::new(),
+            final_loss: None,
+            final_loss_untrained: None,
+            attn_importance: None,
+            settings: options.settings(self.data.batches.len()),
+        }
+    }
+}
+
+/// Chooses up to `options.skip` blocks by `options.method`, in the order chosen; returns the
+/// choice and how many of its rounds were taken over from `rounds_file`. With a `rounds_file`,
+/// the greedy search keeps its rounds there (a plan with no final training) after every round,
+/// and one left by an interrupted or shorter search of the same model, task, documents and
+/// settings (`skip` aside) is continued; one with more rounds gives its first `skip`. The first
+/// `k` blocks of the greedy order are what a search for `k` blocks chooses, as are the
+/// baselines' (a seeded shuffle, an importance ranking), so one search serves every smaller `k`.
+pub fn search_order(
+    model: &FitModel,
+    task: &FitTask,
+    options: &FitOptions,
+    rounds_file: Option<&Path>,
+    progress: &Progress,
+) -> Result<(Choice, usize), SearchError> {
+    let template = task.empty_plan(model, options);
+    let mut done = Vec::new();
+    if let Some(file) = rounds_file.filter(|f| options.method == Method::Hopscotch && f.is_file()) {
+        done = resumed_rounds(&template, file, true)?;
+    }
+    let resumed = done.len();
+    let mut save = |rounds: &[Round]| -> Result<(), SearchError> {
+        let Some(file) = rounds_file else {
+            return Ok(());
+        };
+        let mut p = template.clone();
+        p.rounds = rounds.to_vec();
+        p.skipped_blocks = rounds.iter().map(|r| r.chosen).collect();
+        p.save(file, true)?;
+        Ok(())
+    };
+    let (choice, _) = choose(&task.input(model), options, done, &mut save, progress)?;
+    Ok((choice, resumed))
+}
+
+/// Trains the final scalars of `choice` (its blocks, rounds and importance kept) with `options`
+/// and writes the plan to `output` (replacing one only with `force`), whole or not at all.
+pub fn write_plan(
+    model: &FitModel,
+    task: &FitTask,
+    options: &FitOptions,
+    choice: &Choice,
+    output: &Path,
+    force: bool,
+    progress: &Progress,
+) -> Result<(Plan, Final, TrainStats), SearchError> {
+    let (last, stats) = train_final(&task.input(model), options, &choice.skipped, progress)?;
+    let mut plan = task.empty_plan(model, options);
+    plan.skipped_blocks = choice.skipped.clone();
+    plan.rounds = choice.rounds.clone();
+    plan.attn_importance = choice.attn_importance.clone();
+    plan.scales = last.scales.clone();
+    plan.final_loss_history = last.loss_history.clone();
+    plan.final_loss = Some(last.loss);
+    plan.final_loss_untrained = Some(last.loss_untrained);
+    plan.validate().map_err(|message| PlanError::Invalid {
+        path: output.display().to_string(),
+        message,
+    })?;
+    plan.save(output, force)?;
+    Ok((plan, last, stats))
+}
+
 /// Runs `hopscotch fit`: checks the settings, opens the model and task, builds the fit data,
 /// chooses the blocks (saving `<output>.partial.json` after every round), trains the final
 /// scalars and writes the plan whole. Nothing is written at `output` unless everything succeeds.
@@ -1183,49 +1344,14 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, Searc
     ck.validate_tensors()?;
     let task_data = task::load(&request.task)?;
     let fingerprint = ModelFingerprint::of(&ck);
-    let device = Device::cuda_if_available(0)?;
-    let model = Model::load(&ck, &device).map_err(|error| SearchError::LoadModel {
-        path: ck.display_path(),
-        error,
-    })?;
-    let data = data::build(
-        &ck,
-        &model,
-        &task_data,
-        &fingerprint.tensor_sha256,
-        options,
-        progress,
-    )?;
-    let (_, output_norm) = ck.tensor_f32("output_norm.weight")?;
-    let input = SearchInput {
-        model: &model,
-        batches: &data.batches,
-        lengths: &data.lengths,
-        output_norm: &output_norm,
-    };
-    let settings = options.settings(data.batches.len());
-    let task_ref = TaskRef {
-        path: request.task.display().to_string(),
-        sha256: task_data.sha256.clone(),
-        format: task_data.format.to_string(),
-    };
-    let mut plan = Plan {
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: fingerprint,
-        task: task_ref,
-        fit_doc_ids: data.fit_doc_ids.clone(),
-        skipped_blocks: Vec::new(),
-        scales: ScaleValues::ones(n_layer),
-        rounds: Vec::new(),
-        final_loss_history: Vec::new(),
-        final_loss: None,
-        final_loss_untrained: None,
-        attn_importance: None,
-        settings,
-    };
+    let model = FitModel::load(ck, fingerprint)?;
+    let fit_task = FitTask::build(&model, &request.task, &task_data, options, progress)?;
+    let data = &fit_task.data;
+    let input = fit_task.input(&model);
+    let plan = fit_task.empty_plan(&model, options);
     let partial = partial_path(&request.output);
     let done = if request.resume && options.method == Method::Hopscotch && partial.is_file() {
-        resumed_rounds(&plan, &partial)?
+        resumed_rounds(&plan, &partial, false)?
     } else {
         Vec::new()
     };
@@ -1241,21 +1367,16 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, Searc
     };
     let (choice, search_stats) = choose(&input, options, done, &mut save_partial, progress)?;
     let searched = started.elapsed().as_secs_f64();
-    let (last, final_stats) = train_final(&input, options, &choice.skipped, progress)?;
+    let (plan, last, final_stats) = write_plan(
+        &model,
+        &fit_task,
+        options,
+        &choice,
+        &request.output,
+        request.force,
+        progress,
+    )?;
     let finished = started.elapsed().as_secs_f64();
-
-    plan.skipped_blocks = choice.skipped.clone();
-    plan.rounds = choice.rounds.clone();
-    plan.attn_importance = choice.attn_importance;
-    plan.scales = last.scales;
-    plan.final_loss_history = last.loss_history;
-    plan.final_loss = Some(last.loss);
-    plan.final_loss_untrained = Some(last.loss_untrained);
-    plan.validate().map_err(|message| PlanError::Invalid {
-        path: request.output.display().to_string(),
-        message,
-    })?;
-    plan.save(&request.output, request.force)?;
     let _ = std::fs::remove_file(&partial);
 
     let train = TrainStats {
@@ -1306,8 +1427,8 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, Searc
 }
 
 /// The rounds of a partial plan, if it was made by the same model, task, documents and settings
-/// as `plan`.
-fn resumed_rounds(plan: &Plan, partial: &Path) -> Result<Vec<Round>, SearchError> {
+/// as `plan`. With `any_skip`, a plan of another `skip` is taken too, its rounds cut to `plan`'s.
+fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Round>, SearchError> {
     let old = Plan::load(partial)?;
     let mismatch = |what| SearchError::ResumeMismatch {
         path: partial.to_path_buf(),
@@ -1322,13 +1443,26 @@ fn resumed_rounds(plan: &Plan, partial: &Path) -> Result<Vec<Round>, SearchError
     if old.fit_doc_ids != plan.fit_doc_ids {
         return Err(mismatch("the fit documents"));
     }
-    if old.settings != plan.settings {
+    let skip = if any_skip {
+        plan.settings.skip
+    } else {
+        old.settings.skip
+    };
+    if (FitSettings {
+        skip,
+        ..old.settings
+    }) != plan.settings
+    {
         return Err(mismatch("the settings"));
     }
-    if old.rounds.len() > plan.settings.skip {
-        return Err(mismatch("the number of rounds"));
+    let mut rounds = old.rounds;
+    if rounds.len() > plan.settings.skip {
+        if !any_skip {
+            return Err(mismatch("the number of rounds"));
+        }
+        rounds.truncate(plan.settings.skip);
     }
-    Ok(old.rounds)
+    Ok(rounds)
 }
 
 #[cfg(test)]

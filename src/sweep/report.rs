@@ -1,0 +1,759 @@
+//! The report of `hopscotch sweep`: per evaluation task, every slim model against the original
+//! on the same documents (accuracy, acc_norm, paired accuracy difference with its bootstrap
+//! interval, answer agreement, choice KL), a generalisation summary (fitted on the task
+//! evaluated or on another), what was computed and reused; as JSON, markdown and hand-written
+//! SVG plots (accuracy vs K per task, answer agreement vs K).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::{objective_name, EvalRecord, Slim, SweepError, SweepSeconds, Units};
+use crate::arch::Arch;
+use crate::eval::task::{pair_with_reference, wilson_ci95};
+use crate::fit::plan::FitSettings;
+use crate::fit::search::Method;
+use crate::report::{kv_bytes_per_token, Paired};
+
+/// The original's figures on one task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OriginalFigures {
+    /// Fraction of documents answered correctly.
+    pub accuracy: f64,
+    /// 95% Wilson interval of the accuracy.
+    pub accuracy_ci95: [f64; 2],
+    /// Length-normalised accuracy.
+    pub acc_norm: f64,
+    /// Size of `original.gguf`.
+    pub file_bytes: u64,
+    /// KV cache bytes per token (f16 cache).
+    pub kv_bytes_per_token: u64,
+}
+
+/// One evaluation task.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskSummary {
+    /// The task's name.
+    pub name: String,
+    /// The task file as given.
+    pub path: String,
+    /// Documents evaluated (the same for every model).
+    pub n_docs: usize,
+    /// Documents held out of the evaluation as fit documents.
+    pub excluded_docs: usize,
+    /// The original on them.
+    pub original: OriginalFigures,
+}
+
+/// One slim model on one evaluation task.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    /// The task evaluated on.
+    pub eval_task: String,
+    /// The task fitted on.
+    pub fit_task: String,
+    /// How the blocks were chosen.
+    pub method: String,
+    /// The objective (`None`: a baseline without scalars, which no objective changes).
+    pub objective: Option<String>,
+    /// Whether scalars were trained.
+    pub train_scales: bool,
+    /// Attention blocks skipped.
+    pub k: usize,
+    /// The model's name (its files are `models/<model>.gguf`, `plans/<model>.json`).
+    pub model: String,
+    /// The blocks skipped, in the order chosen.
+    pub skipped_blocks: Vec<usize>,
+    /// KV cache bytes per token (f16 cache).
+    pub kv_bytes_per_token: u64,
+    /// Size of the GGUF.
+    pub file_bytes: u64,
+    /// Fraction of documents answered correctly.
+    pub accuracy: f64,
+    /// 95% Wilson interval of the accuracy.
+    pub accuracy_ci95: [f64; 2],
+    /// Length-normalised accuracy.
+    pub acc_norm: f64,
+    /// Paired against the original on the same documents.
+    pub paired: Paired,
+    /// The plan's fit loss with its trained scalars.
+    pub fit_loss: Option<f32>,
+}
+
+/// How task-specific a choice is: for one method, objective, scalars and K, the mean accuracy
+/// difference to the original over the evaluation tasks, of the models fitted on the task
+/// evaluated and of those fitted on another.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Generalisation {
+    /// The method.
+    pub method: String,
+    /// The objective (as in [`SweepRow::objective`]).
+    pub objective: Option<String>,
+    /// Whether scalars were trained.
+    pub train_scales: bool,
+    /// Blocks skipped.
+    pub k: usize,
+    /// Mean accuracy difference of models evaluated on their own fit task.
+    pub same_task: Option<f64>,
+    /// Mean accuracy difference of models evaluated on a task they were not fitted on.
+    pub other_tasks: Option<f64>,
+    /// Pairs in `same_task`.
+    pub n_same: usize,
+    /// Pairs in `other_tasks`.
+    pub n_other: usize,
+}
+
+/// Everything `hopscotch sweep` reports (`sweep.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// Tool version.
+    pub tool_version: String,
+    /// The input model.
+    pub model: String,
+    /// Its layers.
+    pub n_layer: usize,
+    /// Quant type of every evaluated file.
+    pub quant_type: String,
+    /// Held-out documents per task.
+    pub limit: Option<usize>,
+    /// The fit settings every configuration shares (see [`super::SweepConfig::fit`]).
+    pub fit: FitSettings,
+    /// The K values.
+    pub skips: Vec<usize>,
+    /// The evaluation tasks, with the original's figures.
+    pub tasks: Vec<TaskSummary>,
+    /// Every slim model on every task.
+    pub rows: Vec<SweepRow>,
+    /// Same-task against other-task accuracy differences.
+    pub generalisation: Vec<Generalisation>,
+    /// Units computed and reused by this run.
+    pub units: Units,
+    /// Wall time of this run.
+    pub seconds: SweepSeconds,
+}
+
+/// What the report is built from.
+pub(crate) struct Inputs<'a> {
+    pub model: String,
+    pub arch: &'a Arch,
+    pub quant_type: String,
+    pub limit: Option<usize>,
+    pub fit: FitSettings,
+    pub task_names: &'a [String],
+    pub task_paths: Vec<String>,
+    pub skips: &'a [usize],
+    pub slims: &'a [Slim],
+    /// (model, task) -> its evaluation.
+    pub records: &'a BTreeMap<(String, String), EvalRecord>,
+    pub original_bytes: u64,
+    /// model -> size of its GGUF.
+    pub model_bytes: BTreeMap<String, u64>,
+    pub units: Units,
+    pub seconds: SweepSeconds,
+}
+
+fn record<'a>(
+    records: &'a BTreeMap<(String, String), EvalRecord>,
+    model: &str,
+    task: &str,
+) -> &'a EvalRecord {
+    &records[&(model.to_string(), task.to_string())]
+}
+
+fn correct(r: &EvalRecord) -> usize {
+    r.docs.iter().filter(|d| d.pred == d.gold).count()
+}
+
+/// Builds the report: the paired statistics of every slim model against the original's cached
+/// scores, task by task.
+pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
+    let mut tasks = Vec::new();
+    let mut rows = Vec::new();
+    for (t, task) in inputs.task_names.iter().enumerate() {
+        let original = record(inputs.records, "original", task);
+        let n = original.docs.len();
+        tasks.push(TaskSummary {
+            name: task.clone(),
+            path: inputs.task_paths[t].clone(),
+            n_docs: n,
+            excluded_docs: original.excluded_docs,
+            original: OriginalFigures {
+                accuracy: original.accuracy,
+                accuracy_ci95: wilson_ci95(correct(original), n),
+                acc_norm: original.acc_norm,
+                file_bytes: inputs.original_bytes,
+                kv_bytes_per_token: kv_bytes_per_token(inputs.arch, &[]),
+            },
+        });
+        // Fits on this task first, then the others, each in configuration order.
+        let mut slims: Vec<&Slim> = inputs.slims.iter().collect();
+        slims.sort_by_key(|s| s.config.fit_task != t);
+        for s in slims {
+            let r = record(inputs.records, &s.name, task);
+            let mut docs = r.docs.clone();
+            let p = pair_with_reference(&mut docs, &original.docs)?;
+            rows.push(SweepRow {
+                eval_task: task.clone(),
+                fit_task: inputs.task_names[s.config.fit_task].clone(),
+                method: s.config.method.name().to_string(),
+                objective: s.config.objective.map(|o| objective_name(o).to_string()),
+                train_scales: s.config.train_scales,
+                k: s.k,
+                model: s.name.clone(),
+                skipped_blocks: s.plan.skipped_blocks.clone(),
+                kv_bytes_per_token: kv_bytes_per_token(inputs.arch, &s.plan.skipped_blocks),
+                file_bytes: inputs.model_bytes.get(&s.name).copied().unwrap_or(0),
+                accuracy: r.accuracy,
+                accuracy_ci95: wilson_ci95(correct(r), docs.len()),
+                acc_norm: r.acc_norm,
+                paired: Paired {
+                    agreement: p.agreement,
+                    accuracy_diff: p.accuracy_diff,
+                    accuracy_diff_ci95: p.accuracy_diff_ci95,
+                    choice_kl_mean: p.choice_kl_mean,
+                },
+                fit_loss: s.plan.final_loss,
+            });
+        }
+    }
+    let generalisation = generalisation(&rows);
+    Ok(SweepReport {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: inputs.model.clone(),
+        n_layer: inputs.arch.n_layer,
+        quant_type: inputs.quant_type.clone(),
+        limit: inputs.limit,
+        fit: inputs.fit.clone(),
+        skips: inputs.skips.to_vec(),
+        tasks,
+        rows,
+        generalisation,
+        units: inputs.units,
+        seconds: inputs.seconds,
+    })
+}
+
+/// The configuration part of a row: method, objective, scalars.
+type Variant = (String, Option<String>, bool);
+
+fn variant(r: &SweepRow) -> Variant {
+    (r.method.clone(), r.objective.clone(), r.train_scales)
+}
+
+/// Per (method, objective, scalars, K), in the rows' order: the mean accuracy difference on
+/// the fit task and on the other tasks.
+pub fn generalisation(rows: &[SweepRow]) -> Vec<Generalisation> {
+    let mut keys: Vec<(Variant, usize)> = Vec::new();
+    for r in rows {
+        let key = (variant(r), r.k);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys.sort_by(|a, b| {
+        let pos = |v: &Variant| keys_order(rows, v);
+        pos(&a.0).cmp(&pos(&b.0)).then(a.1.cmp(&b.1))
+    });
+    keys.into_iter()
+        .map(|((method, objective, train_scales), k)| {
+            let mean = |same: bool| {
+                let v: Vec<f64> = rows
+                    .iter()
+                    .filter(|r| {
+                        r.k == k
+                            && r.method == method
+                            && r.objective == objective
+                            && r.train_scales == train_scales
+                            && (r.fit_task == r.eval_task) == same
+                    })
+                    .map(|r| r.paired.accuracy_diff)
+                    .collect();
+                let n = v.len();
+                ((n > 0).then(|| v.iter().sum::<f64>() / n as f64), n)
+            };
+            let ((same_task, n_same), (other_tasks, n_other)) = (mean(true), mean(false));
+            Generalisation {
+                method,
+                objective,
+                train_scales,
+                k,
+                same_task,
+                other_tasks,
+                n_same,
+                n_other,
+            }
+        })
+        .collect()
+}
+
+/// Where a variant first appears in the rows.
+fn keys_order(rows: &[SweepRow], v: &Variant) -> usize {
+    rows.iter().position(|r| variant(r) == *v).unwrap_or(0)
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+fn points(x: f64) -> String {
+    format!("{:+.1}", x * 100.0)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1u64 << 20) as f64)
+}
+
+fn variant_label(method: &str, objective: Option<&str>, train_scales: bool) -> String {
+    let mut s = method.to_string();
+    if let Some(o) = objective {
+        s += " ";
+        s += o;
+    }
+    if !train_scales {
+        s += " (no scalars)";
+    }
+    s
+}
+
+impl SweepReport {
+    /// The markdown report (`sweep.md`).
+    pub fn markdown(&self) -> String {
+        let mut s = String::from("# hopscotch sweep\n\n");
+        let _ = writeln!(
+            s,
+            "Model `{}` ({} layers); every model evaluated as {} in llama.cpp; K = {}.",
+            self.model,
+            self.n_layer,
+            self.quant_type,
+            self.skips
+                .iter()
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let f = &self.fit;
+        let _ = writeln!(
+            s,
+            "Fit: {} documents per task (seed {}), batches of {} x {} tokens, lr {} / final lr {}, {}.\n",
+            f.fit_docs,
+            f.seed,
+            f.batch_size,
+            f.max_seq_len,
+            f.lr,
+            f.final_lr,
+            if f.exhaustive {
+                "every candidate trained".to_string()
+            } else {
+                format!(
+                    "screened by {} on {} batch(es), {} trained per round",
+                    f.screen.as_deref().unwrap_or("-"),
+                    f.screen_batches,
+                    f.shortlist
+                )
+            }
+        );
+        s += "Every model of a task is scored on the same held-out documents as the original: \
+              Δ acc is its accuracy minus the original's with a paired bootstrap 95% interval, \
+              agreement the share of documents where both pick the same answer, choice KL the \
+              mean KL(original || model) of the distributions over the choices.\n";
+        for t in &self.tasks {
+            let _ = write!(
+                s,
+                "\n## {} ({} held-out documents, {} fit documents excluded)\n\n![accuracy vs K](accuracy-{}.svg)\n\n",
+                t.name, t.n_docs, t.excluded_docs, t.name
+            );
+            s += "| fit task | method | objective | scales | K | skipped blocks | KV bytes/token | file MiB | accuracy [95% CI] | acc_norm | Δ acc [95% CI] | agreement | choice KL |\n";
+            s += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+            let o = &t.original;
+            let _ = writeln!(
+                s,
+                "| original | - | - | - | 0 | - | {} | {} | {} [{}, {}] | {} | - | - | - |",
+                o.kv_bytes_per_token,
+                mib(o.file_bytes),
+                pct(o.accuracy),
+                pct(o.accuracy_ci95[0]),
+                pct(o.accuracy_ci95[1]),
+                pct(o.acc_norm)
+            );
+            for r in self.rows.iter().filter(|r| r.eval_task == t.name) {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {:?} | {} | {} | {} [{}, {}] | {} | {} [{}, {}] | {} | {:.4} |",
+                    r.fit_task,
+                    r.method,
+                    r.objective.as_deref().unwrap_or("-"),
+                    if r.train_scales { "yes" } else { "no" },
+                    r.k,
+                    r.skipped_blocks,
+                    r.kv_bytes_per_token,
+                    mib(r.file_bytes),
+                    pct(r.accuracy),
+                    pct(r.accuracy_ci95[0]),
+                    pct(r.accuracy_ci95[1]),
+                    pct(r.acc_norm),
+                    points(r.paired.accuracy_diff),
+                    points(r.paired.accuracy_diff_ci95[0]),
+                    points(r.paired.accuracy_diff_ci95[1]),
+                    pct(r.paired.agreement),
+                    r.paired.choice_kl_mean
+                );
+            }
+        }
+        s += "\n## Generalisation\n\nMean accuracy difference to the original (points) over the \
+              evaluation tasks, of the models fitted on the task evaluated and of those fitted \
+              on another task: the gap says how task-specific the choice is. Rows differing only \
+              in the objective compare the objectives.\n\n";
+        s += "| method | objective | scales | K | fitted on the same task | fitted on another task |\n|---|---|---|---|---|---|\n";
+        for g in &self.generalisation {
+            let cell = |v: Option<f64>, n: usize| {
+                v.map_or("-".to_string(), |v| format!("{} ({n})", points(v)))
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} |",
+                g.method,
+                g.objective.as_deref().unwrap_or("-"),
+                if g.train_scales { "yes" } else { "no" },
+                g.k,
+                cell(g.same_task, g.n_same),
+                cell(g.other_tasks, g.n_other)
+            );
+        }
+        s += "\n![answer agreement vs K](agreement.svg)\n\n## Work\n\n";
+        let (c, r) = (&self.units.computed, &self.units.reused);
+        let _ = writeln!(
+            s,
+            "Wall time {:.0} s (prepare {:.0} s, fit {:.0} s, export {:.0} s, evaluation {:.0} s). \
+             One search per configuration up to the largest K; each smaller K takes its first \
+             blocks and trains its own final scalars.\n",
+            self.seconds.total,
+            self.seconds.prepare,
+            self.seconds.fit,
+            self.seconds.export,
+            self.seconds.eval
+        );
+        s += "| unit | computed | reused |\n|---|---|---|\n";
+        for (name, a, b) in [
+            ("original at the type", c.original, r.original),
+            ("greedy search rounds", c.search_rounds, r.search_rounds),
+            ("plans (final trainings)", c.plans, r.plans),
+            ("exported models", c.models, r.models),
+            ("evaluations (model x task)", c.evals, r.evals),
+        ] {
+            let _ = writeln!(s, "| {name} | {a} | {b} |");
+        }
+        s
+    }
+
+    /// A short summary for the terminal: per task, the original and each configuration fitted
+    /// on it, accuracy (difference in points) per K.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        for t in &self.tasks {
+            let _ = writeln!(
+                s,
+                "{}: {} documents, original {}",
+                t.name,
+                t.n_docs,
+                pct(t.original.accuracy)
+            );
+            let rows: Vec<&SweepRow> = self
+                .rows
+                .iter()
+                .filter(|r| r.eval_task == t.name && r.fit_task == t.name)
+                .collect();
+            let mut variants: Vec<Variant> = Vec::new();
+            for r in &rows {
+                if !variants.contains(&variant(r)) {
+                    variants.push(variant(r));
+                }
+            }
+            for v in variants {
+                let label = variant_label(&v.0, v.1.as_deref(), v.2);
+                let cells: Vec<String> = rows
+                    .iter()
+                    .filter(|r| variant(r) == v)
+                    .map(|r| {
+                        format!(
+                            "K={} {} ({})",
+                            r.k,
+                            pct(r.accuracy),
+                            points(r.paired.accuracy_diff)
+                        )
+                    })
+                    .collect();
+                let _ = writeln!(s, "  {label:<30} {}", cells.join("  "));
+            }
+        }
+        let (c, r) = (&self.units.computed, &self.units.reused);
+        let _ = write!(
+            s,
+            "{:.0} s; computed {} plans, {} models, {} evaluations, {} search rounds; reused {} plans, {} models, {} evaluations",
+            self.seconds.total, c.plans, c.models, c.evals, c.search_rounds, r.plans, r.models, r.evals
+        );
+        s
+    }
+
+    /// The plots: `accuracy-<task>.svg` per task (accuracy vs K of the models fitted on it,
+    /// K = 0 the original) and `agreement.svg` (answer agreement vs K, a panel per task).
+    pub fn svgs(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for t in &self.tasks {
+            let series = self.series(&t.name, t.original.accuracy, |r| r.accuracy);
+            let body = chart(
+                0.0,
+                &format!("{}: accuracy vs K (fitted on {})", t.name, t.name),
+                &self.skips,
+                &series,
+            );
+            out.push((format!("accuracy-{}.svg", t.name), svg(PANEL_H, &body)));
+        }
+        let mut body = String::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            let series = self.series(&t.name, 1.0, |r| r.paired.agreement);
+            body += &chart(
+                i as f64 * PANEL_H,
+                &format!("{}: answer agreement with the original vs K", t.name),
+                &self.skips,
+                &series,
+            );
+        }
+        out.push((
+            "agreement.svg".to_string(),
+            svg(PANEL_H * self.tasks.len().max(1) as f64, &body),
+        ));
+        out
+    }
+
+    /// One line per configuration fitted on `task`, from `(0, at_zero)`.
+    fn series(&self, task: &str, at_zero: f64, value: impl Fn(&SweepRow) -> f64) -> Vec<Series> {
+        let rows: Vec<&SweepRow> = self
+            .rows
+            .iter()
+            .filter(|r| r.eval_task == task && r.fit_task == task)
+            .collect();
+        let mut out: Vec<Series> = Vec::new();
+        for r in rows {
+            let label = variant_label(&r.method, r.objective.as_deref(), r.train_scales);
+            match out.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push((r.k, value(r))),
+                None => out.push(Series {
+                    colour: colour(&r.method),
+                    dash: dash(r.objective.as_deref(), r.train_scales),
+                    label,
+                    points: vec![(0, at_zero), (r.k, value(r))],
+                }),
+            }
+        }
+        out
+    }
+}
+
+/// One line of a chart.
+struct Series {
+    label: String,
+    colour: &'static str,
+    dash: &'static str,
+    points: Vec<(usize, f64)>,
+}
+
+fn colour(method: &str) -> &'static str {
+    match method {
+        m if m == Method::Hopscotch.name() => "#1f77b4",
+        m if m == Method::AttnCosine.name() => "#ff7f0e",
+        _ => "#7f7f7f",
+    }
+}
+
+/// Solid for KL, dashed for CE; dotted without scalars.
+fn dash(objective: Option<&str>, train_scales: bool) -> &'static str {
+    match (objective, train_scales) {
+        (Some("ce"), true) => "6 3",
+        (Some("ce"), false) => "6 3 2 3",
+        (_, false) => "2 3",
+        _ => "",
+    }
+}
+
+/// Height of one chart panel.
+const PANEL_H: f64 = 300.0;
+/// Width of every plot.
+const WIDTH: f64 = 720.0;
+
+fn svg(height: f64, body: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{body}</svg>\n"
+    )
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A line chart of fractions against K at vertical offset `y0`: axes, y ticks in percent, an x
+/// tick per K, the lines with a dot per point, and the legend on the right.
+fn chart(y0: f64, title: &str, skips: &[usize], series: &[Series]) -> String {
+    let (left, right, top, bottom) = (60.0, 460.0, y0 + 40.0, y0 + 250.0);
+    let values = series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    let (mut lo, mut hi) = if lo.is_finite() {
+        ((lo - 0.02).max(0.0), (hi + 0.02).min(1.0))
+    } else {
+        (0.0, 1.0)
+    };
+    if hi - lo < 0.05 {
+        let mid = (hi + lo) / 2.0;
+        (lo, hi) = ((mid - 0.025).max(0.0), (mid + 0.025).min(1.0));
+    }
+    let k_max = skips.last().copied().unwrap_or(1).max(1) as f64;
+    let x = |k: usize| left + (right - left) * k as f64 / k_max;
+    let y = |v: f64| bottom - (bottom - top) * (v - lo) / (hi - lo).max(1e-9);
+    let mut s = format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"14\">{}</text>\n",
+        (left + right) / 2.0,
+        y0 + 22.0,
+        escape(title)
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{bottom}\" x2=\"{right}\" y2=\"{bottom}\" stroke=\"black\"/><line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{bottom}\" stroke=\"black\"/>"
+    );
+    for i in 0..=4 {
+        let v = lo + (hi - lo) * i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{:.1}\" y1=\"{2:.1}\" x2=\"{right}\" y2=\"{2:.1}\" stroke=\"#eee\"/><text x=\"{1:.1}\" y=\"{3:.1}\" text-anchor=\"end\">{4:.1}%</text>",
+            left + 1.0,
+            left - 6.0,
+            y(v),
+            y(v) + 4.0,
+            v * 100.0
+        );
+    }
+    for k in std::iter::once(0).chain(skips.iter().copied()) {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{k}</text>",
+            x(k),
+            bottom + 16.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">K (attention blocks skipped; 0 = original)</text>",
+        (left + right) / 2.0,
+        bottom + 34.0
+    );
+    for (i, ser) in series.iter().enumerate() {
+        let pts: Vec<String> = ser
+            .points
+            .iter()
+            .map(|&(k, v)| format!("{:.1},{:.1}", x(k), y(v)))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"2\" stroke-dasharray=\"{}\"/>",
+            pts.join(" "),
+            ser.colour,
+            ser.dash
+        );
+        for &(k, v) in &ser.points {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"/>",
+                x(k),
+                y(v),
+                ser.colour
+            );
+        }
+        let ly = top + 16.0 * i as f64;
+        let _ = writeln!(
+            s,
+            "<line x1=\"480\" y1=\"{ly:.1}\" x2=\"508\" y2=\"{ly:.1}\" stroke=\"{}\" stroke-width=\"2\" stroke-dasharray=\"{}\"/><text x=\"514\" y=\"{:.1}\">{}</text>",
+            ser.colour,
+            ser.dash,
+            ly + 4.0,
+            escape(&ser.label)
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(eval: &str, fit: &str, k: usize, diff: f64) -> SweepRow {
+        SweepRow {
+            eval_task: eval.into(),
+            fit_task: fit.into(),
+            method: "hopscotch".into(),
+            objective: Some("kl".into()),
+            train_scales: true,
+            k,
+            model: format!("{fit}-hopscotch-kl-k{k}"),
+            skipped_blocks: vec![1],
+            kv_bytes_per_token: 10,
+            file_bytes: 1 << 20,
+            accuracy: 0.5,
+            accuracy_ci95: [0.4, 0.6],
+            acc_norm: 0.5,
+            paired: Paired {
+                agreement: 0.9,
+                accuracy_diff: diff,
+                accuracy_diff_ci95: [diff - 0.1, diff + 0.1],
+                choice_kl_mean: 0.01,
+            },
+            fit_loss: Some(0.1),
+        }
+    }
+
+    #[test]
+    fn generalisation_averages_same_and_other_task_fits() {
+        let rows = vec![
+            row("a", "a", 1, -0.1),
+            row("a", "b", 1, -0.3),
+            row("b", "b", 1, 0.1),
+            row("b", "a", 1, -0.1),
+            row("a", "a", 2, -0.2),
+        ];
+        let g = generalisation(&rows);
+        assert_eq!(g.len(), 2);
+        assert_eq!((g[0].k, g[0].n_same, g[0].n_other), (1, 2, 2));
+        assert!((g[0].same_task.unwrap() - 0.0).abs() < 1e-12);
+        assert!((g[0].other_tasks.unwrap() + 0.2).abs() < 1e-12);
+        assert_eq!((g[1].k, g[1].n_other, g[1].other_tasks), (2, 0, None));
+    }
+
+    #[test]
+    fn charts_escape_labels_and_draw_one_line_per_series() {
+        let series = vec![
+            Series {
+                label: "a <b>".into(),
+                colour: "red",
+                dash: "",
+                points: vec![(0, 0.5), (1, 0.4), (2, 0.3)],
+            },
+            Series {
+                label: "c".into(),
+                colour: "blue",
+                dash: "6 3",
+                points: vec![(0, 0.5), (2, 0.45)],
+            },
+        ];
+        let s = svg(PANEL_H, &chart(0.0, "t & u", &[1, 2], &series));
+        assert!(s.starts_with("<svg") && s.ends_with("</svg>\n"));
+        assert_eq!(s.matches("<polyline").count(), 2);
+        assert!(s.contains("a &lt;b&gt;") && s.contains("t &amp; u"));
+        assert!(!s.contains("NaN"));
+        // one point only: the range is widened, never divided by zero
+        let flat = chart(0.0, "flat", &[1], &series[..1]);
+        assert!(!flat.contains("NaN") && !flat.contains("inf"));
+    }
+}

@@ -138,6 +138,7 @@ impl LoadedModel {
             ctx,
             path: &self.path,
             n_ctx: n_ctx as usize,
+            cached: 0,
         })
     }
 }
@@ -158,11 +159,17 @@ pub struct SharedPrefix<'a> {
     pub suffixes: Vec<(&'a [u32], Vec<usize>)>,
 }
 
+/// The sequence that holds a prefix cached by [`Ctx::cache_prefix`]; the sequences of
+/// [`Ctx::logits_after_prefix`] are numbered after it.
+pub const PREFIX_SEQ: i32 = 0;
+
 /// A llama.cpp context over one model.
 pub struct Ctx<'m> {
     ctx: LlamaContext<'m>,
     path: &'m Path,
     n_ctx: usize,
+    /// Tokens of the prefix held in [`PREFIX_SEQ`] (0: none; any other decode drops it).
+    cached: usize,
 }
 
 impl Ctx<'_> {
@@ -174,7 +181,7 @@ impl Ctx<'_> {
     /// Evaluates one sequence from position 0 (clearing the cache first) and returns the logits
     /// at each position in `want` (indices into `tokens`), row by row.
     pub fn logits(&mut self, tokens: &[u32], want: &[usize]) -> Result<Vec<Vec<f32>>, LlamaError> {
-        self.ctx.clear_kv_cache();
+        self.clear();
         let mut batch = LlamaBatch::new(tokens.len().max(1), 1);
         let mut flags = vec![false; tokens.len()];
         for &w in want {
@@ -202,7 +209,7 @@ impl Ctx<'_> {
         &mut self,
         seqs: &[(&[u32], Vec<usize>)],
     ) -> Result<Vec<Vec<Vec<f32>>>, LlamaError> {
-        self.ctx.clear_kv_cache();
+        self.clear();
         let total: usize = seqs.iter().map(|(t, _)| t.len()).sum();
         let mut batch = LlamaBatch::new(total.max(1), seqs.len().max(1) as i32);
         let mut index = Vec::with_capacity(seqs.len());
@@ -245,26 +252,132 @@ impl Ctx<'_> {
     pub fn logits_shared(
         &mut self,
         groups: &[SharedPrefix<'_>],
-        mut each: impl FnMut(usize, usize, &[f32]),
+        each: impl FnMut(usize, usize, &[f32]),
     ) -> Result<(), LlamaError> {
-        self.ctx.clear_kv_cache();
+        self.clear();
         let n_seqs: usize = groups.iter().map(|g| g.suffixes.len()).sum();
         let most = MAX_SEQS.min(self.n_ctx);
         if n_seqs > most {
             return Err(self.err("batch", format!("{n_seqs} sequences, more than {most}")));
         }
-        let total: usize = groups
-            .iter()
-            .filter(|g| !g.suffixes.is_empty())
-            .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
-            .sum();
+        self.decode_groups(groups, 0, 0, each)
+    }
+
+    /// Decodes `tokens` from position 0 (clearing the cache first) into sequence [`PREFIX_SEQ`]
+    /// and keeps their keys and values as the prefix that [`Ctx::logits_after_prefix`]
+    /// continues, until the next decode of another kind. No logits are computed.
+    pub fn cache_prefix(&mut self, tokens: &[u32]) -> Result<(), LlamaError> {
+        self.clear();
+        if tokens.len() > self.n_ctx {
+            return Err(self.err(
+                "batch",
+                format!(
+                    "a prefix of {} tokens, more than the context of {}",
+                    tokens.len(),
+                    self.n_ctx
+                ),
+            ));
+        }
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        let mut batch = LlamaBatch::new(tokens.len(), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[PREFIX_SEQ], false)
+                .map_err(|e| self.err("batch", e.to_string()))?;
+        }
+        self.ctx
+            .decode(&mut batch)
+            .map_err(|e| self.err("decode", e.to_string()))?;
+        self.cached = tokens.len();
+        Ok(())
+    }
+
+    /// Tokens of the prefix cached by [`Ctx::cache_prefix`] (0 when none is).
+    pub fn cached_prefix(&self) -> usize {
+        self.cached
+    }
+
+    /// As [`Ctx::logits_shared`], but every sequence continues the prefix cached by
+    /// [`Ctx::cache_prefix`], which stays cached: the groups' prefixes and suffixes are the
+    /// tokens after it, at positions from its length on, and the positions asked for index into
+    /// a group's prefix + suffix (the cached prefix not counted). Each sequence gets the cached
+    /// prefix's cells by `llama_memory_seq_cp`, which in the unified KV cache marks the same
+    /// cells as belonging to one more sequence (no copy, no extra cells), and loses them again
+    /// afterwards. So the cache must hold the cached prefix plus the batch: at most the
+    /// context's tokens in all, and at most [`MAX_SEQS`] - 1 sequences (one less than
+    /// [`Ctx::logits_shared`]: [`PREFIX_SEQ`] holds the prefix).
+    pub fn logits_after_prefix(
+        &mut self,
+        groups: &[SharedPrefix<'_>],
+        each: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<(), LlamaError> {
+        let cached = self.cached;
+        if cached == 0 {
+            return Err(self.err("batch", "no prefix is cached".to_string()));
+        }
+        let n_seqs: usize = groups.iter().map(|g| g.suffixes.len()).sum();
+        let most = MAX_SEQS.min(self.n_ctx).saturating_sub(1);
+        if n_seqs > most {
+            return Err(self.err(
+                "batch",
+                format!("{n_seqs} sequences after a cached prefix, more than {most}"),
+            ));
+        }
+        let total = batch_tokens(groups);
+        if cached + total > self.n_ctx {
+            return Err(self.err(
+                "batch",
+                format!(
+                    "{total} tokens after a cached prefix of {cached}, more than the context of {}",
+                    self.n_ctx
+                ),
+            ));
+        }
+        let ids = PREFIX_SEQ + 1..=PREFIX_SEQ + n_seqs as i32;
+        for id in ids.clone() {
+            self.ctx
+                .copy_kv_cache_seq(PREFIX_SEQ, id, None, None)
+                .map_err(|e| self.err("KV cache copy", e.to_string()))?;
+        }
+        let decoded = self.decode_groups(groups, cached, PREFIX_SEQ + 1, each);
+        for id in ids {
+            // Whole-sequence removals always succeed; the prefix's cells keep PREFIX_SEQ.
+            let removed = self.ctx.clear_kv_cache_seq(Some(id as u32), None, None);
+            if !matches!(removed, Ok(true)) {
+                self.clear();
+                return Err(self.err("KV cache removal", format!("sequence {id}: {removed:?}")));
+            }
+        }
+        decoded
+    }
+
+    /// Clears the KV cache, the cached prefix with it.
+    fn clear(&mut self) {
+        self.ctx.clear_kv_cache();
+        self.cached = 0;
+    }
+
+    /// Decodes the groups in one batch, their tokens at positions from `start` on and their
+    /// sequences numbered from `first_id`, over whatever the cache holds, and calls `each` as
+    /// [`Ctx::logits_shared`] does.
+    fn decode_groups(
+        &mut self,
+        groups: &[SharedPrefix<'_>],
+        start: usize,
+        first_id: i32,
+        mut each: impl FnMut(usize, usize, &[f32]),
+    ) -> Result<(), LlamaError> {
+        let n_seqs: usize = groups.iter().map(|g| g.suffixes.len()).sum();
+        let total = batch_tokens(groups);
         let widest = groups.iter().map(|g| g.suffixes.len()).max().unwrap_or(1);
         let mut batch = LlamaBatch::new(total.max(1), widest.max(1) as i32);
         // For every sequence, the batch index of each position asked for.
         let mut rows: Vec<Vec<i32>> = Vec::with_capacity(n_seqs);
         let mut at = 0i32;
         for g in groups.iter().filter(|g| !g.suffixes.is_empty()) {
-            let first = rows.len() as i32;
+            let first = first_id + rows.len() as i32;
             let ids: Vec<i32> = (first..first + g.suffixes.len() as i32).collect();
             let p = g.prefix.len();
             let mut flags = vec![false; p];
@@ -285,7 +398,7 @@ impl Ctx<'_> {
             let prefix_at = at;
             for (i, (&t, &f)) in g.prefix.iter().zip(&flags).enumerate() {
                 batch
-                    .add(LlamaToken(t as i32), i as i32, &ids, f)
+                    .add(LlamaToken(t as i32), (start + i) as i32, &ids, f)
                     .map_err(|e| self.err("batch", e.to_string()))?;
                 at += 1;
             }
@@ -295,7 +408,7 @@ impl Ctx<'_> {
                     batch
                         .add(
                             LlamaToken(t as i32),
-                            (p + i) as i32,
+                            (start + p + i) as i32,
                             &[id],
                             want.contains(&(p + i)),
                         )
@@ -330,6 +443,15 @@ impl Ctx<'_> {
             message,
         }
     }
+}
+
+/// Tokens a batch of groups holds: each group's prefix once, then its sequences' suffixes.
+fn batch_tokens(groups: &[SharedPrefix<'_>]) -> usize {
+    groups
+        .iter()
+        .filter(|g| !g.suffixes.is_empty())
+        .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
+        .sum()
 }
 
 /// log-softmax of one row of logits, in f64 for stable sums.

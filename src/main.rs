@@ -790,6 +790,12 @@ fn eval_task(
         "prompt tokens    {} in decodes of up to {} ({:.0} tokens/s)",
         rep.prompt_tokens, rep.n_ctx, rep.prompt_tokens_per_s
     );
+    if rep.cached_prefix_tokens > 0 {
+        println!(
+            "shared prefix    {} tokens decoded once per model, reused by {} of {} docs",
+            rep.cached_prefix_tokens, rep.cached_prefix_docs, rep.n_docs
+        );
+    }
     if let (Some(reference), Some(agreement), Some(diff), Some([lo, hi]), Some(kl)) = (
         &rep.reference,
         rep.agreement,

@@ -11,10 +11,11 @@ use candle_core::{Device, Tensor, D};
 use common::{bin, write_tiny, Tiny};
 use hopscotch::checkpoint::Checkpoint;
 use hopscotch::eval::task::{
-    choice_chars, evaluate, pair_with_reference, select_docs, wilson_ci95, Selection, TaskReport,
+    choice_chars, evaluate, evaluate_with, pair_with_reference, select_docs, wilson_ci95,
+    DecodeOptions, Selection, TaskReport, MIN_CACHED_PREFIX,
 };
 use hopscotch::fit::plan::Plan;
-use hopscotch::llamacpp::LoadedModel;
+use hopscotch::llamacpp::{LoadedModel, SharedPrefix};
 use hopscotch::model::{Model, ScaleValues};
 use serde_json::{json, Value};
 
@@ -22,10 +23,18 @@ use serde_json::{json, Value};
 /// model, relative to the larger of 1 and the value (the measured maximum is printed).
 const LL_TOLERANCE: f64 = 1e-3;
 
+/// Largest difference allowed between a choice's log-likelihood decoded after the cached prefix
+/// all docs share and decoded whole, for an f32 model with an f32 KV cache, in nats (the measured
+/// maximum is printed).
+const CACHED_TOLERANCE: f64 = 5e-5;
+
+/// A test doc: contexts, one per choice; continuations; gold.
+type TestDoc = (Vec<String>, Vec<String>, u64);
+
 /// (contexts, one per choice; continuations; gold) of the three test docs: a shared context,
 /// a context with trailing whitespace and a non-ASCII choice, and per-choice contexts with one
 /// continuation (winogrande's partial scoring).
-fn test_docs() -> Vec<(Vec<&'static str>, Vec<&'static str>, u64)> {
+fn test_docs() -> Vec<TestDoc> {
     let sky = "Question: What color is the sky on a clear day?\nAnswer:";
     let city = "The largest city in Switzerland is ";
     vec![
@@ -49,12 +58,24 @@ fn test_docs() -> Vec<(Vec<&'static str>, Vec<&'static str>, u64)> {
             0,
         ),
     ]
+    .into_iter()
+    .map(|(contexts, continuations, gold)| (owned(&contexts), owned(&continuations), gold))
+    .collect()
+}
+
+fn owned(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
 }
 
 fn write_task(dir: &Path) -> PathBuf {
+    write_docs(dir, "task.jsonl", &test_docs())
+}
+
+/// Writes `docs` as a requests-format task file `name` in `dir`.
+fn write_docs(dir: &Path, name: &str, docs: &[TestDoc]) -> PathBuf {
     let mut lines = String::new();
-    for (d, (contexts, continuations, gold)) in test_docs().into_iter().enumerate() {
-        for (i, (context, continuation)) in contexts.iter().zip(&continuations).enumerate() {
+    for (d, (contexts, continuations, gold)) in docs.iter().enumerate() {
+        for (i, (context, continuation)) in contexts.iter().zip(continuations).enumerate() {
             let line = json!({
                 "request": {"context": context, "continuation": continuation},
                 "doc_id": d,
@@ -66,7 +87,7 @@ fn write_task(dir: &Path) -> PathBuf {
             lines.push('\n');
         }
     }
-    let path = dir.join("task.jsonl");
+    let path = dir.join(name);
     std::fs::write(&path, lines).unwrap();
     path
 }
@@ -124,7 +145,12 @@ fn eval_lib(gguf: &Path, task: &Path, n_ctx: usize) -> TaskReport {
 /// Summed log-probabilities of each doc's continuations computed in candle from the Hugging
 /// Face folder, tokenized with the `tokenizers` crate as lm-evaluation-harness does, decoding
 /// at most `n_ctx` tokens (cut from the left).
-fn candle_loglikelihoods(hf: &Path, add_bos: Option<u32>, n_ctx: usize) -> Vec<Vec<f64>> {
+fn candle_loglikelihoods(
+    hf: &Path,
+    add_bos: Option<u32>,
+    n_ctx: usize,
+    docs: &[TestDoc],
+) -> Vec<Vec<f64>> {
     let ck = Checkpoint::open(hf).unwrap();
     let model = Model::load(&ck, &Device::Cpu).unwrap();
     let n_layer = model.arch().n_layer;
@@ -132,12 +158,11 @@ fn candle_loglikelihoods(hf: &Path, add_bos: Option<u32>, n_ctx: usize) -> Vec<V
     let skip = vec![false; n_layer];
     let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
     let encode = |t: &str| tok.encode(t, false).unwrap().get_ids().to_vec();
-    test_docs()
-        .into_iter()
+    docs.iter()
         .map(|(contexts, continuations, _)| {
             contexts
                 .iter()
-                .zip(&continuations)
+                .zip(continuations)
                 .map(|(context, continuation)| {
                     let kept = context.trim_end();
                     let moved = format!("{}{continuation}", &context[kept.len()..]);
@@ -182,7 +207,7 @@ fn loglikelihoods_match_candle_and_accuracy_follows_from_them() {
     // 4096: every doc in one decode, nothing cut; 12: several decodes, contexts cut from the left.
     for n_ctx in [4096, 12] {
         let report = eval_lib(&gguf, &task, n_ctx);
-        let expected = candle_loglikelihoods(&hf, bos, n_ctx);
+        let expected = candle_loglikelihoods(&hf, bos, n_ctx, &test_docs());
         assert_eq!(report.n_docs, 3);
         assert_eq!(report.n_requests, 9);
         if n_ctx == 4096 {
@@ -232,7 +257,246 @@ fn loglikelihoods_match_candle_and_accuracy_follows_from_them() {
         assert_eq!(report.accuracy_ci95, wilson_ci95(correct, 3));
         assert_eq!(report.acc_norm_ci95, wilson_ci95(correct_norm, 3));
         assert!(report.prompt_tokens > 0 && report.prompt_tokens_per_s > 0.0);
+        // the three docs share no prefix worth caching: all decode whole
+        assert_eq!(report.cached_prefix_tokens, 0);
+        assert_eq!(report.cached_prefix_docs, 0);
     }
+}
+
+/// Few-shot docs: the same five worked examples begin every context, then the doc's own question
+/// (one doc with per-choice contexts, one whose context ends in a space, one long enough to be
+/// cut in a small context).
+fn few_shot_docs() -> Vec<TestDoc> {
+    let shots = "Question: What do cows drink?\nAnswer: water\n\n\
+                 Question: Which season comes after winter?\nAnswer: spring\n\n\
+                 Question: How many legs does a spider have?\nAnswer: eight\n\n\
+                 Question: What color are ripe tomatoes?\nAnswer: red\n\n\
+                 Question: What do you call a baby cat?\nAnswer: a kitten\n\n";
+    let ask = |q: &str| format!("{shots}Question: {q}\nAnswer:");
+    let long = format!(
+        "What does this long story end with? {}",
+        "The road went on past the river and the mill and the old stone bridge. ".repeat(8)
+    );
+    let doc = |context: String, choices: &[&str], gold| {
+        (vec![context; choices.len()], owned(choices), gold)
+    };
+    vec![
+        doc(ask("What do bees make?"), &[" honey", " milk", " steel"], 0),
+        doc(
+            ask("Which planet is closest to the sun?"),
+            &[" Mercury", " Venus", " Mars", " Jupiter"],
+            0,
+        ),
+        (
+            vec![
+                format!("{shots}The cup fell off the table because the cup"),
+                format!("{shots}The cup fell off the table because the table"),
+            ],
+            owned(&[" was slippery.", " was slippery."]),
+            1,
+        ),
+        doc(ask(&long), &[" a bridge", " the sea"], 1),
+        doc(
+            format!("{shots}Question: Name a primary color.\nAnswer: "),
+            &["blue", "green as grass"],
+            0,
+        ),
+        doc(
+            ask("What is frozen water called?"),
+            &[" ice", " steam", " sand"],
+            0,
+        ),
+    ]
+}
+
+#[test]
+fn shared_few_shot_prefix_is_decoded_once_and_scores_as_decoded_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hf, gguf) = tiny(dir.path());
+    let docs = few_shot_docs();
+    let task = write_docs(dir.path(), "fewshot.jsonl", &docs);
+    let model = LoadedModel::load(&gguf).unwrap();
+    let vocab = model.model.vocab();
+    let bos = vocab.should_add_bos().then(|| vocab.bos().0 as u32);
+    let data = hopscotch::task::load(&task).unwrap();
+    let selection = select_docs(&data, None, None).unwrap();
+    let run = |n_ctx: usize, reuse_prefix: bool, f32_kv: bool| {
+        let options = DecodeOptions {
+            reuse_prefix,
+            f32_kv,
+        };
+        let hidden = indicatif::ProgressBar::hidden();
+        evaluate_with(&model, None, &data, &selection, n_ctx, 2, options, &hidden).unwrap()
+    };
+
+    // The prefix expected, from the `tokenizers` crate: the longest common prefix of every
+    // choice's context tokens, less the last (whose logits are scored).
+    let tok = tokenizers::Tokenizer::from_file(hf.join("tokenizer.json")).unwrap();
+    let contexts: Vec<Vec<u32>> = docs
+        .iter()
+        .flat_map(|(contexts, _, _)| contexts)
+        .map(|c| {
+            let mut ids: Vec<u32> = bos.into_iter().collect();
+            ids.extend(tok.encode(c.trim_end(), false).unwrap().get_ids());
+            ids.pop();
+            ids
+        })
+        .collect();
+    let prefix = contexts.iter().fold(contexts[0].len(), |n, c| {
+        contexts[0][..n]
+            .iter()
+            .zip(c)
+            .take_while(|(a, b)| a == b)
+            .count()
+    });
+    let longest = contexts.iter().map(Vec::len).max().unwrap();
+    eprintln!("shared prefix {prefix} tokens, longest context {longest}");
+    assert!(prefix >= MIN_CACHED_PREFIX && prefix + 40 < 160 && longest > 160);
+
+    // 4096: every doc in one decode; 160: several decodes after the prefix, docs split across
+    // them, and the long doc cut to fit and decoded whole.
+    for n_ctx in [4096, 160] {
+        let cached = run(n_ctx, true, true);
+        let whole = run(n_ctx, false, true);
+        assert_eq!(cached.cached_prefix_tokens, prefix, "n_ctx {n_ctx}");
+        assert_eq!(
+            (whole.cached_prefix_tokens, whole.cached_prefix_docs),
+            (0, 0)
+        );
+        let n_docs = docs.len();
+        if n_ctx == 4096 {
+            assert_eq!(cached.truncated_requests, 0);
+            assert_eq!(cached.cached_prefix_docs, n_docs);
+            // decoded once instead of once per doc
+            assert_eq!(
+                whole.prompt_tokens - cached.prompt_tokens,
+                (n_docs - 1) * prefix
+            );
+        } else {
+            assert_eq!(cached.truncated_requests, 2);
+            assert_eq!(cached.cached_prefix_docs, n_docs - 1);
+            assert!(
+                cached.prompt_tokens + (n_docs - 3) * prefix <= whole.prompt_tokens,
+                "{} vs {} tokens",
+                cached.prompt_tokens,
+                whole.prompt_tokens
+            );
+        }
+        let mut max_abs = 0f64;
+        for (c, w) in cached.docs.iter().zip(&whole.docs) {
+            assert_eq!(c.doc_id, w.doc_id);
+            for (&a, &b) in c.loglikelihoods.iter().zip(&w.loglikelihoods) {
+                max_abs = max_abs.max((a - b).abs());
+                assert!(
+                    (a - b).abs() <= CACHED_TOLERANCE,
+                    "doc {}: after the cached prefix {a}, whole {b} (n_ctx {n_ctx})",
+                    c.doc_id
+                );
+            }
+        }
+        eprintln!(
+            "n_ctx {n_ctx}: {} tokens decoded after a cached prefix of {prefix}, {} whole; \
+             max |cached - whole| = {max_abs:.2e} nats",
+            cached.prompt_tokens, whole.prompt_tokens
+        );
+
+        // the default path (prefix reused, f16 KV cache) against candle
+        let default = eval_lib(&gguf, &task, n_ctx);
+        assert_eq!(default.prompt_tokens, cached.prompt_tokens);
+        let expected = candle_loglikelihoods(&hf, bos, n_ctx, &docs);
+        let mut max_rel = 0f64;
+        for (doc, want) in default.docs.iter().zip(&expected) {
+            for (&got, &want) in doc.loglikelihoods.iter().zip(want) {
+                max_rel = max_rel.max((got - want).abs() / want.abs().max(1.0));
+                assert!(
+                    (got - want).abs() <= LL_TOLERANCE * want.abs().max(1.0),
+                    "doc {}: llama.cpp {got} vs candle {want} (n_ctx {n_ctx})",
+                    doc.doc_id
+                );
+            }
+        }
+        eprintln!(
+            "n_ctx {n_ctx}, prefix reused, f16 KV: max relative |llama.cpp - candle| = {max_rel:.2e}"
+        );
+    }
+}
+
+#[test]
+fn cached_prefix_continues_like_a_whole_decode_and_bad_requests_fail_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let model = LoadedModel::load(&gguf).unwrap();
+    let tokens = common::sample_tokens();
+    let (prefix, a, b) = (&tokens[..12], &tokens[12..20], &tokens[20..26]);
+    let mut ctx = model.context_with(64, 2, true).unwrap();
+    fn collect(rows: &mut [Vec<Vec<f32>>]) -> impl FnMut(usize, usize, &[f32]) + '_ {
+        |seq, _k, logits| rows[seq].push(logits.to_vec())
+    }
+
+    // both continuations decoded whole, after their shared prefix
+    let mut whole = vec![Vec::new(); 2];
+    let groups = [SharedPrefix {
+        prefix,
+        suffixes: vec![(a, (12..20).collect()), (b, (12..18).collect())],
+    }];
+    ctx.logits_shared(&groups, collect(&mut whole)).unwrap();
+
+    // nothing cached yet: refused
+    assert!(ctx.logits_after_prefix(&[], |_, _, _| {}).is_err());
+    assert!(ctx.cache_prefix(&[1; 65]).is_err());
+    assert_eq!(ctx.cached_prefix(), 0);
+
+    // the prefix decoded once, each continuation after it in its own call: the prefix stays
+    ctx.cache_prefix(prefix).unwrap();
+    assert_eq!(ctx.cached_prefix(), 12);
+    let mut max_abs = 0f32;
+    for (suffix, want) in [(a, &whole[0]), (b, &whole[1])] {
+        let mut rows = vec![Vec::new(); 1];
+        let groups = [SharedPrefix {
+            prefix: &[],
+            suffixes: vec![(suffix, (0..suffix.len()).collect())],
+        }];
+        ctx.logits_after_prefix(&groups, collect(&mut rows))
+            .unwrap();
+        assert_eq!(rows[0].len(), want.len());
+        for (got, want) in rows[0].iter().zip(want) {
+            for (x, y) in got.iter().zip(want) {
+                max_abs = max_abs.max((x - y).abs());
+            }
+        }
+    }
+    eprintln!("max |logit after cached prefix - whole| = {max_abs:.2e}");
+    assert!(max_abs < 1e-4, "{max_abs}");
+
+    // too many sequences (the prefix holds one of the 64) or tokens: refused, the prefix kept
+    let one: &[u32] = &tokens[12..13];
+    let many = [SharedPrefix {
+        prefix: &[],
+        suffixes: vec![(one, vec![0]); 64],
+    }];
+    assert!(ctx.logits_after_prefix(&many, |_, _, _| {}).is_err());
+    let long = [SharedPrefix {
+        prefix: &[],
+        suffixes: vec![(&[1; 53][..], vec![0])],
+    }];
+    assert!(ctx.logits_after_prefix(&long, |_, _, _| {}).is_err());
+    assert_eq!(ctx.cached_prefix(), 12);
+    let mut rows = vec![Vec::new(); 1];
+    let again = [SharedPrefix {
+        prefix: &[],
+        suffixes: vec![(a, vec![0])],
+    }];
+    ctx.logits_after_prefix(&again, collect(&mut rows)).unwrap();
+    let diff = rows[0][0]
+        .iter()
+        .zip(&whole[0][0])
+        .map(|(x, y)| (x - y).abs());
+    assert!(diff.fold(0f32, f32::max) < 1e-4);
+
+    // any other decode drops the prefix
+    ctx.logits(prefix, &[0]).unwrap();
+    assert_eq!(ctx.cached_prefix(), 0);
+    assert!(ctx.logits_after_prefix(&again, |_, _, _| {}).is_err());
 }
 
 #[test]

@@ -10,12 +10,20 @@
 //! continuation, the two are tokenized separately (the context with the model's BOS when it adds
 //! one, the continuation without special tokens) and concatenated; an empty context becomes BOS.
 //! A sequence longer than the context loses tokens from the left. The choices of a doc begin
-//! with the same tokens (the few-shot context), which enter a decode once for all of them, and
-//! several docs fill one decode, in selection order: a selection and a context size always give
-//! the same layout, and a reference decodes in the model's layout. (The layout matters a little
-//! for quantized models: llama.cpp rounds activations to 8 bits in its quantized matmuls, and a
-//! sequence's rounding depends on where it sits in the batch; on SmolLM2-135M that is about 0.07
-//! nats per token either way, against an f32 copy of the same weights.)
+//! with the same tokens (the doc's context), which enter a decode once for all of them, and
+//! several docs fill one decode, in selection order. The docs of a few-shot task also begin with
+//! the same tokens (the few-shot examples, most of every context): the longest token prefix that
+//! all docs share (those not cut to fit) is decoded once per model, before the docs, into its own
+//! sequence of llama.cpp's KV cache, and every decode after it continues that sequence's cached
+//! keys and values, decoding only the rest of each doc ([`MIN_CACHED_PREFIX`] tokens at least;
+//! cut docs, and all docs when the shared prefix is shorter, decode whole, after the others).
+//! A selection, a context size and [`DecodeOptions`] always give the same layout, and a reference
+//! decodes in the model's layout. (The layout matters a little for quantized models: llama.cpp
+//! rounds activations to 8 bits in its quantized matmuls, and a sequence's rounding depends on
+//! where it sits in the batch; on SmolLM2-135M that is about 0.07 nats per token either way,
+//! against an f32 copy of the same weights, and moves arc_easy's choice log-likelihoods by about
+//! 0.17 nats from one layout to another, a cached prefix or another context size alike. With an
+//! f32 model and an f32 KV cache the layouts agree to 1e-5 nats.)
 //!
 //! With a reference model, paired statistics on the same documents: answer agreement, the
 //! accuracy difference with a bootstrap interval over documents, and the KL divergence between
@@ -31,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::perplexity::EvalError;
 use crate::fit::plan::Plan;
-use crate::llamacpp::{log_softmax, LlamaError, LoadedModel, SharedPrefix, MAX_SEQS};
+use crate::llamacpp::{log_softmax, Ctx, LlamaError, LoadedModel, SharedPrefix, MAX_SEQS};
 use crate::task::{move_trailing_whitespace, Doc, DocBody, TaskData, TaskFormat};
 
 /// z of a two-sided 95% normal interval.
@@ -42,6 +50,30 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 
 /// Seed of the bootstrap, fixed so that a report reproduces.
 pub const BOOTSTRAP_SEED: u64 = 0x0005_eed0_f0e7;
+
+/// Fewest tokens of a prefix shared by all docs worth decoding once and reusing from the KV
+/// cache; a shorter one is decoded with every doc, as the rest of its context.
+pub const MIN_CACHED_PREFIX: usize = 16;
+
+/// How [`evaluate_with`] decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Decode the token prefix all docs share once per model and reuse its KV cache (when it
+    /// has at least [`MIN_CACHED_PREFIX`] tokens); off, every doc decodes whole.
+    pub reuse_prefix: bool,
+    /// An f32 KV cache instead of llama.cpp's default f16 one, for exact comparisons.
+    pub f32_kv: bool,
+}
+
+impl Default for DecodeOptions {
+    /// The prefix reused, an f16 KV cache: what `hopscotch eval --task` does.
+    fn default() -> Self {
+        DecodeOptions {
+            reuse_prefix: true,
+            f32_kv: false,
+        }
+    }
+}
 
 /// Errors from task evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -256,8 +288,14 @@ pub struct TaskReport {
     pub n_requests: usize,
     /// Requests cut from the left to fit the context.
     pub truncated_requests: usize,
-    /// Tokens the model decoded (a doc's shared prefix counts once).
+    /// Tokens the model decoded (a doc's shared prefix counts once, and the prefix all docs
+    /// share, when cached, once in all).
     pub prompt_tokens: usize,
+    /// Tokens of the prefix all docs share that were decoded once and reused from the KV cache
+    /// ([`DecodeOptions::reuse_prefix`]; 0 when none was), counted once in `prompt_tokens`.
+    pub cached_prefix_tokens: usize,
+    /// Docs decoded after the cached prefix (the others decode whole).
+    pub cached_prefix_docs: usize,
     /// `prompt_tokens` per second of decoding (the decode calls, logits read out included).
     pub prompt_tokens_per_s: f64,
     /// Context size of a decode.
@@ -280,7 +318,8 @@ pub struct TaskReport {
 }
 
 /// Scores the selected docs of `task` with `model` (and `reference`, on the same tokens),
-/// decoding up to `n_ctx` tokens at once with `threads` threads. `progress` counts docs.
+/// decoding up to `n_ctx` tokens at once with `threads` threads, the prefix all docs share
+/// decoded once ([`DecodeOptions::default`]). `progress` counts docs.
 pub fn evaluate(
     model: &LoadedModel,
     reference: Option<&LoadedModel>,
@@ -288,6 +327,30 @@ pub fn evaluate(
     selection: &Selection<'_>,
     n_ctx: usize,
     threads: usize,
+    progress: &indicatif::ProgressBar,
+) -> Result<TaskReport, TaskEvalError> {
+    evaluate_with(
+        model,
+        reference,
+        task,
+        selection,
+        n_ctx,
+        threads,
+        DecodeOptions::default(),
+        progress,
+    )
+}
+
+/// As [`evaluate`], decoding as `options` says.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_with(
+    model: &LoadedModel,
+    reference: Option<&LoadedModel>,
+    task: &TaskData,
+    selection: &Selection<'_>,
+    n_ctx: usize,
+    threads: usize,
+    options: DecodeOptions,
     progress: &indicatif::ProgressBar,
 ) -> Result<TaskReport, TaskEvalError> {
     if let Some(r) = reference {
@@ -307,12 +370,12 @@ pub fn evaluate(
         .iter()
         .map(|doc| DocRequests::new(model, &task.path, doc, n_ctx))
         .collect::<Result<Vec<_>, _>>()?;
-    let packs = pack(&requests, n_ctx);
+    let layout = Layout::new(&requests, n_ctx, options.reuse_prefix);
     let n_models = 1 + usize::from(reference.is_some());
     progress.set_length((requests.len() * n_models) as u64);
-    let scored = score(model, &requests, &packs, n_ctx, threads, progress)?;
+    let scored = score(model, &requests, &layout, n_ctx, threads, options, progress)?;
     let ref_scored = reference
-        .map(|r| score(r, &requests, &packs, n_ctx, threads, progress))
+        .map(|r| score(r, &requests, &layout, n_ctx, threads, options, progress))
         .transpose()?;
     progress.finish_and_clear();
 
@@ -342,6 +405,7 @@ pub fn evaluate(
         &requests,
         &scored,
         ref_scored.as_ref(),
+        &layout,
         n_ctx,
     ))
 }
@@ -482,22 +546,86 @@ struct Part {
     choices: Range<usize>,
 }
 
-/// Packs the requests, in order, into decodes of at most `n_ctx` tokens and as many sequences
-/// as a context of that size holds ([`MAX_SEQS`]); each part of a decode pays for its doc's
-/// shared prefix once.
-fn pack(docs: &[DocRequests], n_ctx: usize) -> Vec<Vec<Part>> {
-    let max_seqs = MAX_SEQS.min(n_ctx);
+/// How a selection's requests are decoded: the prefix all docs share, decoded once, the packs
+/// of the docs that continue it, then the packs of the docs decoded whole.
+struct Layout {
+    /// The tokens every choice of the `cached` docs begins with, decoded once; empty when there
+    /// is no such prefix of [`MIN_CACHED_PREFIX`] tokens, or prefix reuse is off.
+    prefix: Vec<u32>,
+    /// Decodes after the cached prefix.
+    cached: Vec<Vec<Part>>,
+    /// Decodes of whole docs (docs cut to fit the context, or all when nothing is cached).
+    whole: Vec<Vec<Part>>,
+    /// Docs decoded after the prefix.
+    cached_docs: usize,
+}
+
+impl Layout {
+    /// The layout of `docs` in decodes of `n_ctx` tokens, reusing their shared prefix when
+    /// `reuse_prefix`.
+    fn new(docs: &[DocRequests], n_ctx: usize, reuse_prefix: bool) -> Layout {
+        let most_seqs = MAX_SEQS.min(n_ctx);
+        let uncut = |d: &DocRequests| !d.choices.iter().any(|c| c.truncated);
+        let prefix = common_prefix(docs.iter().filter(|d| uncut(d)));
+        // The prefix's own sequence takes one of the context's sequences; every uncut choice
+        // fits in the context, so in a decode of `n_ctx - prefix` tokens after the prefix.
+        if !reuse_prefix || prefix.len() < MIN_CACHED_PREFIX || most_seqs < 2 {
+            return Layout {
+                prefix: Vec::new(),
+                cached: Vec::new(),
+                whole: pack(docs, 0..docs.len(), 0, n_ctx, most_seqs),
+                cached_docs: 0,
+            };
+        }
+        let (cached, whole): (Vec<usize>, Vec<usize>) =
+            (0..docs.len()).partition(|&d| uncut(&docs[d]));
+        let p = prefix.len();
+        Layout {
+            cached: pack(docs, cached.iter().copied(), p, n_ctx - p, most_seqs - 1),
+            whole: pack(docs, whole.into_iter(), 0, n_ctx, most_seqs),
+            cached_docs: cached.len(),
+            prefix,
+        }
+    }
+}
+
+/// The longest token prefix that every choice of `docs` begins with, stopping before the first
+/// position of each whose logits are scored (so that every scored position follows it).
+fn common_prefix<'a>(docs: impl Iterator<Item = &'a DocRequests>) -> Vec<u32> {
+    let mut prefix: Option<&[u32]> = None;
+    for choice in docs.flat_map(|d| &d.choices) {
+        let context = &choice.input[..choice.input.len() - choice.targets.len()];
+        prefix = Some(match prefix {
+            None => context,
+            Some(p) => &p[..p.iter().zip(context).take_while(|(a, b)| a == b).count()],
+        });
+    }
+    prefix.unwrap_or_default().to_vec()
+}
+
+/// Packs the requests of the docs `which`, in order, into decodes of at most `budget` tokens
+/// and `max_seqs` sequences, each doc's first `skip` tokens left out (decoded before, as a
+/// cached prefix); each part of a decode pays for its doc's shared prefix once.
+fn pack(
+    docs: &[DocRequests],
+    which: impl Iterator<Item = usize>,
+    skip: usize,
+    budget: usize,
+    max_seqs: usize,
+) -> Vec<Vec<Part>> {
     let mut packs = Vec::new();
     let mut current: Vec<Part> = Vec::new();
     let (mut tokens, mut seqs) = (0, 0);
-    for (d, doc) in docs.iter().enumerate() {
+    for d in which {
+        let doc = &docs[d];
+        let shared = doc.shared - skip;
         for (c, choice) in doc.choices.iter().enumerate() {
             let own = choice.input.len() - doc.shared;
             let same_doc = current.last().is_some_and(|p| p.doc == d);
-            let mut cost = if same_doc { own } else { doc.shared + own };
-            if !current.is_empty() && (seqs == max_seqs || tokens + cost > n_ctx) {
+            let mut cost = if same_doc { own } else { shared + own };
+            if !current.is_empty() && (seqs == max_seqs || tokens + cost > budget) {
                 packs.push(std::mem::take(&mut current));
-                (tokens, seqs, cost) = (0, 0, doc.shared + own);
+                (tokens, seqs, cost) = (0, 0, shared + own);
             }
             match current.last_mut() {
                 Some(part) if part.doc == d => part.choices.end = c + 1,
@@ -529,59 +657,92 @@ struct Scored {
 fn score(
     model: &LoadedModel,
     docs: &[DocRequests],
-    packs: &[Vec<Part>],
+    layout: &Layout,
     n_ctx: usize,
     threads: usize,
+    options: DecodeOptions,
     progress: &indicatif::ProgressBar,
 ) -> Result<Scored, TaskEvalError> {
     progress.set_message(format!("scoring {}", model.path.display()));
-    let mut ctx = model.context(n_ctx, threads)?;
-    let mut lls: Vec<Vec<f64>> = docs.iter().map(|d| vec![0.0; d.choices.len()]).collect();
-    let (mut tokens, mut seconds) = (0, 0.0);
-    for parts in packs {
-        let groups: Vec<SharedPrefix<'_>> = parts
-            .iter()
-            .map(|part| {
-                let doc = &docs[part.doc];
-                let first = &doc.choices[part.choices.start];
-                SharedPrefix {
-                    prefix: &first.input[..doc.shared],
-                    suffixes: doc.choices[part.choices.clone()]
-                        .iter()
-                        .map(|r| {
-                            let start = r.input.len() - r.targets.len();
-                            (&r.input[doc.shared..], (start..r.input.len()).collect())
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        tokens += groups
-            .iter()
-            .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
-            .sum::<usize>();
-        let owners: Vec<(usize, usize)> = parts
-            .iter()
-            .flat_map(|p| p.choices.clone().map(move |c| (p.doc, c)))
-            .collect();
+    let mut ctx = model.context_with(n_ctx, threads, options.f32_kv)?;
+    let mut scored = Scored {
+        loglikelihoods: docs.iter().map(|d| vec![0.0; d.choices.len()]).collect(),
+        tokens: 0,
+        seconds: 0.0,
+    };
+    if !layout.cached.is_empty() {
         let started = Instant::now();
-        ctx.logits_shared(&groups, |seq, k, logits| {
-            let (d, c) = owners[seq];
-            let target = docs[d].choices[c].targets[k] as usize;
-            lls[d][c] += log_softmax(logits)[target];
-        })?;
-        seconds += started.elapsed().as_secs_f64();
-        let finished = parts
-            .iter()
-            .filter(|p| p.choices.end == docs[p.doc].choices.len())
-            .count();
-        progress.inc(finished as u64);
+        ctx.cache_prefix(&layout.prefix)?;
+        scored.seconds += started.elapsed().as_secs_f64();
+        scored.tokens += layout.prefix.len();
     }
-    Ok(Scored {
-        loglikelihoods: lls,
-        tokens,
-        seconds,
-    })
+    let skip = layout.prefix.len();
+    for parts in &layout.cached {
+        score_pack(&mut ctx, docs, parts, skip, &mut scored, progress)?;
+    }
+    for parts in &layout.whole {
+        score_pack(&mut ctx, docs, parts, 0, &mut scored, progress)?;
+    }
+    Ok(scored)
+}
+
+/// Decodes one pack, its docs' first `skip` tokens taken from the cached prefix when `skip` is
+/// not 0, and adds its tokens, time and log-likelihoods to `scored`.
+fn score_pack(
+    ctx: &mut Ctx<'_>,
+    docs: &[DocRequests],
+    parts: &[Part],
+    skip: usize,
+    scored: &mut Scored,
+    progress: &indicatif::ProgressBar,
+) -> Result<(), TaskEvalError> {
+    let groups: Vec<SharedPrefix<'_>> = parts
+        .iter()
+        .map(|part| {
+            let doc = &docs[part.doc];
+            let first = &doc.choices[part.choices.start];
+            SharedPrefix {
+                prefix: &first.input[skip..doc.shared],
+                suffixes: doc.choices[part.choices.clone()]
+                    .iter()
+                    .map(|r| {
+                        let start = r.input.len() - r.targets.len() - skip;
+                        (
+                            &r.input[doc.shared..],
+                            (start..r.input.len() - skip).collect(),
+                        )
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    scored.tokens += groups
+        .iter()
+        .map(|g| g.prefix.len() + g.suffixes.iter().map(|(s, _)| s.len()).sum::<usize>())
+        .sum::<usize>();
+    let owners: Vec<(usize, usize)> = parts
+        .iter()
+        .flat_map(|p| p.choices.clone().map(move |c| (p.doc, c)))
+        .collect();
+    let lls = &mut scored.loglikelihoods;
+    let each = |seq: usize, k: usize, logits: &[f32]| {
+        let (d, c) = owners[seq];
+        let target = docs[d].choices[c].targets[k] as usize;
+        lls[d][c] += log_softmax(logits)[target];
+    };
+    let started = Instant::now();
+    if skip == 0 {
+        ctx.logits_shared(&groups, each)?;
+    } else {
+        ctx.logits_after_prefix(&groups, each)?;
+    }
+    scored.seconds += started.elapsed().as_secs_f64();
+    let finished = parts
+        .iter()
+        .filter(|p| p.choices.end == docs[p.doc].choices.len())
+        .count();
+    progress.inc(finished as u64);
+    Ok(())
 }
 
 fn report(
@@ -590,6 +751,7 @@ fn report(
     requests: &[DocRequests],
     scored: &Scored,
     reference: Option<&Scored>,
+    layout: &Layout,
     n_ctx: usize,
 ) -> TaskReport {
     let n = docs.len();
@@ -611,6 +773,8 @@ fn report(
             .count(),
         prompt_tokens: scored.tokens,
         prompt_tokens_per_s: scored.tokens as f64 / scored.seconds,
+        cached_prefix_tokens: layout.prefix.len(),
+        cached_prefix_docs: layout.cached_docs,
         n_ctx,
         reference: None,
         agreement: None,

@@ -189,6 +189,10 @@ enum Command {
         /// Each is fitted on, and every model is evaluated on all of them.
         #[arg(long = "task", required = true)]
         tasks: Vec<PathBuf>,
+        /// A task only evaluated on, not fitted on (to see how far plans fitted on the --task
+        /// files carry); give it once per task.
+        #[arg(long = "eval-task")]
+        eval_tasks: Vec<PathBuf>,
         /// The numbers of attention blocks to skip, comma-separated (1,2,4,6,8,10). One search
         /// per configuration runs to the largest; smaller ones take its first blocks.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -670,7 +674,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sweep {
             model,
-            tasks,
+            mut tasks,
+            eval_tasks,
             skip,
             method,
             objective,
@@ -685,9 +690,12 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+            let fit_tasks = tasks.len();
+            tasks.extend(eval_tasks);
             let request = hopscotch::sweep::SweepRequest {
                 model,
                 tasks,
+                fit_tasks,
                 skips: skip,
                 methods: method.into_iter().map(Method::from).collect(),
                 objectives: objective.into_iter().map(Objective::from).collect(),

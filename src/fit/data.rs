@@ -177,11 +177,7 @@ pub fn build(
         error: Box::new(source),
     })?;
     if options.loss_tokens == LossTokens::All {
-        for example in &mut examples {
-            for (j, target) in example.target_mask.iter_mut().enumerate() {
-                *target = j > 0;
-            }
-        }
+        mark_all_tokens(&mut examples);
     }
     let (mut batches, lengths) =
         FitData::from_examples(&examples, options.batch_size, setup.pad_id, model.device())?;
@@ -199,6 +195,35 @@ pub fn build(
         fit_doc_ids,
         generated_targets,
     })
+}
+
+/// Makes every token after the first a target, counting a prefix that all examples share
+/// once: a few-shot task repeats the same examples before every question, and their positions
+/// would otherwise outweigh what each document adds many times over. The first example keeps
+/// all its positions; the others keep those from the shared prefix's end on (at least their
+/// last token).
+pub fn mark_all_tokens(examples: &mut [task::Example]) {
+    let shared = match examples.split_first() {
+        Some((first, rest)) if !rest.is_empty() => rest.iter().fold(first.tokens.len(), |n, e| {
+            first.tokens[..n]
+                .iter()
+                .zip(&e.tokens)
+                .take_while(|(a, b)| a == b)
+                .count()
+        }),
+        _ => 0,
+    };
+    for (i, example) in examples.iter_mut().enumerate() {
+        let len = example.tokens.len();
+        let start = if i == 0 {
+            1
+        } else {
+            shared.clamp(1, len.saturating_sub(1).max(1))
+        };
+        for (j, target) in example.target_mask.iter_mut().enumerate() {
+            *target = j >= start;
+        }
+    }
 }
 
 /// Generated targets on disk: one file per model and task file, doc id to target text.
@@ -384,4 +409,41 @@ fn generate(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+#[cfg(test)]
+mod loss_token_tests {
+    use super::mark_all_tokens;
+    use crate::task::Example;
+
+    fn example(tokens: &[u32]) -> Example {
+        Example {
+            doc_id: String::new(),
+            tokens: tokens.to_vec(),
+            target_mask: vec![false; tokens.len()],
+        }
+    }
+
+    #[test]
+    fn a_prefix_all_examples_share_is_a_target_once() {
+        let mut ex = vec![
+            example(&[1, 5, 6, 7, 8, 9]),
+            example(&[1, 5, 6, 7, 3]),
+            example(&[1, 5, 6, 2, 4, 4]),
+        ];
+        mark_all_tokens(&mut ex);
+        let masks: Vec<Vec<bool>> = ex.iter().map(|e| e.target_mask.clone()).collect();
+        // shared prefix [1, 5, 6]: the first example keeps every position but the first, the
+        // others only those from token 3 on
+        assert_eq!(masks[0], [false, true, true, true, true, true]);
+        assert_eq!(masks[1], [false, false, false, true, true]);
+        assert_eq!(masks[2], [false, false, false, true, true, true]);
+        // an example that is all prefix keeps its last token; one example keeps everything
+        let mut ex = vec![example(&[1, 5, 6, 7]), example(&[1, 5, 6])];
+        mark_all_tokens(&mut ex);
+        assert_eq!(ex[1].target_mask, [false, false, true]);
+        let mut ex = vec![example(&[1, 5])];
+        mark_all_tokens(&mut ex);
+        assert_eq!(ex[0].target_mask, [false, true]);
+    }
 }

@@ -219,7 +219,8 @@ pub enum LossTokens {
     Targets,
     /// Every token after the first, context included: under the KL objective the slim model then
     /// matches the original's next-token distribution over the whole sequence (few-shot
-    /// examples and question too), many times the signal of the few answer tokens.
+    /// examples and question too), many times the signal of the few answer tokens. A prefix
+    /// every fit document shares (a few-shot preamble) counts once ([`super::data::mark_all_tokens`]).
     All,
 }
 

@@ -186,9 +186,11 @@ impl From<SearchError> for SweepError {
 pub struct SweepRequest {
     /// HF folder or GGUF.
     pub model: PathBuf,
-    /// The task files (multiple-choice log-likelihood requests): each is fitted on and every
-    /// one is evaluated on.
+    /// The task files (multiple-choice log-likelihood requests): the first `fit_tasks` are
+    /// fitted on, and every model is evaluated on all of them.
     pub tasks: Vec<PathBuf>,
+    /// How many of `tasks`, from the first, are fitted on (the rest are only evaluated on).
+    pub fit_tasks: usize,
     /// The K values (attention blocks skipped).
     pub skips: Vec<usize>,
     /// How blocks are chosen.
@@ -887,7 +889,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
     };
     check_config(&layout, &config, req.force)?;
     let configs = Config::all(
-        tasks.len(),
+        req.fit_tasks.min(tasks.len()),
         &lists.methods,
         &lists.objectives,
         req.no_scales_too,

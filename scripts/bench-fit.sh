@@ -27,7 +27,8 @@
 #        BENCH_SUMMARY_ONLY=1  only print the summary of the runs already in BENCH_OUT
 #
 # Other jobs on the machine change the step time from run to run, so besides the wall-clock
-# speed-up the summary gives one at equal load: the exhaustive run's steps (plus its untimed
+# speed-up the summary gives two at equal load: the CPU seconds (user + system) of each run, which
+# other jobs barely change with one thread, and the exhaustive run's steps (plus its untimed
 # rest) at the screened run's own seconds per step, against the screened run's wall time.
 set -euo pipefail
 
@@ -95,7 +96,8 @@ def time_v(name):
     for part in wall.split(":"):
         secs = secs * 60 + float(part)
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))
-    return secs, rss / 1024
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): (\S+)", text).group(1)) for k in ("User", "System"))
+    return secs, rss / 1024, cpu
 
 def ranks(xs):
     order = sorted(range(len(xs)), key=lambda i: xs[i])
@@ -122,20 +124,20 @@ def spearman(a, b):
 plans = {n: json.load(open(f"{out}/{n}.json")) for n in names}
 summaries = {n: json.load(open(f"{out}/{n}.summary.json")) for n in names}
 base = plans["exhaustive"]
-base_wall = time_v("exhaustive")[0]
+base_wall, _, base_cpu = time_v("exhaustive")
 print(f"settings: {json.dumps({k: base['settings'][k] for k in ('skip', 'fit_docs', 'batch_size', 'max_seq_len', 'candidate_steps', 'final_steps', 'lr', 'final_lr', 'objective')})}")
 base_train = summaries["exhaustive"]["train"]
 base_rest = base_wall - base_train["seconds"]
-print(f"{'run':<22} {'wall s':>7} {'speed-up':>8} {'at eq. load':>11} {'steps':>5} {'screened':>8} "
+print(f"{'run':<22} {'wall s':>7} {'speed-up':>8} {'at eq. load':>11} {'cpu s':>6} {'by cpu':>6} {'steps':>5} {'screened':>8} "
       f"{'peak MiB':>8} {'tok/s':>5} {'final loss':>10} {'vs exh.':>7}  blocks")
 for n in names:
-    wall, rss = time_v(n)
+    wall, rss, cpu = time_v(n)
     p, s = plans[n], summaries[n]
     t = s["train"]
     per_step = t["seconds"] / t["steps"] if t["steps"] else float("nan")
     equal = (base_train["steps"] * per_step + base_rest) / wall
     rel = (p["final_loss"] - base["final_loss"]) / base["final_loss"] * 100 if base["final_loss"] else float("nan")
-    print(f"{n:<22} {wall:>7.0f} {base_wall / wall:>7.1f}x {equal:>10.1f}x {t['steps']:>5} {t['screened']:>8} "
+    print(f"{n:<22} {wall:>7.0f} {base_wall / wall:>7.1f}x {equal:>10.1f}x {cpu:>6.0f} {base_cpu / cpu:>5.1f}x {t['steps']:>5} {t['screened']:>8} "
           f"{rss:>8.0f} {s['train_tokens_per_s']:>5.0f} {p['final_loss']:>10.4f} {rel:>+6.1f}%  {p['skipped_blocks']}"
           f"{'  (same as exhaustive)' if p['skipped_blocks'] == base['skipped_blocks'] else ''}")
 

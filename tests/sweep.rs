@@ -302,6 +302,50 @@ fn sweep_evaluates_every_model_on_every_task_and_resumes() {
 }
 
 #[test]
+fn an_eval_task_is_evaluated_on_but_not_fitted_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let [facts, counting] = two_tasks(dir.path());
+    let out = dir.path().join("out");
+    let report = ok(&sweep(
+        &hf,
+        &[facts.as_path()],
+        &out,
+        &[
+            "--skip",
+            "1",
+            "--method",
+            "random",
+            "--eval-task",
+            s(&counting),
+        ],
+    ));
+    // one configuration, fitted on facts only, evaluated on both tasks
+    let rows = report["rows"].as_array().unwrap();
+    let pairs: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["fit_task"].as_str().unwrap().to_string(),
+                r["eval_task"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("facts".to_string(), "facts".to_string()),
+            ("facts".to_string(), "counting".to_string())
+        ]
+    );
+    assert!(out.join("plans/facts-random-kl-k1.json").is_file());
+    assert!(!out.join("plans/counting-random-kl-k1.json").exists());
+    assert!(out
+        .join("evals/facts-random-kl-k1__on__counting.json")
+        .is_file());
+}
+
+#[test]
 fn a_folder_of_another_configuration_is_refused_without_force() {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &Tiny::llama());

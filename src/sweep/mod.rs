@@ -1,7 +1,7 @@
 //! `hopscotch sweep`: many fits of one model compared on several tasks. Every configuration
 //! (fit task x method x objective x scalars trained or not) is fitted for every K, exported, and
-//! evaluated in llama.cpp on the held-out documents of every task, paired against the original
-//! on the same documents; the report ([`report::SweepReport`]) is written as `sweep.json`,
+//! evaluated in llama.cpp on the held-out documents of every task (the fit tasks and those only
+//! evaluated on, `--eval-task`), paired against the original on the same documents; the report ([`report::SweepReport`]) is written as `sweep.json`,
 //! `sweep.md` and SVG plots.
 //!
 //! The work is cut into units, each a file under the output folder written whole or not at all

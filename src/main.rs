@@ -51,6 +51,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prompt processing speed of GGUF files in llama.cpp (what llama-bench's pp test measures),
+    /// measured in turns so that other work on the machine weighs on each alike; each file's
+    /// fastest turn is reported.
+    Speed {
+        /// The .gguf files to compare.
+        #[arg(required = true)]
+        models: Vec<PathBuf>,
+        /// Text whose tokens are decoded (reused cyclically).
+        #[arg(long)]
+        text: PathBuf,
+        /// Tokens per decoded window.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Timed windows per turn.
+        #[arg(long, default_value_t = 4)]
+        windows: usize,
+        /// Turns (every file once per turn).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evaluate a GGUF in llama.cpp: perplexity on a text or accuracy on a multiple-choice task,
     /// paired against a reference model.
     #[command(group(clap::ArgGroup::new("data").required(true).args(["text", "task"])))]
@@ -400,7 +426,7 @@ impl From<ScreenArg> for Screen {
     }
 }
 
-fn threads(t: Option<usize>) -> usize {
+fn threads_or_all(t: Option<usize>) -> usize {
     t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -463,7 +489,7 @@ fn run(cli: Cli) -> Result<()> {
             let summary = match to {
                 Target::Gguf => {
                     bar.set_message(format!("writing {}", output.display()));
-                    hopscotch::convert::to_gguf(&ck, &output, q, force, threads(t), &bar)?
+                    hopscotch::convert::to_gguf(&ck, &output, q, force, threads_or_all(t), &bar)?
                 }
                 Target::Hf => {
                     if qtype != "f16" {
@@ -480,6 +506,40 @@ fn run(cli: Cli) -> Result<()> {
                 summary.file_bytes as f64 / (1 << 20) as f64,
                 started.elapsed().as_secs_f64()
             );
+        }
+        Command::Speed {
+            models,
+            text,
+            ctx,
+            windows,
+            rounds,
+            threads,
+            json,
+        } => {
+            let threads = threads_or_all(threads);
+            let loaded = models
+                .iter()
+                .map(|m| hopscotch::llamacpp::LoadedModel::load(m))
+                .collect::<Result<Vec<_>, _>>()?;
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading {}", text.display()))?;
+            let tokens = loaded[0].tokenize(&body, true);
+            let refs: Vec<&_> = loaded.iter().collect();
+            let speeds = hopscotch::eval::speed::compare_prompt_speed(
+                &refs, &tokens, ctx, windows, rounds, threads,
+            )?;
+            if json {
+                let rows: Vec<_> = models
+                    .iter()
+                    .zip(&speeds)
+                    .map(|(m, s)| serde_json::json!({"model": m, "prompt_tokens_per_s": s}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                for (m, s) in models.iter().zip(&speeds) {
+                    println!("{:>9.1} prompt tokens/s  {}", s, m.display());
+                }
+            }
         }
         Command::Inspect { file, json } => {
             let s = hopscotch::inspect::inspect(&file)?;
@@ -513,7 +573,7 @@ fn run(cli: Cli) -> Result<()> {
                     &selection,
                     ctx,
                     json,
-                    threads(t),
+                    threads_or_all(t),
                 );
             }
             let text = text.context("give --text or --task")?;
@@ -532,7 +592,7 @@ fn run(cli: Cli) -> Result<()> {
                 &text,
                 ctx,
                 chunks,
-                threads(t),
+                threads_or_all(t),
             )?;
             if json {
                 println!("{}", serde_json::to_string(&rep)?);
@@ -563,7 +623,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = hopscotch::export::ExportOptions {
                 qtype: QuantType::from_name(&qtype)?,
                 force,
-                threads: threads(t),
+                threads: threads_or_all(t),
             };
             let started = std::time::Instant::now();
             let ck =

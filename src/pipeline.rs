@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::convert::ConvertError;
-use crate::eval::speed::prompt_tokens_per_s;
+use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
 use crate::fit::plan::{Plan, PlanError};
@@ -179,8 +179,8 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
         .collect::<Vec<_>>()
         .join("\n\n");
     let tokens = orig.tokenize(&text, true);
-    let speed_orig = prompt_tokens_per_s(&orig, &tokens, 512, 4, req.threads)?;
-    let speed_slim = prompt_tokens_per_s(&slim, &tokens, 512, 4, req.threads)?;
+    let speeds = compare_prompt_speed(&[&orig, &slim], &tokens, 512, 2, 3, req.threads)?;
+    let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
     let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
 
     let n = rep.n_docs;

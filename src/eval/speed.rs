@@ -1,5 +1,7 @@
 //! Prompt processing speed in llama.cpp: decode windows of real tokens, logits of the last
-//! position only, and time it (what `llama-bench`'s pp test measures).
+//! position only, and time it (what `llama-bench`'s pp test measures). Models compared are
+//! measured in turns ([`compare_prompt_speed`]), so that other work on the machine weighs on each
+//! alike, and each keeps its fastest turn.
 
 use std::time::Instant;
 
@@ -29,4 +31,24 @@ pub fn prompt_tokens_per_s(
         ctx.logits(&window(w + 1), &[n_ctx - 1])?;
     }
     Ok((windows * n_ctx) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Prompt tokens per second of each of `models`, measured in `rounds` turns (every model once
+/// per turn, in order) of [`prompt_tokens_per_s`]; each model's figure is its fastest turn, the
+/// one least slowed by other work on the machine.
+pub fn compare_prompt_speed(
+    models: &[&LoadedModel],
+    tokens: &[u32],
+    n_ctx: usize,
+    windows: usize,
+    rounds: usize,
+    threads: usize,
+) -> Result<Vec<f64>, LlamaError> {
+    let mut best = vec![0f64; models.len()];
+    for _ in 0..rounds.max(1) {
+        for (b, model) in best.iter_mut().zip(models) {
+            *b = b.max(prompt_tokens_per_s(model, tokens, n_ctx, windows, threads)?);
+        }
+    }
+    Ok(best)
 }

@@ -404,6 +404,22 @@ pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The device a fit runs on: the first CUDA GPU when the `cuda` feature is built in and one
+/// answers (candle's `cuda_if_available` only checks the feature), else the CPU, with a notice
+/// on stderr when a CUDA build finds no GPU.
+pub fn fit_device() -> Device {
+    if !candle_core::utils::cuda_is_available() {
+        return Device::Cpu;
+    }
+    match Device::new_cuda(0) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("no usable CUDA device ({e}); fitting on the CPU");
+            Device::Cpu
+        }
+    }
+}
+
 /// Seed stream of the final training.
 const FINAL_STREAM: u64 = u64::MAX;
 /// Seed stream of the choice of screening batches.
@@ -1182,7 +1198,7 @@ impl FitModel {
     /// Loads `ck`, whose tensors the caller has validated and whose `fingerprint`
     /// ([`ModelFingerprint::of`]) it has taken.
     pub fn load(ck: Checkpoint, fingerprint: ModelFingerprint) -> Result<Self, SearchError> {
-        let device = Device::cuda_if_available(0)?;
+        let device = fit_device();
         let model = Model::load(&ck, &device).map_err(|error| SearchError::LoadModel {
             path: ck.display_path(),
             error,

@@ -320,9 +320,10 @@ struct FitArgs {
     /// Batches the screening (and the attn-cosine importance) is measured on.
     #[arg(long, default_value_t = FitOptions::default().screen_batches)]
     screen_batches: usize,
-    /// Positions the loss covers: the task's targets (a request's answer, a chat's assistant
-    /// turns), or every token after the first (context included).
-    #[arg(long, value_enum, default_value = "targets")]
+    /// Positions the loss covers: every token after the first, a prefix all fit documents share
+    /// (few-shot examples) counted once; or only the task's targets (a request's answer, a
+    /// chat's assistant turns), as the paper trains.
+    #[arg(long, value_enum, default_value = "all")]
     loss_tokens: LossTokensArg,
 }
 

@@ -281,13 +281,13 @@ impl Default for FitOptions {
             method: Method::Hopscotch,
             objective: Objective::Kl,
             skip: 4,
-            fit_docs: 32,
+            fit_docs: 16,
             candidate_steps: None,
             final_steps: None,
             lr: 1e-2,
             final_lr: 3e-3,
             batch_size: 8,
-            max_seq_len: 128,
+            max_seq_len: 256,
             seed: 0,
             exhaustive: false,
             shortlist: 3,
@@ -295,7 +295,7 @@ impl Default for FitOptions {
             screen_batches: 1,
             train_scales: true,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
-            loss_tokens: LossTokens::Targets,
+            loss_tokens: LossTokens::All,
         }
     }
 }

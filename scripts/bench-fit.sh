@@ -20,6 +20,8 @@
 #        BENCH_BATCH       batch size (default 4)
 #        BENCH_SEQ         max sequence length (default 64)
 #        BENCH_THREADS     threads (default 1)
+#        BENCH_LOSS_TOKENS --loss-tokens of every run (default targets: how the README's figures
+#                          were measured, before `all` became the fit's default)
 #        BENCH_SCREENS     screening signals of the screened runs, space-separated; the first is
 #                          the default mode (default "skip-loss warm-skip-loss")
 #        BENCH_EXTRA       further arguments for every run (e.g. "--final-steps 8")
@@ -43,6 +45,7 @@ docs="${BENCH_FIT_DOCS:-12}"
 batch="${BENCH_BATCH:-4}"
 seq="${BENCH_SEQ:-64}"
 threads="${BENCH_THREADS:-1}"
+loss_tokens="${BENCH_LOSS_TOKENS:-targets}"
 screens="${BENCH_SCREENS:-skip-loss warm-skip-loss}"
 extra="${BENCH_EXTRA:-}"
 out="${BENCH_OUT:-$cache/bench/fit}"
@@ -64,7 +67,7 @@ bin="$out/hopscotch"
 cp "$CARGO_TARGET_DIR/release/hopscotch" "$bin"
 
 common=(--task "$task" --skip "$skip" --fit-docs "$docs" --batch-size "$batch"
-    --max-seq-len "$seq" --threads "$threads" --force --json)
+    --max-seq-len "$seq" --threads "$threads" --loss-tokens "$loss_tokens" --force --json)
 # shellcheck disable=SC2206
 common+=($extra)
 

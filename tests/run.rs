@@ -5,9 +5,9 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bin, write_tiny, Tiny};
+use common::{bin, write_choice_task, write_tiny, Tiny};
 use hopscotch::gguf::reader::GgufFile;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn write_task(dir: &Path) -> std::path::PathBuf {
     let questions = [
@@ -44,21 +44,11 @@ fn write_task(dir: &Path) -> std::path::PathBuf {
             1,
         ),
     ];
-    let mut lines = String::new();
-    for (d, (q, choices, gold)) in questions.iter().enumerate() {
-        for (i, c) in choices.iter().enumerate() {
-            let line = json!({
-                "request": {"context": format!("Question: {q}\nAnswer:"), "continuation": c},
-                "doc_id": d, "idx": i, "label": gold,
-                "doc": {"query": q, "choices": choices, "gold": gold},
-            });
-            lines.push_str(&line.to_string());
-            lines.push('\n');
-        }
-    }
-    let path = dir.join("task.jsonl");
-    std::fs::write(&path, lines).unwrap();
-    path
+    let docs: Vec<_> = questions
+        .iter()
+        .map(|(q, c, g)| (q.to_string(), c.map(String::from).to_vec(), *g))
+        .collect();
+    write_choice_task(dir, "task", &docs)
 }
 
 #[test]

@@ -10,27 +10,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{bin, write_tiny, Tiny};
+use common::{bin, write_choice_task, write_tiny, Tiny};
 use serde_json::{json, Value};
-
-/// Writes a multiple-choice task of `docs` (question, choices, gold) to `dir/name.jsonl`.
-fn write_task(dir: &Path, name: &str, docs: &[(String, Vec<String>, usize)]) -> PathBuf {
-    let mut lines = String::new();
-    for (d, (q, choices, gold)) in docs.iter().enumerate() {
-        for (i, c) in choices.iter().enumerate() {
-            let line = json!({
-                "request": {"context": format!("Question: {q}\nAnswer:"), "continuation": c},
-                "doc_id": d, "idx": i, "label": gold,
-                "doc": {"query": q, "choices": choices, "gold": gold},
-            });
-            lines.push_str(&line.to_string());
-            lines.push('\n');
-        }
-    }
-    let path = dir.join(format!("{name}.jsonl"));
-    std::fs::write(&path, lines).unwrap();
-    path
-}
 
 /// Two tasks of 12 documents each: facts, and counting.
 fn two_tasks(dir: &Path) -> [PathBuf; 2] {
@@ -83,8 +64,8 @@ fn two_tasks(dir: &Path) -> [PathBuf; 2] {
         })
         .collect();
     [
-        write_task(dir, "facts", &facts),
-        write_task(dir, "counting", &counting),
+        write_choice_task(dir, "facts", &facts),
+        write_choice_task(dir, "counting", &counting),
     ]
 }
 

@@ -285,3 +285,23 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     }
     (d, scale)
 }
+
+/// Writes a multiple-choice task of `docs` (question, choices, gold) to `dir/name.jsonl`, one
+/// log-likelihood request per choice as evaluation harnesses publish them.
+pub fn write_choice_task(dir: &Path, name: &str, docs: &[(String, Vec<String>, usize)]) -> PathBuf {
+    let mut lines = String::new();
+    for (d, (q, choices, gold)) in docs.iter().enumerate() {
+        for (i, c) in choices.iter().enumerate() {
+            let line = json!({
+                "request": {"context": format!("Question: {q}\nAnswer:"), "continuation": c},
+                "doc_id": d, "idx": i, "label": gold,
+                "doc": {"query": q, "choices": choices, "gold": gold},
+            });
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+    }
+    let path = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&path, lines).unwrap();
+    path
+}

@@ -71,14 +71,7 @@ pub fn perplexity(
     threads: usize,
 ) -> Result<PerplexityReport, EvalError> {
     if let Some(r) = reference {
-        if r.n_vocab() != model.n_vocab() {
-            return Err(EvalError::VocabMismatch {
-                model: model.path.display().to_string(),
-                reference: r.path.display().to_string(),
-                a: model.n_vocab(),
-                b: r.n_vocab(),
-            });
-        }
+        same_vocab(model, r)?;
     }
     let add_bos = model.model.vocab().should_add_bos();
     let tokens = model.tokenize(text, add_bos);
@@ -146,4 +139,18 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// Refuses a reference whose vocabulary differs from the model's: their distributions cannot
+/// be compared token for token.
+pub fn same_vocab(model: &LoadedModel, reference: &LoadedModel) -> Result<(), EvalError> {
+    if reference.n_vocab() != model.n_vocab() {
+        return Err(EvalError::VocabMismatch {
+            model: model.path.display().to_string(),
+            reference: reference.path.display().to_string(),
+            a: model.n_vocab(),
+            b: reference.n_vocab(),
+        });
+    }
+    Ok(())
 }

@@ -37,7 +37,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::perplexity::EvalError;
+use crate::eval::perplexity::{same_vocab, EvalError};
 use crate::fit::plan::Plan;
 use crate::llamacpp::{log_softmax, Ctx, LlamaError, LoadedModel, SharedPrefix, MAX_SEQS};
 use crate::task::{move_trailing_whitespace, Doc, DocBody, TaskData, TaskFormat};
@@ -354,15 +354,7 @@ pub fn evaluate_with(
     progress: &indicatif::ProgressBar,
 ) -> Result<TaskReport, TaskEvalError> {
     if let Some(r) = reference {
-        if r.n_vocab() != model.n_vocab() {
-            return Err(EvalError::VocabMismatch {
-                model: model.path.display().to_string(),
-                reference: r.path.display().to_string(),
-                a: model.n_vocab(),
-                b: r.n_vocab(),
-            }
-            .into());
-        }
+        same_vocab(model, r)?;
     }
     let n_ctx = n_ctx.max(1);
     let requests = selection

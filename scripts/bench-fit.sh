@@ -23,7 +23,8 @@
 #        BENCH_LOSS_TOKENS --loss-tokens of every run (default targets: how the README's figures
 #                          were measured, before `all` became the fit's default)
 #        BENCH_SCREENS     screening signals of the screened runs, space-separated; the first is
-#                          the default mode (default "skip-loss warm-skip-loss")
+#                          the default mode (default "skip-loss"); one more run screens every
+#                          candidate every round (`--rescreen 0`) with the first signal
 #        BENCH_EXTRA       further arguments for every run (e.g. "--final-steps 8")
 #        BENCH_OUT         folder for plans and logs (default $HOPSCOTCH_CACHE/bench/fit)
 #        BENCH_SUMMARY_ONLY=1  only print the summary of the runs already in BENCH_OUT
@@ -46,7 +47,8 @@ batch="${BENCH_BATCH:-4}"
 seq="${BENCH_SEQ:-64}"
 threads="${BENCH_THREADS:-1}"
 loss_tokens="${BENCH_LOSS_TOKENS:-targets}"
-screens="${BENCH_SCREENS:-skip-loss warm-skip-loss}"
+screens="${BENCH_SCREENS:-skip-loss}"
+first_screen="${screens%% *}"
 extra="${BENCH_EXTRA:-}"
 out="${BENCH_OUT:-$cache/bench/fit}"
 mkdir -p "$out"
@@ -84,10 +86,11 @@ if [ -z "${BENCH_SUMMARY_ONLY:-}" ]; then
     for s in $screens; do
         run "screen-$s" --screen "$s"
     done
+    run "screen-$first_screen-every" --screen "$first_screen" --rescreen 0
 fi
 
 say "summary"
-python3 - "$out" exhaustive $(for s in $screens; do echo "screen-$s"; done) <<'EOF'
+python3 - "$out" exhaustive $(for s in $screens; do echo "screen-$s"; done) "screen-$first_screen-every" <<'EOF'
 import json, re, sys
 
 out, names = sys.argv[1], sys.argv[2:]
@@ -143,6 +146,19 @@ for n in names:
     print(f"{n:<22} {wall:>7.0f} {base_wall / wall:>7.1f}x {equal:>10.1f}x {cpu:>6.0f} {base_cpu / cpu:>5.1f}x {t['steps']:>5} {t['screened']:>8} "
           f"{rss:>8.0f} {s['train_tokens_per_s']:>5.0f} {p['final_loss']:>10.4f} {rel:>+6.1f}%  {p['skipped_blocks']}"
           f"{'  (same as exhaustive)' if p['skipped_blocks'] == base['skipped_blocks'] else ''}")
+
+print("\nrank of each round's shortlisted candidates in the latest screening before the round (what --rescreen keeps):")
+for n in names[1:]:
+    rounds = plans[n]["rounds"]
+    worst = []
+    for r in range(1, len(rounds)):
+        chosen = set(plans[n]["skipped_blocks"][:r])
+        short = [c["layer"] for c in rounds[r]["candidates"] if c.get("trained_loss") is not None]
+        prev = sorted((c for c in rounds[r - 1]["candidates"] if c.get("screen") is not None and c["layer"] not in chosen),
+                      key=lambda c: (c["screen"], c["layer"]))
+        order = [c["layer"] for c in prev]
+        worst.append(max(order.index(l) + 1 if l in order else 99 for l in short))
+    print(f"  {n:<22} rescreen {plans[n]['settings'].get('rescreen', 0)}: worst rank per round {worst}")
 
 print("\nscreening vs exhaustive trained scores (rounds with the same blocks chosen before):")
 for n in names[1:]:

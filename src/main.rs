@@ -320,6 +320,10 @@ struct FitArgs {
     /// Batches the screening (and the attn-cosine importance) is measured on.
     #[arg(long, default_value_t = FitOptions::default().screen_batches)]
     screen_batches: usize,
+    /// After the first round, screen only this many candidates, those the latest screenings
+    /// ranked best (0: every candidate every round).
+    #[arg(long, default_value_t = FitOptions::default().rescreen)]
+    rescreen: usize,
     /// Positions the loss covers: every token after the first, a prefix all fit documents share
     /// (few-shot examples) counted once; or only the task's targets (a request's answer, a
     /// chat's assistant turns), as the paper trains.
@@ -355,6 +359,7 @@ impl FitArgs {
             shortlist: self.shortlist,
             screen: self.screen.into(),
             screen_batches: self.screen_batches,
+            rescreen: self.rescreen,
             loss_tokens: match self.loss_tokens {
                 LossTokensArg::Targets => LossTokens::Targets,
                 LossTokensArg::All => LossTokens::All,

@@ -83,6 +83,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             train_scales: true,
             screen: None,
             screen_batches: 0,
+            rescreen: 0,
             teacher_top_k: 0,
             loss_tokens: "targets".into(),
         },

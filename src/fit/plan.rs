@@ -179,6 +179,10 @@ pub struct FitSettings {
     pub screen: Option<String>,
     /// Batches the screening (or the attention-cosine importance) was measured on.
     pub screen_batches: usize,
+    /// After the first round, the candidates screened per round (the best of the latest
+    /// screenings); 0: every candidate every round (and plans from before the option).
+    #[serde(default)]
+    pub rescreen: usize,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
     /// Positions the loss covered: `targets` or `all` (plans from before the option: targets).

@@ -345,8 +345,12 @@ impl SweepReport {
             if f.exhaustive {
                 "every candidate trained".to_string()
             } else {
+                let rescreen = match f.rescreen {
+                    0 => "every candidate screened every round".to_string(),
+                    n => format!("after round 1 the {n} best of the latest screening rescreened"),
+                };
                 format!(
-                    "screened by {} on {} batch(es), {} trained per round",
+                    "screened by {} on {} batch(es) ({rescreen}), {} trained per round",
                     f.screen.as_deref().unwrap_or("-"),
                     f.screen_batches,
                     f.shortlist

@@ -181,22 +181,12 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
-        /// Type of both evaluated files: f32, f16, bf16 or any llama-quantize type.
-        #[arg(short = 't', long = "type", default_value = "q4_k_m")]
-        qtype: String,
-        /// Held-out documents to evaluate (default: all).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Context of one evaluation decode, in tokens.
-        #[arg(long, default_value_t = 4096)]
-        ctx: usize,
+        #[command(flatten)]
+        eval: EvalArgs,
         #[command(flatten)]
         choice: ChoiceArgs,
         #[command(flatten)]
         fit: FitArgs,
-        /// Threads for the fit (candle) and llama.cpp.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
         /// Overwrite existing outputs in the folder.
         #[arg(long)]
         force: bool,
@@ -241,20 +231,10 @@ enum Command {
         /// Output folder.
         #[arg(short, long)]
         output: PathBuf,
-        /// Type of every evaluated file: f32, f16, bf16 or any llama-quantize type.
-        #[arg(short = 't', long = "type", default_value = "q4_k_m")]
-        qtype: String,
-        /// Held-out documents to evaluate per task (default: all); the same for every model.
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Context of one evaluation decode, in tokens.
-        #[arg(long, default_value_t = 4096)]
-        ctx: usize,
+        #[command(flatten)]
+        eval: EvalArgs,
         #[command(flatten)]
         fit: FitArgs,
-        /// Threads for the fits (candle) and llama.cpp.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
         /// Start over: remove the folder's sweep files (needed when the folder holds a sweep
         /// of another model, task file, type, limit or fit settings).
         #[arg(long)]
@@ -263,6 +243,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `run` and `sweep` evaluate: the files' type, the documents, the decode and the threads.
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Type of every evaluated file (the original's and the slim models'): f32, f16, bf16 or
+    /// any llama-quantize type.
+    #[arg(short = 't', long = "type", default_value = "q4_k_m")]
+    qtype: String,
+    /// Held-out documents to evaluate per task (default: all); the same for every model.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Context of one evaluation decode, in tokens.
+    #[arg(long, default_value_t = 4096)]
+    ctx: usize,
+    /// Threads for the fits (candle) and llama.cpp.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+impl EvalArgs {
+    /// Sets candle's (rayon's) thread count to the threads asked for (at least 1) and returns it.
+    fn set_threads(&self) -> usize {
+        let threads = self.threads.max(1);
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        threads
+    }
 }
 
 /// How `fit` and `run` choose the blocks and train: one method, one objective (`sweep` takes
@@ -698,26 +705,22 @@ fn run(cli: Cli) -> Result<()> {
             task,
             skip,
             output,
-            qtype,
-            limit,
-            ctx,
+            eval,
             choice,
             fit,
-            threads: t,
             force,
             json,
         } => {
-            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
             let request = hopscotch::pipeline::RunRequest {
                 model,
                 task,
                 out_dir: output,
-                qtype: QuantType::from_name(&qtype)?,
-                limit,
+                qtype: QuantType::from_name(&eval.qtype)?,
+                limit: eval.limit,
                 fit: fit.options(skip, &choice),
                 force,
-                threads: t.max(1),
-                n_ctx: ctx,
+                threads: eval.set_threads(),
+                n_ctx: eval.ctx,
             };
             let progress = hopscotch::fit::progress::Progress::stderr();
             let report = hopscotch::pipeline::run(&request, &progress)?;
@@ -747,15 +750,12 @@ fn run(cli: Cli) -> Result<()> {
             objective,
             no_scales_too,
             output,
-            qtype,
-            limit,
-            ctx,
+            eval,
             fit,
-            threads: t,
             force,
             json,
         } => {
-            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+            let threads = eval.set_threads();
             let fit_tasks = tasks.len();
             tasks.extend(eval_tasks);
             let request = hopscotch::sweep::SweepRequest {
@@ -766,13 +766,13 @@ fn run(cli: Cli) -> Result<()> {
                 methods: method.into_iter().map(Method::from).collect(),
                 objectives: objective.into_iter().map(Objective::from).collect(),
                 no_scales_too,
-                qtype: QuantType::from_name(&qtype)?,
-                limit,
+                qtype: QuantType::from_name(&eval.qtype)?,
+                limit: eval.limit,
                 fit: fit.shared(),
                 out_dir: output,
                 force,
-                threads: t.max(1),
-                n_ctx: ctx,
+                threads,
+                n_ctx: eval.ctx,
             };
             let progress = hopscotch::fit::progress::Progress::stderr();
             let report = hopscotch::sweep::sweep(&request, &progress)?;

@@ -5,50 +5,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{bin, write_choice_task, write_tiny, Tiny};
+use common::{bin, facts, write_choice_task, write_tiny, Tiny};
 use hopscotch::gguf::reader::GgufFile;
 use serde_json::Value;
 
 fn write_task(dir: &Path) -> std::path::PathBuf {
-    let questions = [
-        (
-            "The capital of France is",
-            [" Paris.", " Rome.", " Oslo."],
-            0,
-        ),
-        (
-            "Water freezes at",
-            [" zero degrees.", " ninety degrees.", " ten degrees."],
-            0,
-        ),
-        ("The sun rises in the", [" west.", " east.", " north."], 1),
-        (
-            "A week has",
-            [" five days.", " nine days.", " seven days."],
-            2,
-        ),
-        ("Cats are", [" animals.", " rocks.", " numbers."], 0),
-        ("Two plus two is", [" three.", " four.", " five."], 1),
-        ("Snow is usually", [" green.", " white.", " red."], 1),
-        ("The opposite of hot is", [" cold.", " warm.", " loud."], 0),
-        ("Birds can", [" swim only.", " fly.", " read."], 1),
-        ("Ice is made of", [" water.", " sand.", " iron."], 0),
-        (
-            "A year has",
-            [" ten months.", " twelve months.", " six months."],
-            1,
-        ),
-        (
-            "The moon orbits the",
-            [" sun only.", " earth.", " mars."],
-            1,
-        ),
-    ];
-    let docs: Vec<_> = questions
-        .iter()
-        .map(|(q, c, g)| (q.to_string(), c.map(String::from).to_vec(), *g))
-        .collect();
-    write_choice_task(dir, "task", &docs)
+    write_choice_task(dir, "task", &facts())
 }
 
 #[test]

@@ -10,46 +10,12 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{bin, write_choice_task, write_tiny, Tiny};
+use common::{bin, facts, write_choice_task, write_tiny, Tiny};
 use serde_json::{json, Value};
 
 /// Two tasks of 12 documents each: facts, and counting.
 fn two_tasks(dir: &Path) -> [PathBuf; 2] {
-    let facts = [
-        (
-            "The capital of France is",
-            [" Paris.", " Rome.", " Oslo."],
-            0,
-        ),
-        (
-            "Water freezes at",
-            [" zero degrees.", " ninety.", " ten."],
-            0,
-        ),
-        ("The sun rises in the", [" west.", " east.", " north."], 1),
-        (
-            "A week has",
-            [" five days.", " nine days.", " seven days."],
-            2,
-        ),
-        ("Cats are", [" animals.", " rocks.", " numbers."], 0),
-        ("Two plus two is", [" three.", " four.", " five."], 1),
-        ("Snow is usually", [" green.", " white.", " red."], 1),
-        ("The opposite of hot is", [" cold.", " warm.", " loud."], 0),
-        ("Birds can", [" swim only.", " fly.", " read."], 1),
-        ("Ice is made of", [" water.", " sand.", " iron."], 0),
-        (
-            "A year has",
-            [" ten months.", " twelve months.", " six."],
-            1,
-        ),
-        (
-            "The moon orbits the",
-            [" sun only.", " earth.", " mars."],
-            1,
-        ),
-    ]
-    .map(|(q, c, g)| (q.to_string(), c.map(String::from).to_vec(), g));
+    let facts = facts();
     let counting: Vec<_> = (0..12)
         .map(|i| {
             (

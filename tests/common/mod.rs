@@ -286,6 +286,47 @@ pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f32) {
     (d, scale)
 }
 
+/// Twelve three-choice questions of common facts (question, choices, gold), for
+/// [`write_choice_task`].
+pub fn facts() -> Vec<(String, Vec<String>, usize)> {
+    [
+        (
+            "The capital of France is",
+            [" Paris.", " Rome.", " Oslo."],
+            0,
+        ),
+        (
+            "Water freezes at",
+            [" zero degrees.", " ninety degrees.", " ten degrees."],
+            0,
+        ),
+        ("The sun rises in the", [" west.", " east.", " north."], 1),
+        (
+            "A week has",
+            [" five days.", " nine days.", " seven days."],
+            2,
+        ),
+        ("Cats are", [" animals.", " rocks.", " numbers."], 0),
+        ("Two plus two is", [" three.", " four.", " five."], 1),
+        ("Snow is usually", [" green.", " white.", " red."], 1),
+        ("The opposite of hot is", [" cold.", " warm.", " loud."], 0),
+        ("Birds can", [" swim only.", " fly.", " read."], 1),
+        ("Ice is made of", [" water.", " sand.", " iron."], 0),
+        (
+            "A year has",
+            [" ten months.", " twelve months.", " six months."],
+            1,
+        ),
+        (
+            "The moon orbits the",
+            [" sun only.", " earth.", " mars."],
+            1,
+        ),
+    ]
+    .map(|(q, c, g)| (q.to_string(), c.map(String::from).to_vec(), g))
+    .to_vec()
+}
+
 /// Writes a multiple-choice task of `docs` (question, choices, gold) to `dir/name.jsonl`, one
 /// log-likelihood request per choice as evaluation harnesses publish them.
 pub fn write_choice_task(dir: &Path, name: &str, docs: &[(String, Vec<String>, usize)]) -> PathBuf {

@@ -771,14 +771,13 @@ fn ranked(items: &[usize], scores: &[f32]) -> Vec<usize> {
 fn rescreen_candidates(rounds: &[Round], candidates: &[usize], keep: usize) -> Vec<usize> {
     let mut order: Vec<usize> = Vec::with_capacity(candidates.len());
     for round in rounds.iter().rev() {
-        let mut screened: Vec<(usize, f32)> = round
+        let (layers, screens): (Vec<usize>, Vec<f32>) = round
             .candidates
             .iter()
             .filter(|c| candidates.contains(&c.layer) && !order.contains(&c.layer))
             .filter_map(|c| c.screen.map(|s| (c.layer, s)))
-            .collect();
-        screened.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
-        order.extend(screened.into_iter().map(|(l, _)| l));
+            .unzip();
+        order.extend(ranked(&layers, &screens));
         if order.len() >= keep {
             break;
         }

@@ -276,8 +276,9 @@ impl EvalArgs {
 /// lists of these instead).
 #[derive(clap::Args)]
 struct ChoiceArgs {
-    /// Training objective: KL to the original model's next-token distribution, or
-    /// cross-entropy of the targets.
+    /// Training objective: KL to the original model's next-token distribution, cross-entropy
+    /// of the targets, or (multiple-choice tasks) KL to the original's distribution over each
+    /// doc's choices, what answer agreement measures (every choice's continuation is trained on).
     #[arg(long, value_enum, default_value = "kl")]
     objective: ObjectiveArg,
     /// How to choose the blocks: the greedy search, or a baseline.
@@ -333,7 +334,8 @@ struct FitArgs {
     rescreen: usize,
     /// Positions the loss covers: every token after the first, a prefix all fit documents share
     /// (few-shot examples) counted once; or only the task's targets (a request's answer, a
-    /// chat's assistant turns), as the paper trains.
+    /// chat's assistant turns), as the paper trains. `--objective choice` always scores each
+    /// choice's continuation.
     #[arg(long, value_enum, default_value = "all")]
     loss_tokens: LossTokensArg,
 }
@@ -392,6 +394,7 @@ enum Target {
 enum ObjectiveArg {
     Kl,
     Ce,
+    Choice,
 }
 
 impl From<ObjectiveArg> for Objective {
@@ -399,6 +402,7 @@ impl From<ObjectiveArg> for Objective {
         match o {
             ObjectiveArg::Kl => Objective::Kl,
             ObjectiveArg::Ce => Objective::Ce,
+            ObjectiveArg::Choice => Objective::Choice,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{bin, write_safetensors, write_tiny, Dtype, Tiny};
+use common::{bin, facts, write_choice_task, write_safetensors, write_tiny, Dtype, Tiny};
 use hopscotch::fit::plan::Plan;
 
 /// The layer whose attention output projection is zeroed in [`dead_block_model`].
@@ -153,6 +153,45 @@ fn the_search_skips_the_block_that_adds_nothing_first() {
             }
         }
     }
+}
+
+#[test]
+fn the_choice_objective_skips_the_block_that_adds_nothing_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_block_model(dir.path());
+    let task = write_choice_task(dir.path(), "facts", &facts());
+    let out = dir.path().join("choice.json");
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &out,
+        &["--skip", "2", "--objective", "choice", "--final-steps", "4"],
+    ));
+    let plan = Plan::load(&out).unwrap();
+    assert_eq!(plan.settings.objective, "choice");
+    assert_eq!(plan.skipped_blocks.len(), 2);
+    assert_eq!(plan.skipped_blocks[0], DEAD, "{:?}", plan.rounds);
+    // not quite 0: Adam moves every scalar by about the learning rate
+    assert!(plan.rounds[0].loss < 1e-2, "{}", plan.rounds[0].loss);
+    // the second block costs something, which the final training lowers
+    assert!(plan.rounds[1].loss > plan.rounds[0].loss);
+    assert_eq!(plan.final_loss_history.len(), 4);
+    assert!(plan.final_loss.unwrap() <= plan.final_loss_untrained.unwrap());
+
+    // a task without choices is refused, naming the file and the doc
+    let text = text_task(dir.path());
+    fails(
+        fit(
+            dir.path(),
+            &model,
+            &text,
+            &dir.path().join("text.json"),
+            &["--skip", "1", "--objective", "choice"],
+        ),
+        &dir.path().join("text.json"),
+        "task.jsonl: doc doc-0 (line 1) is not a multiple-choice request",
+    );
 }
 
 #[test]

@@ -29,7 +29,8 @@ const END_OF_TURN_TOKENS: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<
 /// Fit data: batches, the real (unpadded) length of each of their sequences, the docs used.
 #[derive(Debug)]
 pub struct FitData {
-    /// The batches, grouped by sequence length, teacher attached for [`Objective::Kl`].
+    /// The batches, grouped by sequence length, teacher attached for [`Objective::Kl`] and
+    /// [`Objective::Choice`].
     pub batches: Vec<TrainBatch>,
     /// Per batch, the length of each row before padding.
     pub lengths: Vec<Vec<usize>>,
@@ -61,6 +62,43 @@ impl FitData {
                 .collect();
             lengths.push(seqs.iter().map(Vec::len).collect());
             batches.push(TrainBatch::from_sequences(&seqs, &masks, pad_id, device)?);
+        }
+        Ok((batches, lengths))
+    }
+
+    /// Batches of multiple-choice docs for [`Objective::Choice`], one group of examples (its
+    /// choices) per doc: docs sorted by their longest choice (longest first, ties in input
+    /// order), a doc's choices kept together in one batch, and a batch filled with whole docs
+    /// up to `batch_size` sequences (a doc with more choices makes a batch alone).
+    pub fn from_choice_examples(
+        groups: &[Vec<task::Example>],
+        batch_size: usize,
+        pad_id: u32,
+        device: &candle_core::Device,
+    ) -> Result<(Vec<TrainBatch>, Vec<Vec<usize>>), SearchError> {
+        let longest = |g: &Vec<task::Example>| g.iter().map(|e| e.tokens.len()).max();
+        let mut order: Vec<usize> = (0..groups.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(longest(&groups[i])));
+        let mut batches = Vec::new();
+        let mut lengths = Vec::new();
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start + 1;
+            let mut rows = groups[order[start]].len();
+            while end < order.len() && rows + groups[order[end]].len() <= batch_size {
+                rows += groups[order[end]].len();
+                end += 1;
+            }
+            let docs = &order[start..end];
+            let examples: Vec<&task::Example> = docs.iter().flat_map(|&i| &groups[i]).collect();
+            let seqs: Vec<Vec<u32>> = examples.iter().map(|e| e.tokens.clone()).collect();
+            let masks: Vec<Vec<bool>> = examples.iter().map(|e| e.target_mask.clone()).collect();
+            let choices: Vec<usize> = docs.iter().map(|&i| groups[i].len()).collect();
+            lengths.push(seqs.iter().map(Vec::len).collect());
+            batches.push(TrainBatch::from_choice_sequences(
+                &seqs, &masks, &choices, pad_id, device,
+            )?);
+            start = end;
         }
         Ok((batches, lengths))
     }
@@ -142,6 +180,37 @@ pub fn build(
         .iter()
         .map(|&i| task_data.docs[i].id.clone())
         .collect();
+    if options.objective == Objective::Choice {
+        let groups = task::choice_examples(
+            task_data,
+            &fit_idx,
+            &setup.tokenizer,
+            setup.bos,
+            options.max_seq_len,
+        )
+        .map_err(|source| SearchError::Examples {
+            path: task_data.path.clone(),
+            error: Box::new(source),
+        })?;
+        let (mut batches, lengths) = FitData::from_choice_examples(
+            &groups,
+            options.batch_size,
+            setup.pad_id,
+            model.device(),
+        )?;
+        let bar = progress.bar(batches.len(), "teacher");
+        for b in &mut batches {
+            *b = b.clone().with_choice_teacher(model)?;
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        return Ok(FitData {
+            batches,
+            lengths,
+            fit_doc_ids,
+            generated_targets: false,
+        });
+    }
     let missing: Vec<usize> = fit_idx
         .iter()
         .copied()
@@ -445,5 +514,53 @@ mod loss_token_tests {
         let mut ex = vec![example(&[1, 5])];
         mark_all_tokens(&mut ex);
         assert_eq!(ex[0].target_mask, [false, true]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    fn example(doc: &str, len: usize) -> task::Example {
+        let mut target_mask = vec![false; len];
+        target_mask[len - 1] = true;
+        task::Example {
+            doc_id: doc.to_string(),
+            tokens: (1..=len as u32).collect(),
+            target_mask,
+        }
+    }
+
+    #[test]
+    fn choice_batches_keep_each_docs_choices_together() {
+        // docs of 3, 2, 4 and 2 choices; the longest choice of each: 5, 9, 4, 7 tokens
+        let groups: Vec<Vec<task::Example>> = [
+            ("a", vec![3, 5, 4]),
+            ("b", vec![9, 2]),
+            ("c", vec![4, 4, 3, 2]),
+            ("d", vec![7, 6]),
+        ]
+        .iter()
+        .map(|(doc, lens)| lens.iter().map(|&n| example(doc, n)).collect())
+        .collect();
+        let (batches, lengths) =
+            FitData::from_choice_examples(&groups, 4, 0, &Device::Cpu).unwrap();
+        // by longest choice: b (2), d (2) | a (3) | c (4)
+        assert_eq!(
+            lengths,
+            vec![vec![9, 2, 7, 6], vec![3, 5, 4], vec![4, 4, 3, 2]]
+        );
+        let docs: Vec<Vec<usize>> = batches
+            .iter()
+            .map(|b| b.choices.as_ref().unwrap().choices_per_doc.clone())
+            .collect();
+        assert_eq!(docs, vec![vec![2, 2], vec![3], vec![4]]);
+        // a doc with more choices than a batch holds makes a batch of its own
+        let (batches, lengths) =
+            FitData::from_choice_examples(&groups, 2, 0, &Device::Cpu).unwrap();
+        assert_eq!(batches.len(), 4);
+        assert_eq!(lengths[2], vec![3, 5, 4]);
     }
 }

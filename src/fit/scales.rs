@@ -7,7 +7,10 @@
 //! - [`Objective::Ce`]: mean cross-entropy of the target tokens (the paper's choice, on the
 //!   original model's own greedy answers);
 //! - [`Objective::Kl`]: mean `KL(original || slim)` of the next-token distributions at the same
-//!   positions, against a [`Teacher`] computed once with all scalars 1 and nothing skipped.
+//!   positions, against a [`Teacher`] computed once with all scalars 1 and nothing skipped;
+//! - [`Objective::Choice`]: for multiple-choice data, mean over docs of `KL(original || slim)` of
+//!   the distributions over a doc's choices (the softmax of each choice's summed continuation
+//!   log-probability, the scores an evaluation ranks), against [`ChoiceGroups`]' teacher.
 //!
 //! The teacher keeps, per position, either the full distribution or its `k` most likely tokens
 //! plus the probability left over ([`Teacher::TopK`]): full-vocabulary log-probabilities cost
@@ -49,6 +52,31 @@ pub enum FitError {
     MissingTeacher {
         /// Index of the batch.
         batch: usize,
+    },
+    /// The choice objective was asked for but a batch has no choice groups or no teacher.
+    #[error(
+        "batch {batch} has no choice groups with teacher outputs; build it with \
+         TrainBatch::from_choice_sequences and attach them with TrainBatch::with_choice_teacher"
+    )]
+    MissingChoices {
+        /// Index of the batch.
+        batch: usize,
+    },
+    /// Choice groups that do not cover the batch's rows.
+    #[error(
+        "the docs' choices add up to {choices} rows, the batch has {rows} (and none may be 0)"
+    )]
+    ChoiceRows {
+        /// Rows of the batch.
+        rows: usize,
+        /// Rows the docs' choice counts add up to.
+        choices: usize,
+    },
+    /// A choice row without targets (its continuation) cannot be scored.
+    #[error("row {row} of a choice batch has no target tokens")]
+    ChoiceWithoutTargets {
+        /// The row.
+        row: usize,
     },
     /// The loss became NaN or infinite.
     #[error("the loss became {loss} at step {step}")]
@@ -112,6 +140,111 @@ pub enum Objective {
     Ce,
     /// Mean KL divergence from the original model's next-token distribution to the slim one's.
     Kl,
+    /// Mean over docs of the KL divergence from the original model's distribution over a doc's
+    /// choices to the slim one's; batches carry [`ChoiceGroups`].
+    Choice,
+}
+
+impl Objective {
+    /// The name plans, sweeps and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Objective::Ce => "ce",
+            Objective::Kl => "kl",
+            Objective::Choice => "choice",
+        }
+    }
+}
+
+/// Which rows of a [`TrainBatch`] are the choices of one multiple-choice doc, for
+/// [`Objective::Choice`]: each doc's rows are consecutive, its targets a choice's continuation.
+#[derive(Debug, Clone)]
+pub struct ChoiceGroups {
+    /// Rows (choices) per doc, in row order.
+    pub choices_per_doc: Vec<usize>,
+    /// `(rows, n)`: 1 where target `j` belongs to row `r` (sums a row's target log-probs).
+    row_of_target: Tensor,
+    /// `(docs, rows)`: 1 where row `r` is a choice of doc `d` (sums over a doc's choices).
+    doc_of_row: Tensor,
+    /// `(rows, docs)`: its transpose (spreads a doc's value over its choices).
+    row_of_doc: Tensor,
+    /// The original model's log-probability of each row's choice among its doc's choices,
+    /// `(rows)`, once [`TrainBatch::with_choice_teacher`] attached it.
+    pub teacher_log_probs: Option<Tensor>,
+}
+
+impl ChoiceGroups {
+    /// Groups for rows with `targets_per_row` targets each (targets listed row by row, as
+    /// [`TrainBatch::from_sequences`] lists them), `choices_per_doc` consecutive rows per doc.
+    fn new(
+        targets_per_row: &[usize],
+        choices_per_doc: &[usize],
+        device: &Device,
+    ) -> Result<Self, FitError> {
+        let rows = targets_per_row.len();
+        if choices_per_doc.contains(&0) || choices_per_doc.iter().sum::<usize>() != rows {
+            return Err(FitError::ChoiceRows {
+                rows,
+                choices: choices_per_doc.iter().sum(),
+            });
+        }
+        let n: usize = targets_per_row.iter().sum();
+        let docs = choices_per_doc.len();
+        let mut row_of_target = vec![0f32; rows * n];
+        let mut start = 0;
+        for (r, &count) in targets_per_row.iter().enumerate() {
+            row_of_target[r * n + start..r * n + start + count].fill(1.0);
+            start += count;
+        }
+        let mut doc_of_row = vec![0f32; docs * rows];
+        let mut row_of_doc = vec![0f32; rows * docs];
+        let mut row = 0;
+        for (d, &count) in choices_per_doc.iter().enumerate() {
+            for r in row..row + count {
+                doc_of_row[d * rows + r] = 1.0;
+                row_of_doc[r * docs + d] = 1.0;
+            }
+            row += count;
+        }
+        Ok(Self {
+            choices_per_doc: choices_per_doc.to_vec(),
+            row_of_target: Tensor::from_vec(row_of_target, (rows, n), device)?,
+            doc_of_row: Tensor::from_vec(doc_of_row, (docs, rows), device)?,
+            row_of_doc: Tensor::from_vec(row_of_doc, (rows, docs), device)?,
+            teacher_log_probs: None,
+        })
+    }
+
+    /// Per row, the log-probability of its choice among its doc's choices, from the target
+    /// tokens' log-probabilities `(n)`: each row's sum, log-softmaxed within its doc. Each doc
+    /// is shifted by its best row's sum (a constant) first, so that no `exp` underflows.
+    fn log_probs(&self, target_log_probs: &Tensor) -> Result<Tensor, FitError> {
+        let dtype = target_log_probs.dtype();
+        let matrix = |m: &Tensor| m.to_dtype(dtype);
+        let row_sums = matrix(&self.row_of_target)?
+            .matmul(&target_log_probs.unsqueeze(1)?)?
+            .squeeze(1)?;
+        let sums = row_sums.detach().to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut shift = Vec::with_capacity(sums.len());
+        let mut row = 0;
+        for &count in &self.choices_per_doc {
+            let best = sums[row..row + count]
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
+            shift.extend(std::iter::repeat_n(best, count));
+            row += count;
+        }
+        let shift = Tensor::from_vec(shift, sums.len(), row_sums.device())?.to_dtype(dtype)?;
+        let centred = (row_sums - shift)?;
+        let doc_log_sums = matrix(&self.doc_of_row)?
+            .matmul(&centred.exp()?.unsqueeze(1)?)?
+            .log()?;
+        let row_log_sums = matrix(&self.row_of_doc)?
+            .matmul(&doc_log_sums)?
+            .squeeze(1)?;
+        Ok((centred - row_log_sums)?)
+    }
 }
 
 /// The original model's next-token distribution at a batch's target positions.
@@ -146,6 +279,8 @@ pub struct TrainBatch {
     pub targets: Tensor,
     /// The original model's distribution there, for [`Objective::Kl`].
     pub teacher: Option<Teacher>,
+    /// The rows' grouping into multiple-choice docs, for [`Objective::Choice`].
+    pub choices: Option<ChoiceGroups>,
 }
 
 impl TrainBatch {
@@ -184,6 +319,7 @@ impl TrainBatch {
             target_positions,
             targets,
             teacher: None,
+            choices: None,
         })
     }
 
@@ -243,6 +379,32 @@ impl TrainBatch {
         )
     }
 
+    /// A batch of multiple-choice docs for [`Objective::Choice`]: `sequences` (with their
+    /// `loss_masks` on each choice's continuation, as [`Self::from_sequences`] takes them) hold
+    /// `choices_per_doc[d]` consecutive rows per doc.
+    pub fn from_choice_sequences(
+        sequences: &[Vec<u32>],
+        loss_masks: &[Vec<bool>],
+        choices_per_doc: &[usize],
+        pad_id: u32,
+        device: &Device,
+    ) -> Result<Self, FitError> {
+        let mut batch = Self::from_sequences(sequences, loss_masks, pad_id, device)?;
+        let targets_per_row: Vec<usize> = loss_masks
+            .iter()
+            .map(|m| m.iter().filter(|&&t| t).count())
+            .collect();
+        if let Some(row) = targets_per_row.iter().position(|&n| n == 0) {
+            return Err(FitError::ChoiceWithoutTargets { row });
+        }
+        batch.choices = Some(ChoiceGroups::new(
+            &targets_per_row,
+            choices_per_doc,
+            device,
+        )?);
+        Ok(batch)
+    }
+
     /// Number of target positions.
     pub fn n_targets(&self) -> usize {
         self.targets.elem_count()
@@ -266,6 +428,32 @@ impl TrainBatch {
         });
         Ok(self)
     }
+}
+
+impl TrainBatch {
+    /// Attaches the original model's distribution over each doc's choices (all scalars 1,
+    /// nothing skipped); the batch must have [`ChoiceGroups`].
+    pub fn with_choice_teacher(mut self, model: &Model) -> Result<Self, FitError> {
+        let n_layer = model.arch().n_layer;
+        let scales = model.scales(&ScaleValues::ones(n_layer))?;
+        let hidden =
+            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
+        let logits = model.logits_at(&hidden, &self.target_positions)?;
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let target_log_probs = target_log_probs(&self, &log_probs)?;
+        let groups = self
+            .choices
+            .as_mut()
+            .ok_or(FitError::MissingChoices { batch: 0 })?;
+        groups.teacher_log_probs = Some(groups.log_probs(&target_log_probs)?.detach());
+        Ok(self)
+    }
+}
+
+/// The log-probability of each target token of `batch`, `(n)`, from the next-token
+/// log-probabilities at its target positions `(n, vocab)`.
+fn target_log_probs(batch: &TrainBatch, log_q: &Tensor) -> Result<Tensor, FitError> {
+    Ok(log_q.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?)
 }
 
 /// The `k` largest log-probabilities per row, with the leftover mass; selected on the host.
@@ -418,9 +606,22 @@ pub(crate) fn check_batches(batches: &[TrainBatch], objective: Objective) -> Res
     if batches.is_empty() {
         return Err(FitError::NoBatches);
     }
-    if objective == Objective::Kl {
-        if let Some(batch) = batches.iter().position(|b| b.teacher.is_none()) {
-            return Err(FitError::MissingTeacher { batch });
+    match objective {
+        Objective::Ce => {}
+        Objective::Kl => {
+            if let Some(batch) = batches.iter().position(|b| b.teacher.is_none()) {
+                return Err(FitError::MissingTeacher { batch });
+            }
+        }
+        Objective::Choice => {
+            let ready = |b: &TrainBatch| {
+                b.choices
+                    .as_ref()
+                    .is_some_and(|g| g.teacher_log_probs.is_some())
+            };
+            if let Some(batch) = batches.iter().position(|b| !ready(b)) {
+                return Err(FitError::MissingChoices { batch });
+            }
         }
     }
     Ok(())
@@ -461,6 +662,7 @@ pub(crate) fn hidden_loss(
             .gather(&batch.targets.unsqueeze(1)?, 1)?
             .mean_all()?
             .neg()?,
+        (Objective::Choice, _) => choice_loss(batch, index, &log_q)?,
         (Objective::Kl, None) => return Err(FitError::MissingTeacher { batch: index }),
         (Objective::Kl, Some(Teacher::Full { log_probs })) => {
             check_teacher_rows(log_probs, batch)?;
@@ -486,6 +688,23 @@ pub(crate) fn hidden_loss(
         }
     };
     Ok(loss)
+}
+
+/// [`Objective::Choice`]'s loss of `batch`: the mean over its docs of `KL(original || slim)` of
+/// the distributions over each doc's choices.
+/// `log_q` holds the slim model's next-token log-probabilities at the targets, `(n, vocab)`.
+fn choice_loss(batch: &TrainBatch, index: usize, log_q: &Tensor) -> Result<Tensor, FitError> {
+    let groups = batch
+        .choices
+        .as_ref()
+        .ok_or(FitError::MissingChoices { batch: index })?;
+    let teacher = groups
+        .teacher_log_probs
+        .as_ref()
+        .ok_or(FitError::MissingChoices { batch: index })?;
+    let log_q = groups.log_probs(&target_log_probs(batch, log_q)?)?;
+    let kl = (teacher.exp()? * (teacher - log_q)?)?.sum_all()?;
+    Ok((kl / groups.choices_per_doc.len() as f64)?)
 }
 
 /// Refuses a teacher whose rows do not match the batch's targets.
@@ -652,6 +871,178 @@ mod tests {
             Err(FitError::NonFiniteLoss { step, .. }) => assert!(step > 0 && step < 50),
             other => panic!("expected a non-finite loss, got {other:?}"),
         }
+    }
+
+    /// Two multiple-choice docs (3 and 2 choices) of random tokens: a shared context per doc,
+    /// then each choice's continuation of 1 to 3 tokens (the targets).
+    fn choice_data(arch: &Arch, seed: u64) -> (Vec<Vec<u32>>, Vec<Vec<bool>>, Vec<usize>) {
+        let ids = random_ids(arch, 1, 40, seed)
+            .to_vec2::<u32>()
+            .unwrap()
+            .remove(0);
+        let mut take = ids.into_iter();
+        let mut seqs = Vec::new();
+        let mut masks = Vec::new();
+        let choices = vec![3, 2];
+        for (doc, &n) in choices.iter().enumerate() {
+            let context: Vec<u32> = take.by_ref().take(5 + doc).collect();
+            for c in 0..n {
+                let continuation: Vec<u32> = take.by_ref().take(1 + (c + doc) % 3).collect();
+                masks.push(
+                    std::iter::repeat_n(false, context.len())
+                        .chain(std::iter::repeat_n(true, continuation.len()))
+                        .collect(),
+                );
+                seqs.push([context.clone(), continuation].concat());
+            }
+        }
+        (seqs, masks, choices)
+    }
+
+    #[test]
+    fn choice_teacher_is_each_docs_softmax_of_its_choices_summed_log_probs() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 24), &Device::Cpu).unwrap();
+        let (seqs, masks, choices) = choice_data(&arch, 5);
+        let batch = TrainBatch::from_choice_sequences(&seqs, &masks, &choices, 0, &Device::Cpu)
+            .unwrap()
+            .with_choice_teacher(&model)
+            .unwrap();
+        let teacher = batch.choices.as_ref().unwrap().teacher_log_probs.as_ref();
+        let teacher = teacher.unwrap().to_vec1::<f32>().unwrap();
+        // independently: each sequence alone (no padding), its targets' log-probs summed in
+        // f64, then a log-softmax per doc
+        let ones = model.scales(&ScaleValues::ones(arch.n_layer)).unwrap();
+        let sums: Vec<f64> = seqs
+            .iter()
+            .zip(&masks)
+            .map(|(seq, mask)| {
+                let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0);
+                let hidden = model
+                    .forward_hidden_no_grad(&ids.unwrap(), &ones, &[false; 3])
+                    .unwrap();
+                let all: Vec<u32> = (0..seq.len() as u32).collect();
+                let all = Tensor::new(all.as_slice(), &Device::Cpu).unwrap();
+                let logits = model.logits_at(&hidden, &all).unwrap();
+                let log_p = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+                let log_p = log_p.to_vec2::<f32>().unwrap();
+                (1..seq.len())
+                    .filter(|&j| mask[j])
+                    .map(|j| log_p[j - 1][seq[j] as usize] as f64)
+                    .sum()
+            })
+            .collect();
+        let mut expected = Vec::new();
+        let mut row = 0;
+        for &n in &choices {
+            let doc = &sums[row..row + n];
+            let lse = doc.iter().map(|x| x.exp()).sum::<f64>().ln();
+            expected.extend(doc.iter().map(|x| x - lse));
+            row += n;
+        }
+        assert_eq!(teacher.len(), expected.len());
+        for (t, e) in teacher.iter().zip(&expected) {
+            assert!(
+                (*t as f64 - e).abs() < 1e-4,
+                "teacher {teacher:?}, expected {expected:?}"
+            );
+        }
+        // each doc's choice probabilities add up to 1, and they are not all alike
+        let p: Vec<f64> = teacher.iter().map(|&t| (t as f64).exp()).collect();
+        assert!((p[..3].iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!((p[3..].iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!((p[0] - p[1]).abs() > 1e-3);
+    }
+
+    #[test]
+    fn training_lowers_the_choice_loss_of_a_skipped_model() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 25), &Device::Cpu).unwrap();
+        let batches: Vec<TrainBatch> = [6, 7]
+            .iter()
+            .map(|&seed| {
+                let (seqs, masks, choices) = choice_data(&arch, seed);
+                TrainBatch::from_choice_sequences(&seqs, &masks, &choices, 0, &Device::Cpu)
+                    .unwrap()
+                    .with_choice_teacher(&model)
+                    .unwrap()
+            })
+            .collect();
+        let ones = ScaleValues::ones(arch.n_layer);
+        let none = SkipMask::none(arch.n_layer);
+        let full = eval_loss(&model, &batches, none.as_slice(), &ones, Objective::Choice).unwrap();
+        assert!(
+            full.abs() < 1e-5,
+            "choice KL of the original to itself is {full}"
+        );
+        let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+        let before =
+            eval_loss(&model, &batches, skip.as_slice(), &ones, Objective::Choice).unwrap();
+        let result = train_scales(
+            &model,
+            &batches,
+            skip.as_slice(),
+            Objective::Choice,
+            40,
+            5e-2,
+            3,
+        )
+        .unwrap();
+        let after = eval_loss(
+            &model,
+            &batches,
+            skip.as_slice(),
+            &result.scales,
+            Objective::Choice,
+        )
+        .unwrap();
+        assert!(
+            before > 1e-4 && after < 0.5 * before,
+            "choice KL {before} skipped, {after} trained"
+        );
+        assert_eq!(result.scales.b_att[1], 1.0);
+    }
+
+    #[test]
+    fn bad_choice_batches_are_errors() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 26), &Device::Cpu).unwrap();
+        let (seqs, masks, _) = choice_data(&arch, 8);
+        let build = |choices: &[usize]| {
+            TrainBatch::from_choice_sequences(&seqs, &masks, choices, 0, &Device::Cpu)
+        };
+        assert!(matches!(
+            build(&[3, 3]),
+            Err(FitError::ChoiceRows {
+                rows: 5,
+                choices: 6
+            })
+        ));
+        assert!(matches!(build(&[5, 0]), Err(FitError::ChoiceRows { .. })));
+        let mut no_target = masks.clone();
+        no_target[1] = vec![false; no_target[1].len()];
+        assert!(matches!(
+            TrainBatch::from_choice_sequences(&seqs, &no_target, &[3, 2], 0, &Device::Cpu),
+            Err(FitError::ChoiceWithoutTargets { row: 1 })
+        ));
+        let skip = vec![false; arch.n_layer];
+        // groups without a teacher, and a batch without groups
+        let untaught = vec![build(&[3, 2]).unwrap()];
+        let plain = self_generated_batches(&model, 1, 2, 6);
+        for batches in [untaught, plain] {
+            assert!(matches!(
+                train_scales(&model, &batches, &skip, Objective::Choice, 1, 1e-2, 0),
+                Err(FitError::MissingChoices { batch: 0 })
+            ));
+        }
+        assert!(matches!(
+            TrainBatch::from_sequences(&seqs, &masks, 0, &Device::Cpu)
+                .unwrap()
+                .with_choice_teacher(&model),
+            Err(FitError::MissingChoices { .. })
+        ));
     }
 
     /// One training step (forward, backward, Adam) at batch 8 x 128 on the tiny model, or on a

@@ -389,11 +389,7 @@ impl FitOptions {
         let screened = self.method == Method::Hopscotch && !self.exhaustive;
         FitSettings {
             method: self.method.name().into(),
-            objective: match self.objective {
-                Objective::Kl => "kl",
-                Objective::Ce => "ce",
-            }
-            .into(),
+            objective: self.objective.name().into(),
             skip: self.skip,
             fit_docs: self.fit_docs,
             candidate_steps: if self.train_scales {

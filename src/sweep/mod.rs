@@ -229,14 +229,6 @@ pub struct Config {
     pub train_scales: bool,
 }
 
-/// The name `--objective` takes and plans record.
-pub fn objective_name(o: Objective) -> &'static str {
-    match o {
-        Objective::Kl => "kl",
-        Objective::Ce => "ce",
-    }
-}
-
 impl Config {
     /// Every configuration of a request, in report order: per fit task, per method, scalars
     /// trained before not, per objective (see the module documentation for what is merged).
@@ -278,7 +270,7 @@ impl Config {
         let mut s = format!("{}-{}", task_names[self.fit_task], self.method.name());
         if let Some(o) = self.objective {
             s += "-";
-            s += objective_name(o);
+            s += o.name();
         }
         if !self.train_scales {
             s += "-noscales";
@@ -815,7 +807,7 @@ impl Fitting<'_> {
         self.progress.note(&format!(
             "building the fit data of {} ({})",
             tasks[t].name,
-            objective_name(options.objective)
+            options.objective.name()
         ));
         let ft = FitTask::build(
             model,
@@ -883,7 +875,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
         objectives: lists
             .objectives
             .iter()
-            .map(|&o| objective_name(o).to_string())
+            .map(|&o| o.name().to_string())
             .collect(),
         no_scales_too: req.no_scales_too,
     };

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{objective_name, EvalRecord, Slim, SweepError, SweepSeconds, Units};
+use super::{EvalRecord, Slim, SweepError, SweepSeconds, Units};
 use crate::arch::Arch;
 use crate::eval::task::{pair_with_reference, wilson_ci95};
 use crate::fit::plan::FitSettings;
@@ -197,7 +197,7 @@ pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
                 eval_task: task.clone(),
                 fit_task: inputs.task_names[s.config.fit_task].clone(),
                 method: s.config.method.name().to_string(),
-                objective: s.config.objective.map(|o| objective_name(o).to_string()),
+                objective: s.config.objective.map(|o| o.name().to_string()),
                 train_scales: s.config.train_scales,
                 k: s.k,
                 model: s.name.clone(),

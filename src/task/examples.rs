@@ -2,7 +2,7 @@
 
 use tokenizers::Tokenizer;
 
-use super::{ChatTemplate, Doc, DocBody, Message, TaskData, TaskError};
+use super::{ChatTemplate, Choices, Doc, DocBody, Message, TaskData, TaskError};
 
 /// One training sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +54,44 @@ pub fn examples(
         .collect()
 }
 
+/// Makes one training sequence per choice of each multiple-choice doc of `idx` (in that order,
+/// choices in their order): the choice's context and continuation, targets on the continuation,
+/// tokenized and truncated as [`examples`] does. What [`crate::fit::scales::Objective::Choice`]
+/// trains on: the original and the slim model's preferences among a doc's choices. Other docs
+/// are refused ([`TaskError::NotChoices`]); a doc needs no gold choice.
+pub fn choice_examples(
+    data: &TaskData,
+    idx: &[usize],
+    tok: &Tokenizer,
+    bos: Option<u32>,
+    max_len: usize,
+) -> Result<Vec<Vec<Example>>, TaskError> {
+    if max_len < 2 {
+        return Err(TaskError::MaxLenTooSmall { max_len });
+    }
+    idx.iter()
+        .map(|&i| {
+            let doc = data.docs.get(i).ok_or(TaskError::IndexOutOfRange {
+                index: i,
+                docs: data.docs.len(),
+            })?;
+            let DocBody::Choices(choices) = &doc.body else {
+                return Err(TaskError::NotChoices {
+                    doc_id: doc.id.clone(),
+                    line: doc.line,
+                });
+            };
+            (0..choices.choices.len())
+                .map(|c| {
+                    let mut seq = Sequence::new(tok, &doc.id);
+                    seq.push_choice(choices, c)?;
+                    seq.finish(bos, max_len)
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// Moves the context's trailing whitespace to the start of the continuation, as
 /// lm-evaluation-harness does before tokenizing a pair (so "Answer: " + "B" is scored as
 /// "Answer:" + " B", the way the text would be tokenized whole).
@@ -89,22 +127,13 @@ fn example(
     bos: Option<u32>,
     max_len: usize,
 ) -> Result<Example, TaskError> {
-    let mut seq = Sequence {
-        tok,
-        doc_id: &doc.id,
-        tokens: Vec::new(),
-        mask: Vec::new(),
-    };
+    let mut seq = Sequence::new(tok, &doc.id);
     match &doc.body {
         DocBody::Choices(choices) => {
             let gold = choices.gold.ok_or_else(|| TaskError::NoGold {
                 doc_id: doc.id.clone(),
             })?;
-            let continuation = choices.choices.get(gold).map_or("", String::as_str);
-            let (context, continuation) =
-                move_trailing_whitespace(choices.context(gold), continuation);
-            seq.push(context, false)?;
-            seq.push(&continuation, true)?;
+            seq.push_choice(choices, gold)?;
         }
         DocBody::Text(text) => seq.push(text, true)?,
         DocBody::Chat(messages) => {
@@ -125,34 +154,7 @@ fn example(
             seq.push(target, true)?;
         }
     }
-    let Sequence {
-        mut tokens,
-        mut mask,
-        ..
-    } = seq;
-    let mut keep = 0;
-    if let Some(bos) = bos {
-        if tokens.first() != Some(&bos) {
-            tokens.insert(0, bos);
-            mask.insert(0, false);
-        }
-        keep = 1;
-    }
-    if let Some(first) = mask.first_mut() {
-        *first = false;
-    }
-    truncate(&mut tokens, &mut mask, keep, max_len);
-    if !mask.contains(&true) {
-        return Err(TaskError::NoTargets {
-            doc_id: doc.id.clone(),
-            max_len,
-        });
-    }
-    Ok(Example {
-        doc_id: doc.id.clone(),
-        tokens,
-        target_mask: mask,
-    })
+    seq.finish(bos, max_len)
 }
 
 /// Names the doc in a render error from [`ChatTemplate::render`].
@@ -174,7 +176,59 @@ struct Sequence<'a> {
     mask: Vec<bool>,
 }
 
-impl Sequence<'_> {
+impl<'a> Sequence<'a> {
+    fn new(tok: &'a Tokenizer, doc_id: &'a str) -> Self {
+        Self {
+            tok,
+            doc_id,
+            tokens: Vec::new(),
+            mask: Vec::new(),
+        }
+    }
+
+    /// Choice `c`'s context, then its continuation as the targets (the context's trailing
+    /// whitespace moved to the continuation).
+    fn push_choice(&mut self, choices: &Choices, c: usize) -> Result<(), TaskError> {
+        let continuation = choices.choices.get(c).map_or("", String::as_str);
+        let (context, continuation) = move_trailing_whitespace(choices.context(c), continuation);
+        self.push(context, false)?;
+        self.push(&continuation, true)
+    }
+
+    /// The example: `bos` prepended (unless already first), the first flag cleared, cut to
+    /// `max_len` ([`truncate`]); refused when no target is left.
+    fn finish(self, bos: Option<u32>, max_len: usize) -> Result<Example, TaskError> {
+        let Sequence {
+            mut tokens,
+            mut mask,
+            doc_id,
+            ..
+        } = self;
+        let mut keep = 0;
+        if let Some(bos) = bos {
+            if tokens.first() != Some(&bos) {
+                tokens.insert(0, bos);
+                mask.insert(0, false);
+            }
+            keep = 1;
+        }
+        if let Some(first) = mask.first_mut() {
+            *first = false;
+        }
+        truncate(&mut tokens, &mut mask, keep, max_len);
+        if !mask.contains(&true) {
+            return Err(TaskError::NoTargets {
+                doc_id: doc_id.to_string(),
+                max_len,
+            });
+        }
+        Ok(Example {
+            doc_id: doc_id.to_string(),
+            tokens,
+            target_mask: mask,
+        })
+    }
+
     fn push(&mut self, text: &str, target: bool) -> Result<(), TaskError> {
         if text.is_empty() {
             return Ok(());

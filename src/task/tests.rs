@@ -582,6 +582,78 @@ fn request_examples_target_the_gold_continuation() {
 }
 
 #[test]
+fn choice_examples_make_one_sequence_per_choice_of_each_doc() {
+    let tok = tokenizer();
+    let d = data(
+        TaskFormat::Requests,
+        vec![
+            choice_doc(
+                "0",
+                Context::Shared("Answer: ".to_string()),
+                &["five", "four", "two"],
+                Some(1),
+            ),
+            // No gold choice: the choice objective does not need one.
+            choice_doc(
+                "1",
+                Context::PerChoice(vec![
+                    "Sarah so Sarah".to_string(),
+                    "Sarah so Maria".to_string(),
+                ]),
+                &[" won.", " won."],
+                None,
+            ),
+        ],
+    );
+    let groups = choice_examples(&d, &[1, 0], &tok, Some(BOS), 64).unwrap();
+    assert_eq!(groups.len(), 2);
+    let tokens = |g: &[Example]| g.iter().map(|e| e.tokens.clone()).collect::<Vec<_>>();
+    let masks = |g: &[Example]| g.iter().map(|e| e.target_mask.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        tokens(&groups[0]),
+        [
+            ids(&["<s>", "Sarah", " so", " Sarah", " won", "."]),
+            ids(&["<s>", "Sarah", " so", " Maria", " won", "."]),
+        ]
+    );
+    let won = vec![false, false, false, false, true, true];
+    assert_eq!(masks(&groups[0]), [won.clone(), won]);
+    assert!(groups[0].iter().all(|e| e.doc_id == "1"));
+    // each choice as `examples` makes the gold one: trailing space moved, targets on it
+    assert_eq!(
+        tokens(&groups[1]),
+        [
+            ids(&["<s>", "Answer", ":", " five"]),
+            ids(&["<s>", "Answer", ":", " four"]),
+            ids(&["<s>", "Answer", ":", " two"]),
+        ]
+    );
+    assert_eq!(
+        examples(&d, &[0], &tok, None, Some(BOS), 64).unwrap()[0],
+        groups[1][1]
+    );
+    assert_eq!(groups[1][2].target_mask, [false, false, false, true]);
+
+    let text = data(
+        TaskFormat::Text,
+        vec![Doc {
+            id: "t".to_string(),
+            line: 7,
+            body: DocBody::Text("Hello there!".to_string()),
+        }],
+    );
+    let err = choice_examples(&text, &[0], &tok, None, 64).unwrap_err();
+    assert!(matches!(err, TaskError::NotChoices { line: 7, .. }));
+    assert!(err
+        .to_string()
+        .contains("doc t (line 7) is not a multiple-choice request"));
+    assert!(matches!(
+        choice_examples(&d, &[2], &tok, None, 64),
+        Err(TaskError::IndexOutOfRange { index: 2, docs: 2 })
+    ));
+}
+
+#[test]
 fn text_examples_target_every_token_after_the_first() {
     let tok = tokenizer();
     let d = data(

@@ -170,6 +170,7 @@ fn the_choice_objective_skips_the_block_that_adds_nothing_first() {
     ));
     let plan = Plan::load(&out).unwrap();
     assert_eq!(plan.settings.objective, "choice");
+    assert_eq!(plan.settings.loss_tokens, "targets");
     assert_eq!(plan.skipped_blocks.len(), 2);
     assert_eq!(plan.skipped_blocks[0], DEAD, "{:?}", plan.rounds);
     // not quite 0: Adam moves every scalar by about the learning rate

@@ -410,7 +410,12 @@ impl FitOptions {
             screen_batches: self.screen_batches,
             rescreen: if screened { self.rescreen } else { 0 },
             teacher_top_k: self.teacher_top_k,
-            loss_tokens: self.loss_tokens.name().into(),
+            // the choice objective scores each choice's continuation: the task's targets
+            loss_tokens: if self.objective == Objective::Choice {
+                LossTokens::Targets.name().into()
+            } else {
+                self.loss_tokens.name().into()
+            },
         }
     }
 }

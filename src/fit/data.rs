@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use super::progress::Progress;
-use super::scales::{Objective, TrainBatch};
+use super::scales::{FitError, Objective, TrainBatch};
 use super::search::{FitOptions, LossTokens, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Model, ScaleValues};
@@ -180,6 +180,10 @@ pub fn build(
         .iter()
         .map(|&i| task_data.docs[i].id.clone())
         .collect();
+    let examples_error = |source| SearchError::Examples {
+        path: task_data.path.clone(),
+        error: Box::new(source),
+    };
     if options.objective == Objective::Choice {
         let groups = task::choice_examples(
             task_data,
@@ -188,22 +192,14 @@ pub fn build(
             setup.bos,
             options.max_seq_len,
         )
-        .map_err(|source| SearchError::Examples {
-            path: task_data.path.clone(),
-            error: Box::new(source),
-        })?;
+        .map_err(examples_error)?;
         let (mut batches, lengths) = FitData::from_choice_examples(
             &groups,
             options.batch_size,
             setup.pad_id,
             model.device(),
         )?;
-        let bar = progress.bar(batches.len(), "teacher");
-        for b in &mut batches {
-            *b = b.clone().with_choice_teacher(model)?;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
+        attach_teachers(&mut batches, progress, |b| b.with_choice_teacher(model))?;
         return Ok(FitData {
             batches,
             lengths,
@@ -241,22 +237,16 @@ pub fn build(
         setup.bos,
         options.max_seq_len,
     )
-    .map_err(|source| SearchError::Examples {
-        path: task_data.path.clone(),
-        error: Box::new(source),
-    })?;
+    .map_err(examples_error)?;
     if options.loss_tokens == LossTokens::All {
         mark_all_tokens(&mut examples);
     }
     let (mut batches, lengths) =
         FitData::from_examples(&examples, options.batch_size, setup.pad_id, model.device())?;
     if options.objective == Objective::Kl {
-        let bar = progress.bar(batches.len(), "teacher");
-        for b in &mut batches {
-            *b = b.clone().with_teacher(model, options.teacher_top_k)?;
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
+        attach_teachers(&mut batches, progress, |b| {
+            b.with_teacher(model, options.teacher_top_k)
+        })?;
     }
     Ok(FitData {
         batches,
@@ -264,6 +254,22 @@ pub fn build(
         fit_doc_ids,
         generated_targets,
     })
+}
+
+/// Replaces every batch by `attach(batch)` (the batch with the original model's outputs), with
+/// a progress bar.
+fn attach_teachers(
+    batches: &mut [TrainBatch],
+    progress: &Progress,
+    attach: impl Fn(TrainBatch) -> Result<TrainBatch, FitError>,
+) -> Result<(), SearchError> {
+    let bar = progress.bar(batches.len(), "teacher");
+    for b in batches.iter_mut() {
+        *b = attach(b.clone())?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
 }
 
 /// Makes every token after the first a target, counting a prefix that all examples share

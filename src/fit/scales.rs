@@ -414,12 +414,7 @@ impl TrainBatch {
     /// scalars 1, nothing skipped), keeping the `top_k` most likely tokens per position, or the
     /// whole distribution when `top_k` is at least the vocabulary size.
     pub fn with_teacher(mut self, model: &Model, top_k: usize) -> Result<Self, FitError> {
-        let n_layer = model.arch().n_layer;
-        let scales = model.scales(&ScaleValues::ones(n_layer))?;
-        let hidden =
-            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
-        let logits = model.logits_at(&hidden, &self.target_positions)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let log_probs = self.original_log_probs(model)?;
         let vocab = model.arch().vocab_size;
         self.teacher = Some(if top_k >= vocab {
             Teacher::Full { log_probs }
@@ -428,18 +423,11 @@ impl TrainBatch {
         });
         Ok(self)
     }
-}
 
-impl TrainBatch {
     /// Attaches the original model's distribution over each doc's choices (all scalars 1,
     /// nothing skipped); the batch must have [`ChoiceGroups`].
     pub fn with_choice_teacher(mut self, model: &Model) -> Result<Self, FitError> {
-        let n_layer = model.arch().n_layer;
-        let scales = model.scales(&ScaleValues::ones(n_layer))?;
-        let hidden =
-            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
-        let logits = model.logits_at(&hidden, &self.target_positions)?;
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let log_probs = self.original_log_probs(model)?;
         let target_log_probs = target_log_probs(&self, &log_probs)?;
         let groups = self
             .choices
@@ -447,6 +435,17 @@ impl TrainBatch {
             .ok_or(FitError::MissingChoices { batch: 0 })?;
         groups.teacher_log_probs = Some(groups.log_probs(&target_log_probs)?.detach());
         Ok(self)
+    }
+
+    /// The original model's (all scalars 1, nothing skipped) next-token log-probabilities at
+    /// the target positions, `(n, vocab)`.
+    fn original_log_probs(&self, model: &Model) -> Result<Tensor, FitError> {
+        let n_layer = model.arch().n_layer;
+        let scales = model.scales(&ScaleValues::ones(n_layer))?;
+        let hidden =
+            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
+        let logits = model.logits_at(&hidden, &self.target_positions)?;
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
     }
 }
 

@@ -40,16 +40,27 @@ pub fn examples(
     bos: Option<u32>,
     max_len: usize,
 ) -> Result<Vec<Example>, TaskError> {
+    docs_at(data, idx, max_len)?
+        .into_iter()
+        .map(|doc| example(doc, tok, chat_template, bos, max_len))
+        .collect()
+}
+
+/// The docs of `idx`, once `max_len` is checked to leave room for a target.
+fn docs_at<'a>(
+    data: &'a TaskData,
+    idx: &[usize],
+    max_len: usize,
+) -> Result<Vec<&'a Doc>, TaskError> {
     if max_len < 2 {
         return Err(TaskError::MaxLenTooSmall { max_len });
     }
     idx.iter()
         .map(|&i| {
-            let doc = data.docs.get(i).ok_or(TaskError::IndexOutOfRange {
+            data.docs.get(i).ok_or(TaskError::IndexOutOfRange {
                 index: i,
                 docs: data.docs.len(),
-            })?;
-            example(doc, tok, chat_template, bos, max_len)
+            })
         })
         .collect()
 }
@@ -66,15 +77,9 @@ pub fn choice_examples(
     bos: Option<u32>,
     max_len: usize,
 ) -> Result<Vec<Vec<Example>>, TaskError> {
-    if max_len < 2 {
-        return Err(TaskError::MaxLenTooSmall { max_len });
-    }
-    idx.iter()
-        .map(|&i| {
-            let doc = data.docs.get(i).ok_or(TaskError::IndexOutOfRange {
-                index: i,
-                docs: data.docs.len(),
-            })?;
+    docs_at(data, idx, max_len)?
+        .into_iter()
+        .map(|doc| {
             let DocBody::Choices(choices) = &doc.body else {
                 return Err(TaskError::NotChoices {
                     doc_id: doc.id.clone(),

@@ -55,11 +55,8 @@ impl FitData {
         let mut batches = Vec::new();
         let mut lengths = Vec::new();
         for chunk in order.chunks(batch_size.max(1)) {
-            let seqs: Vec<Vec<u32>> = chunk.iter().map(|&i| examples[i].tokens.clone()).collect();
-            let masks: Vec<Vec<bool>> = chunk
-                .iter()
-                .map(|&i| examples[i].target_mask.clone())
-                .collect();
+            let rows: Vec<&task::Example> = chunk.iter().map(|&i| &examples[i]).collect();
+            let (seqs, masks) = sequences_and_masks(&rows);
             lengths.push(seqs.iter().map(Vec::len).collect());
             batches.push(TrainBatch::from_sequences(&seqs, &masks, pad_id, device)?);
         }
@@ -90,9 +87,8 @@ impl FitData {
                 end += 1;
             }
             let docs = &order[start..end];
-            let examples: Vec<&task::Example> = docs.iter().flat_map(|&i| &groups[i]).collect();
-            let seqs: Vec<Vec<u32>> = examples.iter().map(|e| e.tokens.clone()).collect();
-            let masks: Vec<Vec<bool>> = examples.iter().map(|e| e.target_mask.clone()).collect();
+            let rows: Vec<&task::Example> = docs.iter().flat_map(|&i| &groups[i]).collect();
+            let (seqs, masks) = sequences_and_masks(&rows);
             let choices: Vec<usize> = docs.iter().map(|&i| groups[i].len()).collect();
             lengths.push(seqs.iter().map(Vec::len).collect());
             batches.push(TrainBatch::from_choice_sequences(
@@ -254,6 +250,13 @@ pub fn build(
         fit_doc_ids,
         generated_targets,
     })
+}
+
+/// The token sequences and loss masks of a batch's rows, for [`TrainBatch::from_sequences`].
+fn sequences_and_masks(rows: &[&task::Example]) -> (Vec<Vec<u32>>, Vec<Vec<bool>>) {
+    rows.iter()
+        .map(|e| (e.tokens.clone(), e.target_mask.clone()))
+        .unzip()
 }
 
 /// Replaces every batch by `attach(batch)` (the batch with the original model's outputs), with

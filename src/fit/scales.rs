@@ -657,10 +657,7 @@ pub(crate) fn hidden_loss(
     let logits = model.logits_at(hidden, &batch.target_positions)?;
     let log_q = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let loss = match (objective, &batch.teacher) {
-        (Objective::Ce, _) => log_q
-            .gather(&batch.targets.unsqueeze(1)?, 1)?
-            .mean_all()?
-            .neg()?,
+        (Objective::Ce, _) => target_log_probs(batch, &log_q)?.mean_all()?.neg()?,
         (Objective::Choice, _) => choice_loss(batch, index, &log_q)?,
         (Objective::Kl, None) => return Err(FitError::MissingTeacher { batch: index }),
         (Objective::Kl, Some(Teacher::Full { log_probs })) => {

@@ -295,10 +295,14 @@ struct FitArgs {
     /// Documents to fit on (the first of the task's seeded split).
     #[arg(long, default_value_t = FitOptions::default().fit_docs)]
     fit_docs: usize,
+    /// Documents of the final training: the fit documents and more of the same split (default:
+    /// the fit documents). Held out of evaluation like them.
+    #[arg(long)]
+    final_docs: Option<usize>,
     /// Training steps per trained candidate (default: one epoch over the fit batches).
     #[arg(long)]
     candidate_steps: Option<usize>,
-    /// Training steps of the final choice (default: 4 epochs).
+    /// Training steps of the final choice (default: 4 epochs of the final documents).
     #[arg(long)]
     final_steps: Option<usize>,
     /// Learning rate of the candidates' training (Adam).
@@ -357,6 +361,7 @@ impl FitArgs {
     fn shared(&self) -> FitOptions {
         FitOptions {
             fit_docs: self.fit_docs,
+            final_docs: self.final_docs,
             candidate_steps: self.candidate_steps,
             final_steps: self.final_steps,
             lr: self.lr,

@@ -559,6 +559,14 @@ fn exclude_fit_drops_exactly_the_plans_docs_and_limit_takes_the_first() {
     assert_eq!(sel.excluded, 1);
     let sel = select_docs(&data, Some((&plan_path, &plan)), Some(1)).unwrap();
     assert_eq!(ids(&sel), ["0"]);
+    // the documents only the final training used are held out too
+    let more = Plan {
+        final_doc_ids: vec!["2".into()],
+        ..plan.clone()
+    };
+    let sel = select_docs(&data, Some((&plan_path, &more)), None).unwrap();
+    assert_eq!(ids(&sel), ["0"]);
+    assert_eq!(sel.excluded, 2);
     assert_eq!(ids(&select_docs(&data, None, Some(2)).unwrap()), ["0", "1"]);
 
     let all = json_of(&["eval", s(&gguf), "--task", s(&task), "--json"]);

@@ -241,6 +241,105 @@ fn trained_scales_lower_the_loss_of_the_plan() {
 }
 
 #[test]
+fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let base = [
+        "--skip",
+        "2",
+        "--fit-docs",
+        "4",
+        "--batch-size",
+        "2",
+        "--shortlist",
+        "2",
+    ];
+    let short = dir.path().join("short.json");
+    ok(fit(dir.path(), &model, &task, &short, &base));
+    let short = Plan::load(&short).unwrap();
+    assert!(short.final_doc_ids.is_empty());
+    assert_eq!(short.settings.final_docs, None);
+    assert_eq!(
+        short.settings.final_steps,
+        4 * 2,
+        "4 epochs of the 2 fit batches"
+    );
+
+    // The same search, resumed from the first plan, then trained on 12 documents.
+    let long = dir.path().join("long.json");
+    short
+        .save(&hopscotch::fit::search::partial_path(&long), false)
+        .unwrap();
+    let report = ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &long,
+        &[&base[..], &["--final-docs", "12", "--resume", "--json"]].concat(),
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+    assert_eq!(report["resumed_rounds"], 2);
+    let long = Plan::load(&long).unwrap();
+    assert_eq!(long.skipped_blocks, short.skipped_blocks);
+    assert_eq!(long.rounds, short.rounds);
+    assert_eq!(long.fit_doc_ids, short.fit_doc_ids);
+    let data = hopscotch::task::load(&task).unwrap();
+    let ids = |n| -> Vec<String> {
+        let (idx, _) = hopscotch::task::split(&data.docs, n, 0);
+        idx.iter().map(|&i| data.docs[i].id.clone()).collect()
+    };
+    let expected: Vec<String> = ids(12)
+        .into_iter()
+        .filter(|id| !short.fit_doc_ids.contains(id))
+        .collect();
+    assert_eq!(
+        expected.len(),
+        8,
+        "the 4 fit documents are among the first 12"
+    );
+    assert_eq!(long.final_doc_ids, expected);
+    assert_eq!(long.trained_doc_ids().count(), 12);
+    assert_eq!(long.settings.final_docs, Some(12));
+    assert_eq!(
+        long.settings.final_steps,
+        4 * 6,
+        "4 epochs of the 6 final batches"
+    );
+    assert_eq!(long.final_loss_history.len(), 24);
+    assert_ne!(
+        long.final_loss_untrained, short.final_loss_untrained,
+        "the loss is measured on the final documents"
+    );
+
+    // Without scalars there is no final training and no final documents.
+    let none = dir.path().join("none.json");
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &none,
+        &[&base[..], &["--final-docs", "12", "--no-scales"]].concat(),
+    ));
+    let none = Plan::load(&none).unwrap();
+    assert!(none.final_doc_ids.is_empty());
+    assert_eq!(none.settings.final_docs, None);
+
+    let bad = dir.path().join("bad.json");
+    fails(
+        fit(
+            dir.path(),
+            &model,
+            &task,
+            &bad,
+            &[&base[..], &["--final-docs", "3"]].concat(),
+        ),
+        &bad,
+        "final-docs",
+    );
+}
+
+#[test]
 fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = write_tiny(dir.path(), &Tiny::llama());

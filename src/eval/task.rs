@@ -218,7 +218,7 @@ pub fn select_docs<'a>(
                     found: task.sha256.clone(),
                 });
             }
-            plan.fit_doc_ids.iter().map(String::as_str).collect()
+            plan.trained_doc_ids().collect()
         }
         None => Default::default(),
     };

@@ -159,19 +159,21 @@ impl TextSetup {
     }
 }
 
-/// Builds the fit data: splits the task (`task::split` with the options' seed), fills in
-/// generated targets for a prompts-only task, makes the examples and batches, and attaches the
-/// teacher for the KL objective. `model_sha` keys the cache of generated targets.
+/// Builds the fit data of the first `n_docs` documents of the task's split (`task::split` with
+/// the options' seed): fills in generated targets for a prompts-only task, makes the examples
+/// and batches, and attaches the teacher for the KL objective. `model_sha` keys the cache of
+/// generated targets.
 pub fn build(
     ck: &Checkpoint,
     model: &Model,
     task_data: &TaskData,
     model_sha: &str,
     options: &FitOptions,
+    n_docs: usize,
     progress: &Progress,
 ) -> Result<FitData, SearchError> {
     let setup = TextSetup::new(ck, task_data.format)?;
-    let (fit_idx, _) = task::split(&task_data.docs, options.fit_docs, options.seed);
+    let (fit_idx, _) = task::split(&task_data.docs, n_docs, options.seed);
     let fit_doc_ids: Vec<String> = fit_idx
         .iter()
         .map(|&i| task_data.docs[i].id.clone())

@@ -154,6 +154,9 @@ pub struct FitSettings {
     pub skip: usize,
     /// Documents fitted on.
     pub fit_docs: usize,
+    /// Documents of the final training, when more than the fit documents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_docs: Option<usize>,
     /// Training steps per candidate.
     pub candidate_steps: usize,
     /// Training steps for the final choice.
@@ -205,6 +208,10 @@ pub struct Plan {
     pub task: TaskRef,
     /// Documents used for fitting (held out of evaluation).
     pub fit_doc_ids: Vec<String>,
+    /// Documents only the final training used, besides the fit documents (held out of
+    /// evaluation too), in file order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub final_doc_ids: Vec<String>,
     /// Layers whose attention block is skipped, in the order chosen.
     pub skipped_blocks: Vec<usize>,
     /// The four scalars per layer.
@@ -225,6 +232,15 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Every document the plan was trained on: the fit documents and those of the final
+    /// training (what evaluation holds out).
+    pub fn trained_doc_ids(&self) -> impl Iterator<Item = &str> {
+        self.fit_doc_ids
+            .iter()
+            .chain(&self.final_doc_ids)
+            .map(String::as_str)
+    }
+
     /// Reads and validates a plan file.
     pub fn load(path: &Path) -> Result<Plan, PlanError> {
         let p = path.display().to_string();

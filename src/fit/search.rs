@@ -254,6 +254,10 @@ pub struct FitOptions {
     pub skip: usize,
     /// Documents to fit on (the first of the task's seeded split).
     pub fit_docs: usize,
+    /// Documents of the final training (the first of the same split, so the fit documents and
+    /// more); `None`: the fit documents. The search costs a training per candidate and round,
+    /// the final training one, so it can afford more of the task.
+    pub final_docs: Option<usize>,
     /// Training steps per trained candidate; `None`: one epoch over the fit batches.
     pub candidate_steps: Option<usize>,
     /// Training steps of the final choice; `None`: [`DEFAULT_FINAL_EPOCHS`] epochs.
@@ -294,6 +298,7 @@ impl Default for FitOptions {
             objective: Objective::Kl,
             skip: 4,
             fit_docs: 16,
+            final_docs: None,
             candidate_steps: None,
             final_steps: None,
             lr: 1e-2,
@@ -329,6 +334,13 @@ impl FitOptions {
         }
         if self.fit_docs == 0 {
             return bad("fit-docs", "0".into(), "at least 1 document");
+        }
+        if let Some(n) = self.final_docs.filter(|&n| n < self.fit_docs) {
+            return bad(
+                "final-docs",
+                n.to_string(),
+                &format!("at least --fit-docs ({})", self.fit_docs),
+            );
         }
         if self.batch_size == 0 {
             return bad("batch-size", "0".into(), "at least 1 sequence");
@@ -376,7 +388,12 @@ impl FitOptions {
         self.candidate_steps.unwrap_or(n_batches)
     }
 
-    /// Final training steps for `n_batches` batches (0 without scalar training).
+    /// Documents of the final training.
+    pub fn resolved_final_docs(&self) -> usize {
+        self.final_docs.unwrap_or(self.fit_docs).max(self.fit_docs)
+    }
+
+    /// Final training steps for `n_batches` final batches (0 without scalar training).
     pub fn resolved_final_steps(&self, n_batches: usize) -> usize {
         if !self.train_scales {
             return 0;
@@ -384,20 +401,23 @@ impl FitOptions {
         self.final_steps.unwrap_or(DEFAULT_FINAL_EPOCHS * n_batches)
     }
 
-    /// The settings as a plan records them.
-    pub fn settings(&self, n_batches: usize) -> FitSettings {
+    /// The settings as a plan records them, for `n_batches` fit batches and `n_final_batches`
+    /// batches of the final training.
+    pub fn settings(&self, n_batches: usize, n_final_batches: usize) -> FitSettings {
         let screened = self.method == Method::Hopscotch && !self.exhaustive;
         FitSettings {
             method: self.method.name().into(),
             objective: self.objective.name().into(),
             skip: self.skip,
             fit_docs: self.fit_docs,
+            final_docs: (self.train_scales && self.resolved_final_docs() > self.fit_docs)
+                .then(|| self.resolved_final_docs()),
             candidate_steps: if self.train_scales {
                 self.resolved_candidate_steps(n_batches)
             } else {
                 0
             },
-            final_steps: self.resolved_final_steps(n_batches),
+            final_steps: self.resolved_final_steps(n_final_batches),
             lr: self.lr,
             final_lr: self.final_lr,
             batch_size: self.batch_size,
@@ -1278,11 +1298,14 @@ pub struct FitTask {
     pub task: TaskRef,
     /// The batches (with the teacher under KL) and the fit documents.
     pub data: data::FitData,
+    /// The final training's data when it has more documents than the fit (`--final-docs`;
+    /// built with or without scalar training, so that a sweep's configurations share it).
+    pub final_data: Option<data::FitData>,
 }
 
 impl FitTask {
     /// Builds the fit data of `task_data` (read from `path`) for `model` with `options`' split,
-    /// batching and objective.
+    /// batching and objective, and the final training's when it takes more documents.
     pub fn build(
         model: &FitModel,
         path: &Path,
@@ -1290,14 +1313,24 @@ impl FitTask {
         options: &FitOptions,
         progress: &Progress,
     ) -> Result<Self, SearchError> {
-        let data = data::build(
-            &model.ck,
-            &model.model,
-            task_data,
-            &model.fingerprint.tensor_sha256,
-            options,
-            progress,
-        )?;
+        let build = |n_docs| {
+            data::build(
+                &model.ck,
+                &model.model,
+                task_data,
+                &model.fingerprint.tensor_sha256,
+                options,
+                n_docs,
+                progress,
+            )
+        };
+        let data = build(options.fit_docs)?;
+        let final_docs = options.resolved_final_docs();
+        let final_data = if final_docs > options.fit_docs {
+            Some(build(final_docs)?)
+        } else {
+            None
+        };
         Ok(Self {
             task: TaskRef {
                 path: path.display().to_string(),
@@ -1305,27 +1338,56 @@ impl FitTask {
                 format: task_data.format.to_string(),
             },
             data,
+            final_data,
         })
     }
 
     /// What a search on this data runs on.
     pub fn input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
+        Self::input_of(&self.data, model)
+    }
+
+    /// What the final training runs on: the final data, or the fit data.
+    pub fn final_input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
+        Self::input_of(self.final_data.as_ref().unwrap_or(&self.data), model)
+    }
+
+    fn input_of<'a>(data: &'a data::FitData, model: &'a FitModel) -> SearchInput<'a> {
         SearchInput {
             model: &model.model,
-            batches: &self.data.batches,
-            lengths: &self.data.lengths,
+            batches: &data.batches,
+            lengths: &data.lengths,
             output_norm: &model.output_norm,
         }
+    }
+
+    /// The documents only the final training uses, in file order.
+    pub fn final_only_doc_ids(&self) -> Vec<String> {
+        let Some(f) = &self.final_data else {
+            return Vec::new();
+        };
+        let fit: std::collections::HashSet<&String> = self.data.fit_doc_ids.iter().collect();
+        f.fit_doc_ids
+            .iter()
+            .filter(|id| !fit.contains(id))
+            .cloned()
+            .collect()
     }
 
     /// A plan of this model, task and `options` with nothing chosen yet: no block skipped, every
     /// scalar 1, no rounds.
     pub fn empty_plan(&self, model: &FitModel, options: &FitOptions) -> Plan {
+        let n_final_batches = self.final_data.as_ref().unwrap_or(&self.data).batches.len();
         Plan {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             model: model.fingerprint.clone(),
             task: self.task.clone(),
             fit_doc_ids: self.data.fit_doc_ids.clone(),
+            final_doc_ids: if options.train_scales {
+                self.final_only_doc_ids()
+            } else {
+                Vec::new()
+            },
             skipped_blocks: Vec::new(),
             scales: ScaleValues::ones(model.ck.arch.n_layer),
             rounds: Vec::new(),
@@ -1333,7 +1395,7 @@ impl FitTask {
             final_loss: None,
             final_loss_untrained: None,
             attn_importance: None,
-            settings: options.settings(self.data.batches.len()),
+            settings: options.settings(self.data.batches.len(), n_final_batches),
         }
     }
 }
@@ -1383,7 +1445,7 @@ pub fn write_plan(
     force: bool,
     progress: &Progress,
 ) -> Result<(Plan, Final, TrainStats), SearchError> {
-    let (last, stats) = train_final(&task.input(model), options, &choice.skipped, progress)?;
+    let (last, stats) = train_final(&task.final_input(model), options, &choice.skipped, progress)?;
     let mut plan = task.empty_plan(model, options);
     plan.skipped_blocks = choice.skipped.clone();
     plan.rounds = choice.rounds.clone();
@@ -1503,7 +1565,7 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, Searc
 }
 
 /// The rounds of a partial plan, if it was made by the same model, task, documents and settings
-/// as `plan`. With `any_skip`, a plan of another `skip` is taken too, its rounds cut to `plan`'s.
+/// as `plan` (those of the final training aside). With `any_skip`, a plan of another `skip` is taken too, its rounds cut to `plan`'s.
 fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Round>, SearchError> {
     let old = Plan::load(partial)?;
     let mismatch = |what| SearchError::ResumeMismatch {
@@ -1524,8 +1586,13 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
     } else {
         old.settings.skip
     };
+    // The rounds do not depend on the final training: a search can be resumed to train its
+    // choice longer or on more documents.
     if (FitSettings {
         skip,
+        final_docs: plan.settings.final_docs,
+        final_steps: plan.settings.final_steps,
+        final_lr: plan.settings.final_lr,
         ..old.settings
     }) != plan.settings
     {
@@ -1931,8 +1998,28 @@ mod tests {
                 shortlist: 0,
                 ..ok.clone()
             },
+            FitOptions {
+                final_docs: Some(ok.fit_docs - 1),
+                ..ok.clone()
+            },
         ] {
             assert!(matches!(bad.validate(), Err(SearchError::Setting { .. })));
         }
+        let more = FitOptions {
+            final_docs: Some(ok.fit_docs * 4),
+            ..ok.clone()
+        };
+        assert!(more.validate().is_ok());
+        assert_eq!(more.resolved_final_docs(), ok.fit_docs * 4);
+        assert_eq!(ok.resolved_final_docs(), ok.fit_docs);
+        // steps of the final training count its own batches; without scalars there is none
+        assert_eq!(more.settings(2, 8).final_steps, DEFAULT_FINAL_EPOCHS * 8);
+        assert_eq!(more.settings(2, 8).final_docs, Some(ok.fit_docs * 4));
+        let none = FitOptions {
+            train_scales: false,
+            ..more
+        };
+        assert_eq!(none.settings(2, 8).final_docs, None);
+        assert_eq!(none.settings(2, 8).final_steps, 0);
     }
 }

@@ -533,14 +533,43 @@ struct SweepTask {
     data: TaskData,
     /// Ids of the fit documents, in file order (as plans record them).
     fit_ids: Vec<String>,
+    /// Ids of the documents only the final training uses (`--final-docs`), in file order.
+    final_ids: Vec<String>,
 }
 
 impl SweepTask {
-    /// The evaluation documents: the file's documents less the fit split, the first `limit`.
+    /// A task split as `options` split it: its fit documents and the final training's.
+    fn new(name: String, data: TaskData, options: &FitOptions) -> Self {
+        let ids = |n| {
+            let (idx, _) = task::split(&data.docs, n, options.seed);
+            idx.iter()
+                .map(|&d| data.docs[d].id.clone())
+                .collect::<Vec<String>>()
+        };
+        let fit_ids = ids(options.fit_docs);
+        let fit: std::collections::HashSet<&String> = fit_ids.iter().collect();
+        let final_ids = ids(options.resolved_final_docs())
+            .into_iter()
+            .filter(|id| !fit.contains(id))
+            .collect();
+        Self {
+            name,
+            data,
+            fit_ids,
+            final_ids,
+        }
+    }
+
+    /// The evaluation documents: the file's documents less those of the fit and the final
+    /// training (the same for every configuration), the first `limit`.
     fn selection(&self, limit: Option<usize>) -> Result<Selection<'_>, TaskEvalError> {
         let all = select_docs(&self.data, None, None)?;
-        let fit: std::collections::HashSet<&str> =
-            self.fit_ids.iter().map(String::as_str).collect();
+        let fit: std::collections::HashSet<&str> = self
+            .fit_ids
+            .iter()
+            .chain(&self.final_ids)
+            .map(String::as_str)
+            .collect();
         let kept: Vec<_> = all
             .docs
             .into_iter()
@@ -680,13 +709,7 @@ fn load_tasks(req: &SweepRequest) -> Result<Vec<SweepTask>, SweepError> {
                 what,
             });
         }
-        let (fit_idx, _) = task::split(&data.docs, req.fit.fit_docs, req.fit.seed);
-        let fit_ids = fit_idx.iter().map(|&d| data.docs[d].id.clone()).collect();
-        let t = SweepTask {
-            name,
-            data,
-            fit_ids,
-        };
+        let t = SweepTask::new(name, data, &req.fit);
         for doc in t.selection(req.limit)?.docs {
             if let DocBody::Choices(c) = &doc.body {
                 if c.gold.is_none() {
@@ -752,6 +775,7 @@ fn plan_is_current(
     plan.model == *model
         && plan.task.sha256 == task.data.sha256
         && plan.fit_doc_ids == task.fit_ids
+        && (plan.final_doc_ids == task.final_ids || !plan.settings.train_scales)
         && plan.skipped_blocks.len() == k
         && plan.settings
             == FitSettings {
@@ -865,7 +889,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
             train_scales: true,
             ..req.fit.clone()
         }
-        .settings(0),
+        .settings(0, 0),
         tasks: tasks
             .iter()
             .map(|t| (t.name.clone(), t.data.sha256.clone()))
@@ -1086,7 +1110,7 @@ fn fit_all(
         let mut current: Vec<Option<Plan>> = skips
             .iter()
             .map(|&k| {
-                let expected = config.options(&req.fit, k).settings(0);
+                let expected = config.options(&req.fit, k).settings(0, 0);
                 Plan::load(&layout.plan(&format!("{config_name}-k{k}")))
                     .ok()
                     .filter(|p| plan_is_current(p, &expected, fingerprint, task, k))
@@ -1219,6 +1243,47 @@ mod tests {
     }
 
     #[test]
+    fn every_configuration_is_evaluated_without_the_fit_and_final_documents() {
+        let lines: Vec<String> = (0..12)
+            .map(|i| {
+                serde_json::json!({
+                    "request": {"context": format!("Question {i}?"), "continuation": " yes"},
+                    "doc_id": i, "idx": 0, "label": 0,
+                    "doc": {"query": format!("Question {i}?"), "choices": [" yes"], "gold": 0},
+                })
+                .to_string()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let options = FitOptions {
+            fit_docs: 2,
+            final_docs: Some(5),
+            seed: 3,
+            ..FitOptions::default()
+        };
+        let t = SweepTask::new("t".into(), task::load(&path).unwrap(), &options);
+        let (five, _) = task::split(&t.data.docs, 5, 3);
+        let mut trained: Vec<String> = t.fit_ids.iter().chain(&t.final_ids).cloned().collect();
+        trained.sort();
+        let mut expected: Vec<String> = five.iter().map(|&i| t.data.docs[i].id.clone()).collect();
+        expected.sort();
+        assert_eq!((t.fit_ids.len(), trained), (2, expected));
+        let held: Vec<&str> = t
+            .selection(None)
+            .unwrap()
+            .docs
+            .iter()
+            .map(|d| d.id.as_str())
+            .collect();
+        assert_eq!(held.len(), 7);
+        assert!(held
+            .iter()
+            .all(|id| !t.fit_ids.iter().chain(&t.final_ids).any(|f| f == id)));
+    }
+
+    #[test]
     fn task_names_drop_the_extensions_and_odd_characters() {
         assert_eq!(task_name(Path::new("/x/arc_easy.jsonl.gz")), "arc_easy");
         assert_eq!(task_name(Path::new("my task.json")), "my_task");
@@ -1241,7 +1306,7 @@ mod tests {
             quant_type: "q4_k_m".into(),
             limit: Some(100),
             n_ctx: 4096,
-            fit: FitOptions::default().settings(0),
+            fit: FitOptions::default().settings(0, 0),
             tasks: [("a".to_string(), "11".repeat(32))].into(),
             skips: vec![1, 2],
             methods: vec!["hopscotch".into()],

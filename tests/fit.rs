@@ -91,6 +91,29 @@ fn fit(dir: &Path, model: &Path, task: &Path, out: &Path, args: &[&str]) -> Outp
         .expect("run hopscotch")
 }
 
+/// Leaves `partial` where a fit to `out` checkpoints its rounds, runs `fit --resume --json`
+/// with `args` and returns its report.
+fn fit_resumed(
+    dir: &Path,
+    model: &Path,
+    task: &Path,
+    partial: &Plan,
+    out: &Path,
+    args: &[&str],
+) -> serde_json::Value {
+    partial
+        .save(&hopscotch::fit::search::partial_path(out), false)
+        .unwrap();
+    let run = ok(fit(
+        dir,
+        model,
+        task,
+        out,
+        &[args, &["--resume", "--json"]].concat(),
+    ));
+    serde_json::from_slice(&run.stdout).unwrap()
+}
+
 fn ok(out: Output) -> Output {
     assert!(
         out.status.success(),
@@ -245,18 +268,12 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = write_tiny(dir.path(), &Tiny::llama());
     let task = text_task(dir.path());
-    let base = [
-        "--skip",
-        "2",
-        "--fit-docs",
-        "4",
-        "--batch-size",
-        "2",
-        "--shortlist",
-        "2",
-    ];
+    let base: Vec<&str> = "--skip 2 --fit-docs 4 --batch-size 2 --shortlist 2"
+        .split(' ')
+        .collect();
+    let run = |out: &Path, args: &[&str]| fit(dir.path(), &model, &task, out, args);
     let short = dir.path().join("short.json");
-    ok(fit(dir.path(), &model, &task, &short, &base));
+    ok(run(&short, &base));
     let short = Plan::load(&short).unwrap();
     assert!(short.final_doc_ids.is_empty());
     assert_eq!(short.settings.final_docs, None);
@@ -268,17 +285,14 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
 
     // The same search, resumed from the first plan, then trained on 12 documents.
     let long = dir.path().join("long.json");
-    short
-        .save(&hopscotch::fit::search::partial_path(&long), false)
-        .unwrap();
-    let report = ok(fit(
+    let report = fit_resumed(
         dir.path(),
         &model,
         &task,
+        &short,
         &long,
-        &[&base[..], &["--final-docs", "12", "--resume", "--json"]].concat(),
-    ));
-    let report: serde_json::Value = serde_json::from_slice(&report.stdout).unwrap();
+        &[&base[..], &["--final-docs", "12"]].concat(),
+    );
     assert_eq!(report["resumed_rounds"], 2);
     let long = Plan::load(&long).unwrap();
     assert_eq!(long.skipped_blocks, short.skipped_blocks);
@@ -314,10 +328,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
 
     // Without scalars there is no final training and no final documents.
     let none = dir.path().join("none.json");
-    ok(fit(
-        dir.path(),
-        &model,
-        &task,
+    ok(run(
         &none,
         &[&base[..], &["--final-docs", "12", "--no-scales"]].concat(),
     ));
@@ -327,13 +338,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
 
     let bad = dir.path().join("bad.json");
     fails(
-        fit(
-            dir.path(),
-            &model,
-            &task,
-            &bad,
-            &[&base[..], &["--final-docs", "3"]].concat(),
-        ),
+        run(&bad, &[&base[..], &["--final-docs", "3"]].concat()),
         &bad,
         "final-docs",
     );
@@ -379,17 +384,7 @@ fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     partial.final_loss_history.clear();
     partial.final_loss = None;
     partial.final_loss_untrained = None;
-    partial
-        .save(&hopscotch::fit::search::partial_path(&c), false)
-        .unwrap();
-    let resumed = ok(fit(
-        dir.path(),
-        &model,
-        &task,
-        &c,
-        &[&args[..], &["--resume", "--json"]].concat(),
-    ));
-    let report: serde_json::Value = serde_json::from_slice(&resumed.stdout).unwrap();
+    let report = fit_resumed(dir.path(), &model, &task, &partial, &c, &args);
     assert_eq!(report["resumed_rounds"], 1);
     assert_eq!(first, std::fs::read(&c).unwrap());
 

@@ -1298,8 +1298,8 @@ pub struct FitTask {
     pub task: TaskRef,
     /// The batches (with the teacher under KL) and the fit documents.
     pub data: data::FitData,
-    /// The final training's data when it has more documents than the fit (`--final-docs`;
-    /// built with or without scalar training, so that a sweep's configurations share it).
+    /// The final training's data when scalars are trained on more documents than the fit
+    /// (`--final-docs`).
     pub final_data: Option<data::FitData>,
 }
 
@@ -1326,7 +1326,7 @@ impl FitTask {
         };
         let data = build(options.fit_docs)?;
         let final_docs = options.resolved_final_docs();
-        let final_data = if final_docs > options.fit_docs {
+        let final_data = if options.train_scales && final_docs > options.fit_docs {
             Some(build(final_docs)?)
         } else {
             None
@@ -1363,15 +1363,9 @@ impl FitTask {
 
     /// The documents only the final training uses, in file order.
     pub fn final_only_doc_ids(&self) -> Vec<String> {
-        let Some(f) = &self.final_data else {
-            return Vec::new();
-        };
-        let fit: std::collections::HashSet<&String> = self.data.fit_doc_ids.iter().collect();
-        f.fit_doc_ids
-            .iter()
-            .filter(|id| !fit.contains(id))
-            .cloned()
-            .collect()
+        self.final_data.as_ref().map_or_else(Vec::new, |f| {
+            task::ids_besides(&f.fit_doc_ids, &self.data.fit_doc_ids)
+        })
     }
 
     /// A plan of this model, task and `options` with nothing chosen yet: no block skipped, every
@@ -1565,7 +1559,8 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, Searc
 }
 
 /// The rounds of a partial plan, if it was made by the same model, task, documents and settings
-/// as `plan` (those of the final training aside). With `any_skip`, a plan of another `skip` is taken too, its rounds cut to `plan`'s.
+/// as `plan` (those of the final training aside). With `any_skip`, a plan of another `skip` is
+/// taken too, its rounds cut to `plan`'s.
 fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Round>, SearchError> {
     let old = Plan::load(partial)?;
     let mismatch = |what| SearchError::ResumeMismatch {

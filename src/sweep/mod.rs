@@ -540,18 +540,11 @@ struct SweepTask {
 impl SweepTask {
     /// A task split as `options` split it: its fit documents and the final training's.
     fn new(name: String, data: TaskData, options: &FitOptions) -> Self {
-        let ids = |n| {
-            let (idx, _) = task::split(&data.docs, n, options.seed);
-            idx.iter()
-                .map(|&d| data.docs[d].id.clone())
-                .collect::<Vec<String>>()
-        };
-        let fit_ids = ids(options.fit_docs);
-        let fit: std::collections::HashSet<&String> = fit_ids.iter().collect();
-        let final_ids = ids(options.resolved_final_docs())
-            .into_iter()
-            .filter(|id| !fit.contains(id))
-            .collect();
+        let fit_ids = task::split_ids(&data.docs, options.fit_docs, options.seed);
+        let final_ids = task::ids_besides(
+            &task::split_ids(&data.docs, options.resolved_final_docs(), options.seed),
+            &fit_ids,
+        );
         Self {
             name,
             data,
@@ -833,11 +826,16 @@ impl Fitting<'_> {
             tasks[t].name,
             options.objective.name()
         ));
+        // The data is shared by configurations with and without scalars: build the final
+        // training's too.
         let ft = FitTask::build(
             model,
             &self.req.tasks[t],
             &tasks[t].data,
-            options,
+            &FitOptions {
+                train_scales: true,
+                ..options.clone()
+            },
             self.progress,
         )?;
         self.data.push((key, ft));

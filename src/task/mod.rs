@@ -444,6 +444,22 @@ pub fn split(docs: &[Doc], n_fit: usize, seed: u64) -> (Vec<usize>, Vec<usize>) 
     (fit, held_out)
 }
 
+/// The ids of the first `n` documents of the seeded [`split`], in file order.
+pub fn split_ids(docs: &[Doc], n: usize, seed: u64) -> Vec<String> {
+    let (idx, _) = split(docs, n, seed);
+    idx.iter().map(|&i| docs[i].id.clone()).collect()
+}
+
+/// The ids of `more` that are not in `fit`, in `more`'s order: the documents a larger split
+/// adds to a smaller one.
+pub fn ids_besides(more: &[String], fit: &[String]) -> Vec<String> {
+    let fit: std::collections::HashSet<&String> = fit.iter().collect();
+    more.iter()
+        .filter(|id| !fit.contains(id))
+        .cloned()
+        .collect()
+}
+
 fn doc_prefix(doc_id: Option<&str>) -> String {
     doc_id.map_or_else(String::new, |id| format!("doc {id}: "))
 }

@@ -86,7 +86,12 @@ fn ids(v: &Value) -> Vec<String> {
 
 /// The figures of a report, without what differs from run to run (time, work done).
 fn figures(report: &Value) -> Value {
-    json!([report["tasks"], report["rows"], report["generalisation"]])
+    json!([
+        report["tasks"],
+        report["rows"],
+        report["generalisation"],
+        report["comparisons"]
+    ])
 }
 
 #[test]
@@ -125,6 +130,7 @@ fn sweep_evaluates_every_model_on_every_task_and_resumes() {
         "## counting",
         "| original |",
         "## Generalisation",
+        "| fit task | K | Hopscotch | against |",
     ] {
         assert!(md.contains(needle), "{needle} not in sweep.md");
     }
@@ -213,6 +219,31 @@ fn sweep_evaluates_every_model_on_every_task_and_resumes() {
     let g = report["generalisation"].as_array().unwrap();
     assert_eq!(g.len(), 4);
     assert!(g.iter().all(|g| g["n_same"] == 2 && g["n_other"] == 2));
+
+    // Hopscotch against random, per fit task, K and evaluation task: the difference of the
+    // two rows' accuracies, paired on the same documents
+    let versus = report["comparisons"].as_array().unwrap();
+    assert_eq!(versus.len(), 8);
+    let accuracy = |model: &Value, task: &Value| {
+        rows.iter()
+            .find(|r| r["model"] == *model && r["eval_task"] == *task)
+            .unwrap()["accuracy"]
+            .as_f64()
+            .unwrap()
+    };
+    for c in versus {
+        let k = c["k"].as_u64().unwrap();
+        let fit = c["fit_task"].as_str().unwrap();
+        assert_eq!(c["model"], format!("{fit}-hopscotch-kl-k{k}"));
+        assert_eq!(c["against"], format!("{fit}-random-kl-k{k}"));
+        assert_eq!(c["against_label"], "random kl");
+        let diff = c["accuracy_diff"].as_f64().unwrap();
+        let expected =
+            accuracy(&c["model"], &c["eval_task"]) - accuracy(&c["against"], &c["eval_task"]);
+        assert!((diff - expected).abs() < 1e-12, "{c}");
+        let ci = &c["accuracy_diff_ci95"];
+        assert!(ci[0].as_f64().unwrap() <= diff && diff <= ci[1].as_f64().unwrap());
+    }
 
     // remove one evaluation and one plan: only those are computed again
     std::fs::remove_file(out.join("evals/facts-random-kl-k1__on__counting.json")).unwrap();

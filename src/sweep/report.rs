@@ -1,17 +1,18 @@
 //! The report of `hopscotch sweep`: per evaluation task, every slim model against the original
 //! on the same documents (accuracy, acc_norm, paired accuracy difference with its bootstrap
 //! interval, answer agreement, choice KL), a generalisation summary (fitted on the task
-//! evaluated or on another), what was computed and reused; as JSON, markdown and hand-written
-//! SVG plots (accuracy vs K per task, answer agreement vs K).
+//! evaluated or on another), Hopscotch paired against every other configuration at the same K
+//! ([`Comparison`]), what was computed and reused; as JSON, markdown and hand-written SVG plots
+//! (accuracy vs K per task, answer agreement vs K).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{EvalRecord, Slim, SweepError, SweepSeconds, Units};
+use super::{Config, EvalRecord, Slim, SweepError, SweepSeconds, Units};
 use crate::arch::Arch;
-use crate::eval::task::{pair_with_reference, wilson_ci95};
+use crate::eval::task::{pair_with_reference, wilson_ci95, DocScore};
 use crate::fit::plan::FitSettings;
 use crate::fit::search::Method;
 use crate::report::{kv_bytes_per_token, Paired};
@@ -104,6 +105,82 @@ pub struct Generalisation {
     pub n_other: usize,
 }
 
+/// A Hopscotch model (scalars trained) against another configuration fitted on the same task at
+/// the same K, paired on one evaluation task's documents: the evidence for "Hopscotch beats
+/// the baselines" that differences to the original, each with its own interval, do not give.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Comparison {
+    /// The task evaluated on.
+    pub eval_task: String,
+    /// The task both were fitted on.
+    pub fit_task: String,
+    /// Attention blocks skipped by both.
+    pub k: usize,
+    /// The Hopscotch model.
+    pub model: String,
+    /// The other model.
+    pub against: String,
+    /// The other model's configuration ("attn-cosine kl", "hopscotch kl (no scalars)").
+    pub against_label: String,
+    /// Hopscotch's accuracy minus the other's.
+    pub accuracy_diff: f64,
+    /// Paired bootstrap 95% interval of that difference.
+    pub accuracy_diff_ci95: [f64; 2],
+    /// Fraction of documents where both pick the same answer.
+    pub agreement: f64,
+}
+
+impl Comparison {
+    /// "better" or "worse" where the interval excludes 0, else "no measurable difference".
+    pub fn verdict(&self) -> &'static str {
+        let [lo, hi] = self.accuracy_diff_ci95;
+        if lo > 0.0 {
+            "better"
+        } else if hi < 0.0 {
+            "worse"
+        } else {
+            "no measurable difference"
+        }
+    }
+}
+
+/// Whether `other` is compared with `hop`: `hop` is a Hopscotch configuration with scalars, and
+/// `other` is fitted on the same task and is a baseline (with scalars trained with the same
+/// objective, or without scalars) or Hopscotch without scalars under the same objective.
+pub fn compared(hop: &Config, other: &Config) -> bool {
+    hop.method == Method::Hopscotch
+        && hop.train_scales
+        && other.fit_task == hop.fit_task
+        && !(other.method == Method::Hopscotch && other.train_scales)
+        && other.objective.is_none_or(|o| Some(o) == hop.objective)
+}
+
+/// `model`'s scores paired against `against`'s on the same documents (see [`Comparison`]).
+fn comparison(
+    hop: &SweepRow,
+    against: &SweepRow,
+    hop_docs: &[DocScore],
+    against_docs: &[DocScore],
+) -> Result<Comparison, SweepError> {
+    let mut docs = hop_docs.to_vec();
+    let p = pair_with_reference(&mut docs, against_docs)?;
+    Ok(Comparison {
+        eval_task: hop.eval_task.clone(),
+        fit_task: hop.fit_task.clone(),
+        k: hop.k,
+        model: hop.model.clone(),
+        against: against.model.clone(),
+        against_label: variant_label(
+            &against.method,
+            against.objective.as_deref(),
+            against.train_scales,
+        ),
+        accuracy_diff: p.accuracy_diff,
+        accuracy_diff_ci95: p.accuracy_diff_ci95,
+        agreement: p.agreement,
+    })
+}
+
 /// Everything `hopscotch sweep` reports (`sweep.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct SweepReport {
@@ -127,6 +204,8 @@ pub struct SweepReport {
     pub rows: Vec<SweepRow>,
     /// Same-task against other-task accuracy differences.
     pub generalisation: Vec<Generalisation>,
+    /// Every Hopscotch model against the other configurations at its K.
+    pub comparisons: Vec<Comparison>,
     /// Units computed and reused by this run.
     pub units: Units,
     /// Wall time of this run.
@@ -170,6 +249,7 @@ fn correct(r: &EvalRecord) -> usize {
 pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
     let mut tasks = Vec::new();
     let mut rows = Vec::new();
+    let mut comparisons = Vec::new();
     for (t, task) in inputs.task_names.iter().enumerate() {
         let original = record(inputs.records, "original", task);
         let n = original.docs.len();
@@ -216,6 +296,22 @@ pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
                 fit_loss: s.plan.final_loss,
             });
         }
+        for (a, hop) in inputs.slims.iter().enumerate() {
+            for (b, other) in inputs.slims.iter().enumerate() {
+                if other.k != hop.k || !compared(&hop.config, &other.config) {
+                    continue;
+                }
+                let row = |s: &Slim| {
+                    rows.iter()
+                        .find(|r| r.model == s.name && r.eval_task == *task)
+                };
+                let (Some(hop_row), Some(other_row)) = (row(hop), row(other)) else {
+                    continue;
+                };
+                let docs = |i: usize| &record(inputs.records, &inputs.slims[i].name, task).docs;
+                comparisons.push(comparison(hop_row, other_row, docs(a), docs(b))?);
+            }
+        }
     }
     let generalisation = generalisation(&rows);
     Ok(SweepReport {
@@ -229,6 +325,7 @@ pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
         tasks,
         rows,
         generalisation,
+        comparisons,
         units: inputs.units,
         seconds: inputs.seconds,
     })
@@ -402,6 +499,35 @@ impl SweepReport {
                     pct(r.paired.agreement),
                     r.paired.choice_kl_mean
                 );
+            }
+            let versus: Vec<&Comparison> = self
+                .comparisons
+                .iter()
+                .filter(|c| c.eval_task == t.name)
+                .collect();
+            if !versus.is_empty() {
+                s +=
+                    "\nHopscotch (scalars trained) against each other configuration fitted on the \
+                      same task at the same K, paired on these documents: Δ acc is Hopscotch's \
+                      accuracy minus the other's with a paired bootstrap 95% interval; the \
+                      verdict says whether the interval excludes 0.\n\n";
+                s += "| fit task | K | Hopscotch | against | Δ acc [95% CI] | agreement | verdict |\n";
+                s += "|---|---|---|---|---|---|---|\n";
+                for c in versus {
+                    let _ = writeln!(
+                        s,
+                        "| {} | {} | {} | {} | {} [{}, {}] | {} | {} |",
+                        c.fit_task,
+                        c.k,
+                        c.model,
+                        c.against_label,
+                        points(c.accuracy_diff),
+                        points(c.accuracy_diff_ci95[0]),
+                        points(c.accuracy_diff_ci95[1]),
+                        pct(c.agreement),
+                        c.verdict()
+                    );
+                }
             }
         }
         s += "\n## Generalisation\n\nMean accuracy difference to the original (points) over the \
@@ -759,5 +885,84 @@ mod tests {
         // one point only: the range is widened, never divided by zero
         let flat = chart(0.0, "flat", &[1], &series[..1]);
         assert!(!flat.contains("NaN") && !flat.contains("inf"));
+    }
+
+    #[test]
+    fn hopscotch_is_compared_with_the_baselines_and_its_untrained_search_only() {
+        use crate::fit::scales::Objective;
+        let configs = Config::all(
+            2,
+            &[Method::Hopscotch, Method::AttnCosine, Method::Random],
+            &[Objective::Kl, Objective::Ce],
+            true,
+        );
+        let name = |c: &Config| c.name(&["a".into(), "b".into()]);
+        let hop = configs
+            .iter()
+            .find(|c| name(c) == "a-hopscotch-kl")
+            .unwrap();
+        let mut against: Vec<String> = configs
+            .iter()
+            .filter(|c| compared(hop, c))
+            .map(name)
+            .collect();
+        against.sort();
+        assert_eq!(
+            against,
+            [
+                "a-attn-cosine-kl",
+                "a-attn-cosine-noscales",
+                "a-hopscotch-kl-noscales",
+                "a-random-kl",
+                "a-random-noscales",
+            ]
+        );
+        // only Hopscotch with scalars is compared with the others
+        for c in &configs {
+            let n = configs.iter().filter(|o| compared(c, o)).count();
+            let hop_with_scalars = c.method == Method::Hopscotch && c.train_scales;
+            assert_eq!(n > 0, hop_with_scalars, "{}", name(c));
+        }
+    }
+
+    #[test]
+    fn a_comparison_is_hopscotch_minus_the_other_on_the_same_documents() {
+        let doc = |id: usize, pred: usize| DocScore {
+            doc_id: id.to_string(),
+            gold: 0,
+            loglikelihoods: if pred == 0 {
+                vec![-1.0, -2.0]
+            } else {
+                vec![-2.0, -1.0]
+            },
+            choice_chars: vec![3, 3],
+            pred,
+            pred_norm: pred,
+            reference_loglikelihoods: None,
+            reference_pred: None,
+        };
+        // Hopscotch right on 8 of 10, the other on 2 of 10, disagreeing on 6 documents
+        let hop: Vec<DocScore> = (0..10).map(|i| doc(i, usize::from(i >= 8))).collect();
+        let other: Vec<DocScore> = (0..10).map(|i| doc(i, usize::from(i >= 2))).collect();
+        let (h, mut o) = (row("t", "t", 2, 0.0), row("t", "t", 2, 0.0));
+        o.method = "attn-cosine".into();
+        o.model = "t-attn-cosine-kl-k2".into();
+        let c = comparison(&h, &o, &hop, &other).unwrap();
+        assert!((c.accuracy_diff - 0.6).abs() < 1e-12);
+        assert!((c.agreement - 0.4).abs() < 1e-12);
+        assert_eq!(
+            (c.against.as_str(), c.against_label.as_str()),
+            ("t-attn-cosine-kl-k2", "attn-cosine kl")
+        );
+        assert!(c.accuracy_diff_ci95[0] > 0.0 && c.accuracy_diff_ci95[1] <= 0.6 + 0.4);
+        assert_eq!(c.verdict(), "better");
+        let back = comparison(&o, &h, &other, &hop).unwrap();
+        assert!((back.accuracy_diff + 0.6).abs() < 1e-12);
+        assert_eq!(back.verdict(), "worse");
+        let same = comparison(&h, &h, &hop, &hop).unwrap();
+        assert_eq!((same.accuracy_diff, same.agreement), (0.0, 1.0));
+        assert_eq!(same.verdict(), "no measurable difference");
+        // documents that do not line up are refused, not paired
+        assert!(comparison(&h, &o, &hop, &other[..9]).is_err());
     }
 }

@@ -61,7 +61,7 @@ use super::scales::{
     self, eval_loss, train_scales_observed, FitError, Objective, StepReport, TrainBatch,
     DEFAULT_TEACHER_TOP_K,
 };
-use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::gguf::vocab::VocabError;
 use crate::model::{Model, ModelError, ScaleValues, SkipMask};
 use crate::output::{check_overwrite, OutputError};
@@ -513,9 +513,6 @@ pub struct SearchInput<'a> {
     pub batches: &'a [TrainBatch],
     /// Per batch, each row's real length.
     pub lengths: &'a [Vec<usize>],
-    /// The final norm's weight (`output_norm.weight`), which the attention-cosine baseline
-    /// divides out of the model's normed hidden states.
-    pub output_norm: &'a [f32],
 }
 
 /// What the choice of blocks produced.
@@ -933,13 +930,8 @@ pub fn screen_candidates(
 
 /// LLM-Drop's attention importance per layer (He et al. 2024, "What Matters in Transformers?
 /// Not All Attention is Needed"): `1 - mean cos(X, X + Attn(Norm(X)))` over the real tokens, `X`
-/// the residual entering the layer with nothing skipped.
-///
-/// The model shows only its final normed states, so the residual is read through the scalars:
-/// with every later layer made the identity (attention skipped, `b_mlp = 0`, `s_mlp = 1`) the
-/// output is `RMSNorm(X) * w`, `w` the final norm's weight. Dividing `w` out leaves `X` scaled
-/// per token, which the cosine ignores (dimensions where `w` is 0 are left out). Two forward
-/// passes per layer: one ending just before its attention, one just after.
+/// the residual entering the layer with nothing skipped; one forward pass per batch
+/// ([`Model::attention_residuals_no_grad`]).
 pub fn attn_importance(
     input: &SearchInput<'_>,
     batches: &[usize],
@@ -947,12 +939,6 @@ pub fn attn_importance(
     let model = input.model;
     let n_layer = model.arch().n_layer;
     let d = model.arch().n_embd;
-    let inv_w: Vec<f32> = input
-        .output_norm
-        .iter()
-        .map(|&w| if w.abs() > 1e-12 { 1.0 / w } else { 0.0 })
-        .collect();
-    let inv_w = Tensor::from_vec(inv_w, d, model.device())?.to_dtype(model.dtype())?;
     let mut sums = vec![0f64; n_layer];
     let mut count = 0usize;
     for &b in batches {
@@ -965,22 +951,14 @@ pub fn attn_importance(
             .flat_map(|(row, &len)| (0..len).map(move |j| (row * t + j) as u32))
             .collect();
         let real = Tensor::from_vec(real.clone(), real.len(), model.device())?;
-        let residual = |layer: usize, with_attention: bool| -> Result<Tensor, SearchError> {
-            let mut values = ScaleValues::ones(n_layer);
-            values.b_mlp[layer..].fill(0.0);
-            let mut skip = vec![false; n_layer];
-            skip[layer..].fill(true);
-            skip[layer] = !with_attention;
-            let h =
-                model.forward_hidden_no_grad(&batch.input_ids, &model.scales(&values)?, &skip)?;
-            Ok(h.reshape(((), d))?
-                .index_select(&real, 0)?
-                .broadcast_mul(&inv_w)?
-                .to_dtype(DType::F64)?)
-        };
-        for (layer, sum) in sums.iter_mut().enumerate() {
-            let x = residual(layer, false)?;
-            let y = residual(layer, true)?;
+        let pairs = model.attention_residuals_no_grad(&batch.input_ids)?;
+        for (sum, (x, y)) in sums.iter_mut().zip(pairs) {
+            let rows = |h: Tensor| -> Result<Tensor, SearchError> {
+                Ok(h.reshape(((), d))?
+                    .index_select(&real, 0)?
+                    .to_dtype(DType::F64)?)
+            };
+            let (x, y) = (rows(x)?, rows(y)?);
             let dot = (&x * &y)?.sum(1)?;
             let norms = ((&x * &x)?.sum(1)? * (&y * &y)?.sum(1)?)?.sqrt()?;
             let cos = (dot / norms.clamp(1e-30, f64::INFINITY)?)?;
@@ -1269,8 +1247,6 @@ pub struct FitModel {
     pub fingerprint: ModelFingerprint,
     /// The candle model.
     pub model: Model,
-    /// The final norm's weight, for the attention-cosine baseline.
-    output_norm: Vec<f32>,
 }
 
 impl FitModel {
@@ -1282,12 +1258,10 @@ impl FitModel {
             path: ck.display_path(),
             error,
         })?;
-        let (_, output_norm) = ck.tensor_f32("output_norm.weight")?;
         Ok(Self {
             ck,
             fingerprint,
             model,
-            output_norm,
         })
     }
 }
@@ -1357,7 +1331,6 @@ impl FitTask {
             model: &model.model,
             batches: &data.batches,
             lengths: &data.lengths,
-            output_norm: &model.output_norm,
         }
     }
 
@@ -1710,12 +1683,11 @@ mod tests {
 
     #[test]
     fn the_search_skips_a_block_that_adds_nothing_first() {
-        let (model, batches, lengths, norm) = dead_block_setup(3);
+        let (model, batches, lengths, _) = dead_block_setup(3);
         let input = SearchInput {
             model: &model,
             batches: &batches,
             lengths: &lengths,
-            output_norm: &norm,
         };
         for exhaustive in [true, false] {
             for screen in [Screen::SkipLoss, Screen::WarmSkipLoss, Screen::ShortTrain] {
@@ -1769,14 +1741,81 @@ mod tests {
         );
     }
 
+    /// LLM-Drop's importance as the model's normed output shows it: every layer from `l` on made
+    /// the identity but for `l`'s attention, the final norm's weight divided out (two full
+    /// passes per layer), the way it was computed before the model exposed its residuals.
+    fn importance_through_the_final_norm(input: &SearchInput<'_>, norm: &[f32]) -> Vec<f64> {
+        let model = input.model;
+        let (n_layer, d) = (model.arch().n_layer, model.arch().n_embd);
+        let inv_w: Vec<f32> = norm.iter().map(|&w| 1.0 / w).collect();
+        let inv_w = Tensor::from_vec(inv_w, d, &Device::Cpu).unwrap();
+        let mut sums = vec![0f64; n_layer];
+        let mut count = 0;
+        for (batch, lengths) in input.batches.iter().zip(input.lengths) {
+            let t = batch.input_ids.dims2().unwrap().1;
+            let real: Vec<u32> = lengths
+                .iter()
+                .enumerate()
+                .flat_map(|(row, &len)| (0..len).map(move |j| (row * t + j) as u32))
+                .collect();
+            let real = Tensor::new(real.as_slice(), &Device::Cpu).unwrap();
+            let residual = |layer: usize, with_attention: bool| {
+                let mut values = ScaleValues::ones(n_layer);
+                values.b_mlp[layer..].fill(0.0);
+                let mut skip = vec![false; n_layer];
+                skip[layer..].fill(true);
+                skip[layer] = !with_attention;
+                let scales = model.scales(&values).unwrap();
+                let h = model
+                    .forward_hidden_no_grad(&batch.input_ids, &scales, &skip)
+                    .unwrap();
+                let h = h.reshape(((), d)).unwrap().index_select(&real, 0).unwrap();
+                let h = h.broadcast_mul(&inv_w).unwrap();
+                h.to_dtype(DType::F64).unwrap().to_vec2::<f64>().unwrap()
+            };
+            for (layer, sum) in sums.iter_mut().enumerate() {
+                let (x, y) = (residual(layer, false), residual(layer, true));
+                for (a, b) in x.iter().zip(&y) {
+                    let dot: f64 = a.iter().zip(b).map(|(p, q)| p * q).sum();
+                    let na: f64 = a.iter().map(|p| p * p).sum();
+                    let nb: f64 = b.iter().map(|q| q * q).sum();
+                    *sum += dot / (na * nb).sqrt();
+                }
+            }
+            count += lengths.iter().sum::<usize>();
+        }
+        sums.iter().map(|s| 1.0 - s / count as f64).collect()
+    }
+
     #[test]
-    fn rescreening_screens_the_best_of_the_latest_screening_only() {
-        let (model, batches, lengths, norm) = layered_setup(8, 5);
+    fn attention_importance_in_one_pass_equals_the_definition_through_the_final_norm() {
+        let (model, batches, lengths, norm) = layered_setup(6, 4);
         let input = SearchInput {
             model: &model,
             batches: &batches,
             lengths: &lengths,
-            output_norm: &norm,
+        };
+        let all: Vec<usize> = (0..batches.len()).collect();
+        let ours = attn_importance(&input, &all).unwrap();
+        let reference = importance_through_the_final_norm(&input, &norm);
+        assert_eq!(ours.len(), reference.len());
+        for (l, (&a, &b)) in ours.iter().zip(&reference).enumerate() {
+            assert!(
+                (f64::from(a) - b).abs() < 1e-6,
+                "layer {l}: {a} against {b}"
+            );
+        }
+        // the layers differ, so the comparison says something
+        assert!(ours.iter().any(|&v| v > 1e-3), "{ours:?}");
+    }
+
+    #[test]
+    fn rescreening_screens_the_best_of_the_latest_screening_only() {
+        let (model, batches, lengths, _) = layered_setup(8, 5);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
         };
         let hidden = Progress::hidden();
         let run = |rescreen| {
@@ -1836,12 +1875,11 @@ mod tests {
 
     #[test]
     fn a_resumed_search_ends_where_the_whole_one_does() {
-        let (model, batches, lengths, norm) = dead_block_setup(3);
+        let (model, batches, lengths, _) = dead_block_setup(3);
         let input = SearchInput {
             model: &model,
             batches: &batches,
             lengths: &lengths,
-            output_norm: &norm,
         };
         for screen in [Screen::SkipLoss, Screen::WarmSkipLoss] {
             let o = FitOptions {
@@ -1891,12 +1929,11 @@ mod tests {
 
     #[test]
     fn random_and_untrained_fits_are_seeded_and_keep_layer_0() {
-        let (model, batches, lengths, norm) = dead_block_setup(3);
+        let (model, batches, lengths, _) = dead_block_setup(3);
         let input = SearchInput {
             model: &model,
             batches: &batches,
             lengths: &lengths,
-            output_norm: &norm,
         };
         let random = FitOptions {
             method: Method::Random,

@@ -454,7 +454,7 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_inputs(input_ids, scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
-        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _| Ok(()))
+        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _, _| Ok(()))
     }
 
     /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
@@ -470,11 +470,32 @@ impl Model {
         let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
         let mut residuals = Vec::with_capacity(self.arch.n_layer);
-        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, x| {
+        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, x, _| {
             residuals.push(x.clone());
             Ok(())
         })?;
         Ok(residuals)
+    }
+
+    /// The residual stream around every layer's attention block with nothing skipped and every
+    /// scalar 1, without a graph: per layer, `(X, X + Attn(Norm(X)))`, `X` the stream entering
+    /// it, each `(b * t, n_embd)`. One forward pass; LLM-Drop's attention importance compares
+    /// the two.
+    pub fn attention_residuals_no_grad(
+        &self,
+        input_ids: &Tensor,
+    ) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+        let n_layer = self.arch.n_layer;
+        let scales = self.scales(&ScaleValues::ones(n_layer))?.tensors(false);
+        let skip = vec![false; n_layer];
+        let (b, t) = self.check_inputs(input_ids, &scales, &skip)?;
+        let x = self.embed(input_ids, b, t)?;
+        let mut out = Vec::with_capacity(n_layer);
+        self.run_layers(x, 0, b, t, &scales, &skip, &mut |_, x, x1| {
+            out.push((x.clone(), x1.clone()));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// The hidden states after the final norm, `(b, t, n_embd)`, running layers `from..` on
@@ -498,9 +519,15 @@ impl Model {
                 "(b * t, n_embd), entering a layer of the model",
             ));
         }
-        self.run_layers(residual.clone(), from, b, t, &scales, skip, &mut |_, _| {
-            Ok(())
-        })
+        self.run_layers(
+            residual.clone(),
+            from,
+            b,
+            t,
+            &scales,
+            skip,
+            &mut |_, _, _| Ok(()),
+        )
     }
 
     /// Checks the skip mask, the scalars and the token ids; returns `(b, t)`.
@@ -551,8 +578,9 @@ impl Model {
             .reshape((b * t, self.arch.n_embd))?)
     }
 
-    /// Runs layers `from..` on the residual `x` and the final norm; `observe(l, x)` sees the
-    /// stream entering each layer `l`.
+    /// Runs layers `from..` on the residual `x` and the final norm; `observe(l, x, x1)` sees the
+    /// stream entering each layer `l` and the stream after its attention block (`x` itself when
+    /// the block is skipped).
     #[allow(clippy::too_many_arguments)]
     fn run_layers(
         &self,
@@ -562,7 +590,7 @@ impl Model {
         t: usize,
         scales: &[Tensor; 4],
         skip: &[bool],
-        observe: &mut dyn FnMut(usize, &Tensor) -> Result<(), ModelError>,
+        observe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<(), ModelError>,
     ) -> Result<Tensor, ModelError> {
         let (cos, sin) = self.rope_tables(t)?;
         let mask = self.causal_mask(t)?;
@@ -570,15 +598,15 @@ impl Model {
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
-            observe(l, &x)?;
             let x1 = if skip[l] {
-                x
+                x.clone()
             } else {
                 let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
                 let attn = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
                 (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
                     + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
             };
+            observe(l, &x, &x1)?;
             let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
             let mlp = layer.down.forward(
                 &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,

@@ -950,14 +950,15 @@ pub fn attn_importance(
             .enumerate()
             .flat_map(|(row, &len)| (0..len).map(move |j| (row * t + j) as u32))
             .collect();
-        let real = Tensor::from_vec(real.clone(), real.len(), model.device())?;
+        let n_real = real.len();
+        let real = Tensor::from_vec(real, n_real, model.device())?;
+        let rows = |h: Tensor| -> Result<Tensor, SearchError> {
+            Ok(h.reshape(((), d))?
+                .index_select(&real, 0)?
+                .to_dtype(DType::F64)?)
+        };
         let pairs = model.attention_residuals_no_grad(&batch.input_ids)?;
         for (sum, (x, y)) in sums.iter_mut().zip(pairs) {
-            let rows = |h: Tensor| -> Result<Tensor, SearchError> {
-                Ok(h.reshape(((), d))?
-                    .index_select(&real, 0)?
-                    .to_dtype(DType::F64)?)
-            };
             let (x, y) = (rows(x)?, rows(y)?);
             let dot = (&x * &y)?.sum(1)?;
             let norms = ((&x * &x)?.sum(1)? * (&y * &y)?.sum(1)?)?.sqrt()?;

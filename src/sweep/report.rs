@@ -296,20 +296,20 @@ pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
                 fit_loss: s.plan.final_loss,
             });
         }
-        for (a, hop) in inputs.slims.iter().enumerate() {
-            for (b, other) in inputs.slims.iter().enumerate() {
+        let row = |s: &Slim| {
+            rows.iter()
+                .find(|r| r.model == s.name && r.eval_task == *task)
+        };
+        let docs = |s: &Slim| &record(inputs.records, &s.name, task).docs;
+        for hop in inputs.slims {
+            for other in inputs.slims {
                 if other.k != hop.k || !compared(&hop.config, &other.config) {
                     continue;
                 }
-                let row = |s: &Slim| {
-                    rows.iter()
-                        .find(|r| r.model == s.name && r.eval_task == *task)
-                };
                 let (Some(hop_row), Some(other_row)) = (row(hop), row(other)) else {
                     continue;
                 };
-                let docs = |i: usize| &record(inputs.records, &inputs.slims[i].name, task).docs;
-                comparisons.push(comparison(hop_row, other_row, docs(a), docs(b))?);
+                comparisons.push(comparison(hop_row, other_row, docs(hop), docs(other))?);
             }
         }
     }

@@ -17,13 +17,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::arch::{permute_rope_rows, Family};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::convert::{
     checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job, rope_heads,
     write_gguf, write_typed, ConvertError, FloatType, TensorJob, WriteSummary,
 };
 use crate::fit::plan::{Plan, PlanError};
-use crate::fold::{scale_values, Fold, FoldError};
+use crate::fold::{fold_values, Fold, FoldError};
 use crate::gguf::consts::{arch_key, QuantType};
 use crate::gguf::vocab::Vocab;
 use crate::gguf::Value;
@@ -129,9 +129,11 @@ pub fn export(
         });
     }
     let skip = plan.skip_mask();
-    let fold = Fold::new(n_layer, &skip, &plan.scales).map_err(|source| ExportError::Fold {
-        plan: plan_path.to_path_buf(),
-        source,
+    let fold = Fold::new(n_layer, ck.arch.n_embd, &skip, &plan.scales).map_err(|source| {
+        ExportError::Fold {
+            plan: plan_path.to_path_buf(),
+            source,
+        }
     })?;
     let modelfile = modelfile_path(target);
     check_overwrite(target, force)?;
@@ -261,12 +263,16 @@ pub fn folded_jobs<'a>(
             dtype,
             produce: Box::new(move || {
                 let e = ck.require(&name)?;
-                let scale = fold.tensor_scale(&name);
-                if scale == 1.0 {
+                if fold.tensor_scale(&name) == 1.0 && fold.row_gains(&name).is_none() {
                     return gguf_tensor_bytes(ck, e, dtype, interleave_rope);
                 }
                 let mut values = ck.f32_values(e)?;
-                scale_values(&mut values, scale);
+                fold_values(fold, &name, &mut values).map_err(|message| {
+                    CheckpointError::Invalid {
+                        path: ck.display_path(),
+                        message: format!("tensor {name}: {message}"),
+                    }
+                })?;
                 let bytes = encode_f32(&values, dtype);
                 Ok(match rope_heads(&ck.arch, &name) {
                     Some(n_head) if interleave_rope => {

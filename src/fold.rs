@@ -18,13 +18,17 @@
 //! `b / c_next`. The final norm removes the last `c` (its weight takes `sign(c)`), so the LM head,
 //! and the token embedding it may share, stay as they are.
 //!
+//! Channel gains ([`ChannelGains`]) multiply a branch's output channel by channel before `b`, so
+//! each gain multiplies one output row of `attn_output` (and its bias) or `ffn_down`, on top of
+//! the layer's scalar multiplier: as exact as the scalars.
+//!
 //! The one inexact step is RMSNorm's epsilon: `N(h / c)` divides by `sqrt(mean(h²) + eps c²)`
 //! instead of `sqrt(mean(h²) + eps)`, a relative change of about `eps (c² - 1) / (2 mean(h²))`,
 //! far below f32 rounding for residual streams of ordinary size.
 
 use crate::arch::Arch;
 use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
-use crate::model::ScaleValues;
+use crate::model::{ChannelGains, ScaleValues};
 
 /// Errors folding a plan's scalars.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +42,32 @@ pub enum FoldError {
         expected: usize,
         /// The vector's length.
         found: usize,
+    },
+    /// A channel gain table is not one row of `n_embd` per layer.
+    #[error("channel gains {name} are {rows} rows with one of {width}, the model has {n_layer} layers of width {n_embd}")]
+    GainsShape {
+        /// `att` or `mlp`.
+        name: &'static str,
+        /// Rows given.
+        rows: usize,
+        /// The length of the first row that is not `n_embd` long (or of the first row).
+        width: usize,
+        /// The number of layers.
+        n_layer: usize,
+        /// The hidden width.
+        n_embd: usize,
+    },
+    /// A channel gain is NaN or infinite.
+    #[error("channel gain {name}[{layer}][{channel}] is {value}, not a finite number")]
+    GainNotFinite {
+        /// `att` or `mlp`.
+        name: &'static str,
+        /// Its layer.
+        layer: usize,
+        /// Its channel.
+        channel: usize,
+        /// Its value.
+        value: f32,
     },
     /// A scalar is NaN or infinite.
     #[error("{name}[{layer}] is {value}, not a finite number")]
@@ -92,6 +122,8 @@ pub struct LayerFold {
 pub struct Fold {
     /// One entry per layer.
     pub layers: Vec<LayerFold>,
+    /// The channel gains, multiplying the output rows of `attn_output` and `ffn_down`.
+    pub gains: Option<ChannelGains>,
 }
 
 /// Largest (and, inverted, smallest) running factor accepted: beyond it a folded projection
@@ -107,9 +139,15 @@ fn sign(x: f64) -> f64 {
 }
 
 impl Fold {
-    /// The fold of `scales` with the attention blocks flagged in `skipped` left out. The
-    /// attention scalars of a skipped layer are ignored.
-    pub fn new(n_layer: usize, skipped: &[bool], scales: &ScaleValues) -> Result<Fold, FoldError> {
+    /// The fold of `scales` with the attention blocks flagged in `skipped` left out, for a model
+    /// of width `n_embd` (the length of a channel gain row). The attention scalars and gains of a
+    /// skipped layer are ignored.
+    pub fn new(
+        n_layer: usize,
+        n_embd: usize,
+        skipped: &[bool],
+        scales: &ScaleValues,
+    ) -> Result<Fold, FoldError> {
         if skipped.len() != n_layer {
             return Err(FoldError::Length {
                 name: "skip mask",
@@ -148,6 +186,9 @@ impl Fold {
             }
             Ok(next)
         };
+        if let Some(gains) = &scales.gains {
+            check_gains(gains, n_layer, n_embd, skipped)?;
+        }
         let mut c = 1.0f64;
         let mut layers = Vec::with_capacity(n_layer);
         for (l, &attn_skipped) in skipped.iter().enumerate() {
@@ -173,7 +214,26 @@ impl Fold {
                 ffn_down_scale: b / residual_out,
             });
         }
-        Ok(Fold { layers })
+        Ok(Fold {
+            layers,
+            gains: scales.gains.clone(),
+        })
+    }
+
+    /// The per-row multipliers of tensor `name` (GGUF name) on top of [`Fold::tensor_scale`]:
+    /// the channel gains of `attn_output` and `ffn_down` (weight and bias), `None` elsewhere
+    /// and without gains.
+    pub fn row_gains(&self, name: &str) -> Option<&[f32]> {
+        let gains = self.gains.as_ref()?;
+        let (l, suffix) = split_block(name)?;
+        let table = match suffix {
+            "attn_output.weight" | "attn_output.bias" if !self.layers.get(l)?.attn_skipped => {
+                &gains.att
+            }
+            "ffn_down.weight" | "ffn_down.bias" => &gains.mlp,
+            _ => return None,
+        };
+        table.get(l).map(Vec::as_slice)
     }
 
     /// The running factor of the stream entering the final norm.
@@ -230,18 +290,87 @@ impl Fold {
     }
 }
 
+/// Refuses gain tables of the wrong shape and non-finite gains (of layers whose branch is kept).
+fn check_gains(
+    gains: &ChannelGains,
+    n_layer: usize,
+    n_embd: usize,
+    skipped: &[bool],
+) -> Result<(), FoldError> {
+    for (name, rows) in gains.named() {
+        let bad_row = rows.iter().find(|r| r.len() != n_embd);
+        if rows.len() != n_layer || bad_row.is_some() {
+            return Err(FoldError::GainsShape {
+                name,
+                rows: rows.len(),
+                width: bad_row.or(rows.first()).map_or(0, Vec::len),
+                n_layer,
+                n_embd,
+            });
+        }
+        for (layer, row) in rows.iter().enumerate() {
+            if name == "att" && skipped[layer] {
+                continue;
+            }
+            if let Some(channel) = row.iter().position(|g| !g.is_finite()) {
+                return Err(FoldError::GainNotFinite {
+                    name,
+                    layer,
+                    channel,
+                    value: row[channel],
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `blk.N.rest` as `(N, rest)`.
 fn split_block(name: &str) -> Option<(usize, &str)> {
     let (index, rest) = name.strip_prefix("blk.")?.split_once('.')?;
     Some((index.parse().ok()?, rest))
 }
 
-/// Multiplies f32 values by a fold multiplier (a copy when it is 1).
+/// Multiplies f32 values by a fold multiplier (nothing to do when it is 1).
 pub fn scale_values(values: &mut [f32], scale: f64) {
     if scale != 1.0 {
         for v in values {
             *v = (*v as f64 * scale) as f32;
         }
+    }
+}
+
+/// Multiplies a tensor's f32 values (row-major, `gains.len()` rows) by `scale` and each row by
+/// its gain; fails when the values do not split into that many rows.
+pub fn scale_rows(values: &mut [f32], scale: f64, gains: &[f32]) -> Result<(), String> {
+    if gains.is_empty() || !values.len().is_multiple_of(gains.len()) {
+        return Err(format!(
+            "{} values do not split into {} rows of channel gains",
+            values.len(),
+            gains.len()
+        ));
+    }
+    let row_len = values.len() / gains.len();
+    for (row, &g) in values.chunks_mut(row_len).zip(gains) {
+        let m = scale * g as f64;
+        for v in row {
+            *v = (*v as f64 * m) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// A tensor's values after the fold: its multiplier and, for the output projections, the
+/// channel gains of its rows. `Ok(false)` when the values are left as they are.
+pub fn fold_values(fold: &Fold, name: &str, values: &mut [f32]) -> Result<bool, String> {
+    let scale = fold.tensor_scale(name);
+    match fold.row_gains(name) {
+        Some(gains) => scale_rows(values, scale, gains).map(|()| true),
+        None if scale != 1.0 => {
+            scale_values(values, scale);
+            Ok(true)
+        }
+        None => Ok(false),
     }
 }
 
@@ -272,7 +401,10 @@ impl TensorSource for FoldedWeights<'_> {
             });
         }
         let (shape, mut values) = self.ck.tensor_f32(name)?;
-        scale_values(&mut values, self.fold.tensor_scale(name));
+        fold_values(self.fold, name, &mut values).map_err(|message| CheckpointError::Invalid {
+            path: format!("{} (folded)", self.ck.display_path()),
+            message: format!("tensor {name}: {message}"),
+        })?;
         Ok((shape, values))
     }
 }
@@ -287,12 +419,13 @@ mod tests {
             s_att: vec![s_att; n],
             b_mlp: vec![3.0; n],
             s_mlp: vec![s_mlp; n],
+            gains: None,
         }
     }
 
     #[test]
     fn running_factor_multiplies_the_residual_scalars() {
-        let f = Fold::new(3, &[false, true, false], &scales(3, 0.5, 4.0)).unwrap();
+        let f = Fold::new(3, 4, &[false, true, false], &scales(3, 0.5, 4.0)).unwrap();
         let c: Vec<_> = f.layers.iter().map(|l| l.residual_out).collect();
         // layer 0: 0.5 * 4; layer 1 (attention skipped): * 4; layer 2: * 0.5 * 4
         assert_eq!(c, vec![2.0, 8.0, 16.0]);
@@ -312,7 +445,7 @@ mod tests {
 
     #[test]
     fn negative_factors_flip_the_following_norms() {
-        let f = Fold::new(2, &[false, false], &scales(2, -1.0, 1.0)).unwrap();
+        let f = Fold::new(2, 4, &[false, false], &scales(2, -1.0, 1.0)).unwrap();
         assert_eq!(f.tensor_scale("blk.0.attn_norm.weight"), 1.0);
         assert_eq!(f.tensor_scale("blk.0.ffn_norm.weight"), -1.0);
         assert_eq!(f.tensor_scale("blk.1.attn_norm.weight"), -1.0);
@@ -321,11 +454,62 @@ mod tests {
     }
 
     #[test]
+    fn channel_gains_multiply_the_output_rows_of_kept_branches() {
+        let mut s = scales(2, 0.5, 1.0);
+        s.gains = Some(ChannelGains {
+            att: vec![vec![2.0, 3.0], vec![f32::NAN, 0.0]],
+            mlp: vec![vec![1.0, 0.5], vec![4.0, 1.0]],
+        });
+        // layer 1's attention is skipped: its gains (NaN included) are never read
+        let f = Fold::new(2, 2, &[false, true], &s).unwrap();
+        assert_eq!(
+            f.row_gains("blk.0.attn_output.weight"),
+            Some(&[2.0, 3.0][..])
+        );
+        assert_eq!(f.row_gains("blk.0.attn_output.bias"), Some(&[2.0, 3.0][..]));
+        assert_eq!(f.row_gains("blk.1.attn_output.weight"), None);
+        assert_eq!(f.row_gains("blk.1.ffn_down.weight"), Some(&[4.0, 1.0][..]));
+        assert_eq!(f.row_gains("blk.0.ffn_up.weight"), None);
+        assert_eq!(f.row_gains("output_norm.weight"), None);
+        // attn_output of layer 0: b / c = 2 / 0.5 = 4, rows times 2 and 3
+        let mut w = vec![1.0f32, -1.0, 0.5, 2.0];
+        assert!(fold_values(&f, "blk.0.attn_output.weight", &mut w).unwrap());
+        assert_eq!(w, vec![8.0, -8.0, 6.0, 24.0]);
+        // a tensor the fold leaves alone
+        let mut v = vec![1.0f32, 2.0];
+        assert!(!fold_values(&f, "blk.0.ffn_up.weight", &mut v).unwrap());
+        assert_eq!(v, vec![1.0, 2.0]);
+        // values that do not split into rows
+        let mut odd = vec![1.0f32; 3];
+        assert!(fold_values(&f, "blk.1.ffn_down.weight", &mut odd).is_err());
+        // a NaN in a kept branch, and a table of the wrong shape
+        let mut bad = s.clone();
+        bad.gains.as_mut().unwrap().mlp[1][0] = f32::INFINITY;
+        assert!(matches!(
+            Fold::new(2, 2, &[false, true], &bad),
+            Err(FoldError::GainNotFinite {
+                name: "mlp",
+                layer: 1,
+                channel: 0,
+                ..
+            })
+        ));
+        assert!(matches!(
+            Fold::new(2, 3, &[false, true], &s),
+            Err(FoldError::GainsShape {
+                name: "att",
+                width: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn bad_scalars_are_refused() {
         let mut s = scales(2, 1.0, 1.0);
         s.s_mlp[1] = 0.0;
         assert!(matches!(
-            Fold::new(2, &[false, false], &s),
+            Fold::new(2, 4, &[false, false], &s),
             Err(FoldError::ZeroResidual {
                 name: "s_mlp",
                 layer: 1
@@ -333,7 +517,7 @@ mod tests {
         ));
         s.s_mlp[1] = f32::NAN;
         assert!(matches!(
-            Fold::new(2, &[false, false], &s),
+            Fold::new(2, 4, &[false, false], &s),
             Err(FoldError::NotFinite {
                 name: "s_mlp",
                 layer: 1,
@@ -343,9 +527,9 @@ mod tests {
         // a skipped layer's attention scalars are never read
         s.s_mlp[1] = 1.0;
         s.s_att[1] = 0.0;
-        assert!(Fold::new(2, &[false, true], &s).is_ok());
+        assert!(Fold::new(2, 4, &[false, true], &s).is_ok());
         assert!(matches!(
-            Fold::new(3, &[false, true], &s),
+            Fold::new(3, 4, &[false, true], &s),
             Err(FoldError::Length { .. })
         ));
         let tiny = ScaleValues {
@@ -353,7 +537,7 @@ mod tests {
             ..ScaleValues::ones(2)
         };
         assert!(matches!(
-            Fold::new(2, &[false, false], &tiny),
+            Fold::new(2, 4, &[false, false], &tiny),
             Err(FoldError::FactorOutOfRange { layer: 1, .. })
         ));
     }

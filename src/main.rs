@@ -342,6 +342,11 @@ struct FitArgs {
     /// choice's continuation.
     #[arg(long, value_enum, default_value = "all")]
     loss_tokens: LossTokensArg,
+    /// The final training also trains a gain per channel of every attention and MLP output
+    /// (2 x width per layer, beyond the paper's four scalars; folded into `attn_output` and
+    /// `ffn_down` as exactly). The search still trains the four scalars only.
+    #[arg(long)]
+    channel_gains: bool,
 }
 
 impl FitArgs {
@@ -374,6 +379,7 @@ impl FitArgs {
             screen: self.screen.into(),
             screen_batches: self.screen_batches,
             rescreen: self.rescreen,
+            channel_gains: self.channel_gains,
             loss_tokens: match self.loss_tokens {
                 LossTokensArg::Targets => LossTokens::Targets,
                 LossTokensArg::All => LossTokens::All,

@@ -14,7 +14,7 @@ use hopscotch::fit::plan::{FitSettings, ModelFingerprint, Plan, TaskRef};
 use hopscotch::fold::{Fold, FoldedWeights};
 use hopscotch::gguf::reader::GgufFile;
 use hopscotch::llamacpp::LoadedModel;
-use hopscotch::model::ScaleValues;
+use hopscotch::model::{ChannelGains, ScaleValues};
 use rand::{Rng, SeedableRng};
 
 fn hopscotch(args: &[&str]) -> std::process::Output {
@@ -49,6 +49,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
         s_att: draw(true),
         b_mlp: draw(false),
         s_mlp: draw(false),
+        gains: None,
     };
     Plan {
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -83,6 +84,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             exhaustive: true,
             shortlist: 0,
             train_scales: true,
+            channel_gains: false,
             screen: None,
             screen_batches: 0,
             rescreen: 0,
@@ -141,7 +143,23 @@ fn export(hf: &Path, plan: &Path, out: &Path, ty: &str) {
 const FOLD_BOUND: f32 = 1e-4;
 const LLAMA_CPP_EXTRA: f32 = 2e-4;
 
-fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, expect_arch: &str) {
+/// Channel gains drawn uniformly from 0.7..1.3 (those of skipped attention blocks too: never
+/// read).
+fn gains_for(ck: &Checkpoint, seed: u64) -> ChannelGains {
+    let (n, d) = (ck.arch.n_layer, ck.arch.n_embd);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut table = || -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|_| (0..d).map(|_| rng.gen_range(0.7..1.3)).collect())
+            .collect()
+    };
+    ChannelGains {
+        att: table(),
+        mlp: table(),
+    }
+}
+
+fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect_arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &tiny);
     let ck = Checkpoint::open(&hf).unwrap();
@@ -150,11 +168,14 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, expect_arch: &str) 
         // a sign flip of the stream: exact through the norms' sign
         plan.scales.s_mlp[2] = -0.8;
     }
+    if gains {
+        plan.scales.gains = Some(gains_for(&ck, 11));
+    }
     let skip = plan.skip_mask();
     let toks = sample_tokens();
     let gated = candle_logits(&ck, &plan.scales, &skip, &toks);
 
-    let fold = Fold::new(ck.arch.n_layer, &skip, &plan.scales).unwrap();
+    let fold = Fold::new(ck.arch.n_layer, ck.arch.n_embd, &skip, &plan.scales).unwrap();
     let folded = FoldedWithDropped {
         folded: FoldedWeights::new(&ck, &fold),
         ck: &ck,
@@ -175,9 +196,10 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, expect_arch: &str) 
     let unfolded = candle_logits(&ck, &ScaleValues::ones(n), &skip, &toks);
     let (d_scalars, _) = max_abs_diff(&gated, &unfolded);
     eprintln!(
-        "{} skip {skipped:?}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
+        "{} skip {skipped:?}{}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
         tiny.arch,
         if negative { " with a negative s_mlp" } else { "" },
+        if gains { " with channel gains" } else { "" },
         d_fold / scale,
         fold.residual_range().0,
         fold.residual_range().1,
@@ -192,15 +214,17 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, expect_arch: &str) 
 
 #[test]
 fn folded_llama_matches_the_model_with_scalars() {
-    check_fold(Tiny::llama(), &[1, 3], false, "deci");
-    check_fold(Tiny::llama(), &[2], true, "deci");
-    check_fold(Tiny::llama(), &[], false, "llama");
+    check_fold(Tiny::llama(), &[1, 3], false, false, "deci");
+    check_fold(Tiny::llama(), &[2], true, false, "deci");
+    check_fold(Tiny::llama(), &[], false, false, "llama");
+    check_fold(Tiny::llama(), &[1, 3], true, true, "deci");
 }
 
 #[test]
 fn folded_qwen2_matches_the_model_with_scalars() {
-    check_fold(Tiny::qwen2(), &[1, 3], false, "deci");
-    check_fold(Tiny::qwen2(), &[], true, "qwen2");
+    check_fold(Tiny::qwen2(), &[1, 3], false, false, "deci");
+    check_fold(Tiny::qwen2(), &[], true, false, "qwen2");
+    check_fold(Tiny::qwen2(), &[2], false, true, "deci");
 }
 
 fn arr(f: &GgufFile, key: &str) -> Vec<i64> {
@@ -323,6 +347,12 @@ fn bad_plans_fail_cleanly_without_output() {
     zero.scales.s_mlp[1] = 0.0;
     let zero = write_plan("zero.json", &zero);
     check(&zero, "s_mlp[1] is 0");
+    let mut short = plan_for(&ck, &[2], 1);
+    let mut gains = gains_for(&ck, 3);
+    gains.mlp[1].pop();
+    short.scales.gains = Some(gains);
+    let short = write_plan("short-gains.json", &short);
+    check(&short, "scales.gains.mlp[1] has");
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "{\"skipped_blocks\": [1]}").unwrap();
     check(&garbage, "not a valid plan");

@@ -177,6 +177,10 @@ pub struct FitSettings {
     pub shortlist: usize,
     /// Whether the scalars were trained at all.
     pub train_scales: bool,
+    /// Whether the final training trained per-channel gains too (plans from before the option:
+    /// no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub channel_gains: bool,
     /// The screening signal of the fast search (`skip-loss`, ...); `None` when every candidate
     /// was trained or the method does not search.
     pub screen: Option<String>,
@@ -257,7 +261,7 @@ impl Plan {
         Ok(plan)
     }
 
-    /// Checks internal consistency: scale lengths, skipped layers in range and distinct, finite
+    /// Checks internal consistency: scale lengths and channel gain shapes, skipped layers in range and distinct, finite
     /// scalars, layer 0 kept (llama.cpp's `deci` takes the head size from layer 0).
     pub fn validate(&self) -> Result<(), String> {
         let n = self.model.n_layer;
@@ -270,6 +274,28 @@ impl Plan {
             }
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(format!("scales.{name}[{i}] is not finite"));
+            }
+        }
+        if let Some(gains) = &self.scales.gains {
+            let width = self.model.n_embd;
+            for (name, rows) in gains.named() {
+                if rows.len() != n {
+                    return Err(format!(
+                        "scales.gains.{name} has {} rows, expected {n} (one per layer)",
+                        rows.len()
+                    ));
+                }
+                for (l, row) in rows.iter().enumerate() {
+                    if row.len() != width {
+                        return Err(format!(
+                            "scales.gains.{name}[{l}] has {} values, expected {width} (the model's width)",
+                            row.len()
+                        ));
+                    }
+                    if let Some(i) = row.iter().position(|x| !x.is_finite()) {
+                        return Err(format!("scales.gains.{name}[{l}][{i}] is not finite"));
+                    }
+                }
             }
         }
         let mut seen = vec![false; n];

@@ -545,11 +545,31 @@ pub fn train_scales_observed(
     seed: u64,
     observe: &mut dyn FnMut(StepReport),
 ) -> Result<TrainResult, FitError> {
+    let ones = ScaleValues::ones(model.arch().n_layer);
+    train_scales_from(
+        model, batches, skip, objective, steps, lr, seed, &ones, observe,
+    )
+}
+
+/// [`train_scales_observed`] from `init` instead of scalars 1: what it holds is trained, so
+/// [`ScaleValues::ones_with_gains`] trains the channel gains too.
+#[allow(clippy::too_many_arguments)]
+pub fn train_scales_from(
+    model: &Model,
+    batches: &[TrainBatch],
+    skip: &[bool],
+    objective: Objective,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+    init: &ScaleValues,
+    observe: &mut dyn FnMut(StepReport),
+) -> Result<TrainResult, FitError> {
     check_batches(batches, objective)?;
     if !(lr.is_finite() && lr > 0.0) {
         return Err(FitError::LearningRate { lr });
     }
-    let scales = model.scales(&ScaleValues::ones(model.arch().n_layer))?;
+    let scales = model.scales(init)?;
     let mut optimizer = AdamW::new(
         scales.vars(),
         ParamsAdamW {

@@ -58,7 +58,7 @@ use super::data;
 use super::plan::{CandidateScore, FitSettings, ModelFingerprint, Plan, PlanError, Round, TaskRef};
 use super::progress::Progress;
 use super::scales::{
-    self, eval_loss, train_scales_observed, FitError, Objective, StepReport, TrainBatch,
+    self, eval_loss, train_scales_from, FitError, Objective, StepReport, TrainBatch,
     DEFAULT_TEACHER_TOP_K,
 };
 use crate::checkpoint::{Checkpoint, CheckpointError};
@@ -285,6 +285,9 @@ pub struct FitOptions {
     pub rescreen: usize,
     /// Whether scalars are trained at all.
     pub train_scales: bool,
+    /// Whether the final training also trains per-channel gains of the branch outputs
+    /// ([`crate::model::ChannelGains`]; the search trains the four scalars only).
+    pub channel_gains: bool,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
     /// Which positions the loss covers.
@@ -312,6 +315,7 @@ impl Default for FitOptions {
             screen_batches: 1,
             rescreen: DEFAULT_RESCREEN,
             train_scales: true,
+            channel_gains: false,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
             loss_tokens: LossTokens::All,
         }
@@ -426,6 +430,7 @@ impl FitOptions {
             exhaustive: self.exhaustive,
             shortlist: self.shortlist,
             train_scales: self.train_scales,
+            channel_gains: self.train_scales && self.channel_gains,
             screen: screened.then(|| self.screen.name().to_string()),
             screen_batches: self.screen_batches,
             rescreen: if screened { self.rescreen } else { 0 },
@@ -564,11 +569,14 @@ impl<'a> Searcher<'a> {
         self.input.model.arch().n_layer
     }
 
-    /// Trains the scalars from 1 for `steps`, with a step bar.
+    /// Trains `init` (scalars 1, and channel gains 1 when they are trained) for `steps`, with a
+    /// step bar.
+    #[allow(clippy::too_many_arguments)]
     fn train(
         &mut self,
         batches: &[TrainBatch],
         skip: &[bool],
+        init: &ScaleValues,
         steps: usize,
         lr: f64,
         seed: u64,
@@ -577,7 +585,7 @@ impl<'a> Searcher<'a> {
         let bar = self.progress.bar(steps, label);
         let started = Instant::now();
         let mut sum = 0.0f64;
-        let result = train_scales_observed(
+        let result = train_scales_from(
             self.input.model,
             batches,
             skip,
@@ -585,6 +593,7 @@ impl<'a> Searcher<'a> {
             steps,
             lr,
             seed,
+            init,
             &mut |StepReport { step, loss }| {
                 sum += loss as f64;
                 bar.set_message(format!("mean loss {:.4}", sum / (step + 1) as f64));
@@ -618,6 +627,7 @@ impl<'a> Searcher<'a> {
         let result = self.train(
             self.input.batches,
             skip,
+            &ones,
             steps,
             self.options.lr,
             seed,
@@ -1041,10 +1051,16 @@ pub fn train_final(
     )?;
     let mut searcher = Searcher::new(input, options, progress);
     let steps = options.resolved_final_steps(input.batches.len());
+    let init = if options.channel_gains {
+        ScaleValues::ones_with_gains(n_layer, model.arch().n_embd)
+    } else {
+        ones.clone()
+    };
     let (scales, loss_history) = if steps > 0 {
         let r = searcher.train(
             input.batches,
             skip.as_slice(),
+            &init,
             steps,
             options.final_lr,
             derive_seed(options.seed, FINAL_STREAM),
@@ -1562,6 +1578,7 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
         final_docs: plan.settings.final_docs,
         final_steps: plan.settings.final_steps,
         final_lr: plan.settings.final_lr,
+        channel_gains: plan.settings.channel_gains,
         ..old.settings
     }) != plan.settings
     {
@@ -1979,6 +1996,45 @@ mod tests {
             train_final(&input, &untrained, &choice.skipped, &Progress::hidden()).unwrap();
         assert_eq!(last.scales, ScaleValues::ones(5));
         assert!(last.loss_history.is_empty());
+    }
+
+    #[test]
+    fn the_final_training_trains_channel_gains_when_asked_and_lowers_the_loss_further() {
+        let (model, batches, lengths, _) = dead_block_setup(3);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
+        };
+        let (n_layer, n_embd) = (model.arch().n_layer, model.arch().n_embd);
+        let scalars = FitOptions {
+            final_steps: Some(24),
+            final_lr: 1e-2,
+            ..options(2)
+        };
+        let gains = FitOptions {
+            channel_gains: true,
+            ..scalars.clone()
+        };
+        let skipped = [1, 3];
+        let (a, _) = train_final(&input, &scalars, &skipped, &Progress::hidden()).unwrap();
+        let (b, _) = train_final(&input, &gains, &skipped, &Progress::hidden()).unwrap();
+        assert!(a.scales.gains.is_none());
+        let g = b.scales.gains.as_ref().expect("gains trained");
+        g.check_shape(n_layer, n_embd).unwrap();
+        assert_eq!(a.loss_untrained, b.loss_untrained);
+        assert!(b.loss < a.loss, "{} !< {}", b.loss, a.loss);
+        // the kept blocks' gains moved, the skipped blocks' attention gains never reach the loss
+        assert!(g.att[2].iter().any(|&x| (x - 1.0).abs() > 1e-3));
+        assert!(g.mlp[1].iter().any(|&x| (x - 1.0).abs() > 1e-3));
+        assert!(g.att[1].iter().chain(&g.att[3]).all(|&x| x == 1.0));
+        // the plan records the setting; an untrained fit records none
+        assert!(gains.settings(2, 2).channel_gains);
+        let none = FitOptions {
+            train_scales: false,
+            ..gains
+        };
+        assert!(!none.settings(2, 2).channel_gains);
     }
 
     #[test]

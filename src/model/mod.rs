@@ -8,6 +8,9 @@
 //! out = b_mlp[l] * MLP(RMSNorm(x1)) + s_mlp[l] * x1
 //! ```
 //!
+//! With channel gains (beyond the paper, [`ChannelGains`]) each branch output is also multiplied
+//! channel by channel: `b_att[l] * (g_att[l] ⊙ Attn(RMSNorm(x)))`, and the same for the MLP.
+//!
 //! The MLP is SwiGLU, attention is causal with grouped-query heads and rotate-half (NEOX) rope as
 //! Hugging Face computes it on unpermuted q/k weights. The backward pass reaches only the scalars:
 //! see [`ops`] for the operations that keep it from computing weight gradients.
@@ -67,6 +70,18 @@ pub enum ModelError {
         expected: usize,
         /// The vector's length.
         found: usize,
+    },
+    /// A channel gain table is not `n_layer` rows of `n_embd`.
+    #[error("channel gains {name} have shape {found:?}, the model needs {n_layer} layers x {n_embd} channels")]
+    GainsShape {
+        /// `att` or `mlp`.
+        name: &'static str,
+        /// The number of layers.
+        n_layer: usize,
+        /// The hidden width.
+        n_embd: usize,
+        /// Rows, and the length of the first row that differs from `n_embd` (or of the first).
+        found: Vec<usize>,
     },
     /// An input tensor has the wrong rank, shape or dtype, or is empty.
     #[error("input {name}: expected {expected}, found shape {found:?} of {dtype:?}")]
@@ -133,7 +148,52 @@ impl SkipMask {
     }
 }
 
-/// The four scalars per layer as plain numbers (the fit's result, the plan's content).
+/// Per-channel gains on the attention and MLP outputs, one row of `n_embd` per layer, all 1.0 at
+/// the start: beyond the paper's four scalars, and folded as exactly (each gain multiplies one
+/// output row of `attn_output` or `ffn_down`). 2 x `n_layer` x `n_embd` trainable numbers
+/// instead of 4 x `n_layer`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelGains {
+    /// Gain of each channel of the attention output, per layer.
+    pub att: Vec<Vec<f32>>,
+    /// Gain of each channel of the MLP output, per layer.
+    pub mlp: Vec<Vec<f32>>,
+}
+
+impl ChannelGains {
+    /// All gains 1.0.
+    pub fn ones(n_layer: usize, n_embd: usize) -> Self {
+        Self {
+            att: vec![vec![1.0; n_embd]; n_layer],
+            mlp: vec![vec![1.0; n_embd]; n_layer],
+        }
+    }
+
+    /// The two tables with their names, `att` then `mlp`.
+    pub fn named(&self) -> [(&'static str, &[Vec<f32>]); 2] {
+        [("att", &self.att), ("mlp", &self.mlp)]
+    }
+
+    /// Fails unless both tables are `n_layer` rows of `n_embd`.
+    pub fn check_shape(&self, n_layer: usize, n_embd: usize) -> Result<(), ModelError> {
+        for (name, rows) in self.named() {
+            let bad_row = rows.iter().find(|r| r.len() != n_embd);
+            if rows.len() != n_layer || bad_row.is_some() {
+                let width = bad_row.or(rows.first()).map_or(0, Vec::len);
+                return Err(ModelError::GainsShape {
+                    name,
+                    n_layer,
+                    n_embd,
+                    found: vec![rows.len(), width],
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The four scalars per layer as plain numbers (the fit's result, the plan's content), and the
+/// channel gains when they were trained.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScaleValues {
     /// Weight of the attention output, per layer.
@@ -144,16 +204,28 @@ pub struct ScaleValues {
     pub b_mlp: Vec<f32>,
     /// Weight of the residual around the MLP, per layer.
     pub s_mlp: Vec<f32>,
+    /// Per-channel gains of the branch outputs (none: every gain 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gains: Option<ChannelGains>,
 }
 
 impl ScaleValues {
-    /// All scalars 1.0: the original model.
+    /// All scalars 1.0, no channel gains: the original model.
     pub fn ones(n_layer: usize) -> Self {
         Self {
             b_att: vec![1.0; n_layer],
             s_att: vec![1.0; n_layer],
             b_mlp: vec![1.0; n_layer],
             s_mlp: vec![1.0; n_layer],
+            gains: None,
+        }
+    }
+
+    /// All scalars and channel gains 1.0: the original model, with gains to train.
+    pub fn ones_with_gains(n_layer: usize, n_embd: usize) -> Self {
+        Self {
+            gains: Some(ChannelGains::ones(n_layer, n_embd)),
+            ..Self::ones(n_layer)
         }
     }
 
@@ -182,7 +254,8 @@ impl ScaleValues {
     }
 }
 
-/// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`.
+/// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`, and the
+/// channel gains, each `[n_layer, n_embd]`, when there are any.
 #[derive(Debug, Clone)]
 pub struct Scales {
     /// Weight of the attention output.
@@ -193,31 +266,55 @@ pub struct Scales {
     pub b_mlp: Var,
     /// Weight of the residual around the MLP.
     pub s_mlp: Var,
+    /// Channel gains of the attention and the MLP output.
+    pub gains: Option<[Var; 2]>,
+}
+
+/// The scalars and gains as graph inputs of one forward pass.
+struct ScaleTensors {
+    /// `b_att, s_att, b_mlp, s_mlp`, each `[n_layer]`.
+    scalars: [Tensor; 4],
+    /// Attention and MLP channel gains, each `[n_layer, n_embd]`.
+    gains: Option<[Tensor; 2]>,
 }
 
 impl Scales {
-    /// Variables holding `values`, in `dtype` on `device` (use [`Model::scales`] to match a model).
+    /// Variables holding `values`, in `dtype` on `device` (use [`Model::scales`] to match a model
+    /// and check the shapes).
     pub fn new(values: &ScaleValues, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let var = |v: &[f32]| -> Result<Var, ModelError> {
             let t = Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype)?;
             Ok(Var::from_tensor(&t)?)
+        };
+        let table = |rows: &[Vec<f32>]| -> Result<Var, ModelError> {
+            let width = rows.first().map_or(0, Vec::len);
+            let flat: Vec<f32> = rows.concat();
+            let t = Tensor::from_vec(flat, (rows.len(), width), device)?.to_dtype(dtype)?;
+            Ok(Var::from_tensor(&t)?)
+        };
+        let gains = match &values.gains {
+            Some(g) => Some([table(&g.att)?, table(&g.mlp)?]),
+            None => None,
         };
         Ok(Self {
             b_att: var(&values.b_att)?,
             s_att: var(&values.s_att)?,
             b_mlp: var(&values.b_mlp)?,
             s_mlp: var(&values.s_mlp)?,
+            gains,
         })
     }
 
     /// The variables, for an optimizer.
     pub fn vars(&self) -> Vec<Var> {
-        vec![
+        let mut vars = vec![
             self.b_att.clone(),
             self.s_att.clone(),
             self.b_mlp.clone(),
             self.s_mlp.clone(),
-        ]
+        ];
+        vars.extend(self.gains.iter().flatten().cloned());
+        vars
     }
 
     /// The current values.
@@ -225,23 +322,39 @@ impl Scales {
         let read = |v: &Var| -> Result<Vec<f32>, ModelError> {
             Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)
         };
+        let table = |v: &Var| -> Result<Vec<Vec<f32>>, ModelError> {
+            Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec2::<f32>()?)
+        };
+        let gains = match &self.gains {
+            Some([att, mlp]) => Some(ChannelGains {
+                att: table(att)?,
+                mlp: table(mlp)?,
+            }),
+            None => None,
+        };
         Ok(ScaleValues {
             b_att: read(&self.b_att)?,
             s_att: read(&self.s_att)?,
             b_mlp: read(&self.b_mlp)?,
             s_mlp: read(&self.s_mlp)?,
+            gains,
         })
     }
 
-    /// The scalars as graph inputs: tracked for training, detached for a pass without gradients.
-    fn tensors(&self, track: bool) -> [Tensor; 4] {
-        [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(|v| {
+    /// The scalars and gains as graph inputs: tracked for training, detached for a pass without
+    /// gradients.
+    fn tensors(&self, track: bool) -> ScaleTensors {
+        let input = |v: &Var| {
             if track {
                 v.as_tensor().clone()
             } else {
                 v.as_tensor().detach()
             }
-        })
+        };
+        ScaleTensors {
+            scalars: [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(input),
+            gains: self.gains.as_ref().map(|g| g.each_ref().map(input)),
+        }
     }
 }
 
@@ -398,6 +511,9 @@ impl Model {
     /// Trainable scalars holding `values`, in this model's dtype on its device.
     pub fn scales(&self, values: &ScaleValues) -> Result<Scales, ModelError> {
         values.check_len(self.arch.n_layer)?;
+        if let Some(g) = &values.gains {
+            g.check_shape(self.arch.n_layer, self.arch.n_embd)?;
+        }
         Scales::new(values, self.dtype, &self.device)
     }
 
@@ -449,7 +565,7 @@ impl Model {
     fn forward_impl(
         &self,
         input_ids: &Tensor,
-        scales: &[Tensor; 4],
+        scales: &ScaleTensors,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_inputs(input_ids, scales, skip)?;
@@ -534,7 +650,7 @@ impl Model {
     fn check_inputs(
         &self,
         input_ids: &Tensor,
-        scales: &[Tensor; 4],
+        scales: &ScaleTensors,
         skip: &[bool],
     ) -> Result<(usize, usize), ModelError> {
         let n_layer = self.arch.n_layer;
@@ -544,12 +660,29 @@ impl Model {
                 found: skip.len(),
             });
         }
-        for (name, s) in ["b_att", "s_att", "b_mlp", "s_mlp"].into_iter().zip(scales) {
+        for (name, s) in ["b_att", "s_att", "b_mlp", "s_mlp"]
+            .into_iter()
+            .zip(&scales.scalars)
+        {
             if s.dims() != [n_layer] {
                 return Err(ModelError::ScalesLength {
                     name,
                     expected: n_layer,
                     found: s.elem_count(),
+                });
+            }
+        }
+        let n_embd = self.arch.n_embd;
+        for (name, g) in ["att", "mlp"]
+            .into_iter()
+            .zip(scales.gains.iter().flatten())
+        {
+            if g.dims() != [n_layer, n_embd] {
+                return Err(ModelError::GainsShape {
+                    name,
+                    n_layer,
+                    n_embd,
+                    found: g.dims().to_vec(),
                 });
             }
         }
@@ -588,13 +721,20 @@ impl Model {
         from: usize,
         b: usize,
         t: usize,
-        scales: &[Tensor; 4],
+        scales: &ScaleTensors,
         skip: &[bool],
         observe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<(), ModelError>,
     ) -> Result<Tensor, ModelError> {
         let (cos, sin) = self.rope_tables(t)?;
         let mask = self.causal_mask(t)?;
-        let [b_att, s_att, b_mlp, s_mlp] = scales;
+        let [b_att, s_att, b_mlp, s_mlp] = &scales.scalars;
+        // a branch output `(b * t, n_embd)` times layer l's channel gains, when there are any
+        let gained = |branch: Tensor, which: usize, l: usize| -> candle_core::Result<Tensor> {
+            match &scales.gains {
+                Some(g) => branch.broadcast_mul(&g[which].narrow(0, l, 1)?),
+                None => Ok(branch),
+            }
+        };
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
@@ -602,14 +742,18 @@ impl Model {
                 x.clone()
             } else {
                 let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-                let attn = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
+                let attn = gained(self.attention(layer, &h, b, t, &cos, &sin, &mask)?, 0, l)?;
                 (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
                     + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
             };
             observe(l, &x, &x1)?;
             let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
-            let mlp = layer.down.forward(
-                &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+            let mlp = gained(
+                layer.down.forward(
+                    &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
+                )?,
+                1,
+                l,
             )?;
             x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
                 + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{ops, Model, ModelError, ScaleValues, Scales, SkipMask};
+use super::{ops, ChannelGains, Model, ModelError, ScaleValues, Scales, SkipMask};
 use crate::arch::{Arch, Family, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
 
@@ -128,6 +128,16 @@ fn reference_logits(
         let (shape, data) = src.tensors[name].clone();
         Tensor::from_vec(data, shape, &dev)
     };
+    // a branch output times layer l's channel gains (table 0: attention, 1: MLP)
+    let gain = |which: usize, l: usize, y: Tensor| -> candle_core::Result<Tensor> {
+        match &scales.gains {
+            Some(g) => {
+                let row = if which == 0 { &g.att[l] } else { &g.mlp[l] };
+                y.broadcast_mul(&Tensor::new(row.as_slice(), &dev)?)
+            }
+            None => Ok(y),
+        }
+    };
     let (b, t) = ids.dims2()?;
     let (nh, nkv, hd) = (arch.n_head, arch.n_head_kv, arch.head_dim);
     let eps = arch.rms_norm_eps as f32;
@@ -211,13 +221,13 @@ fn reference_logits(
             let att = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?;
             let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
             let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            let out = lin(&out, &format!("{p}.attn_output"), false)?;
+            let out = gain(0, l, lin(&out, &format!("{p}.attn_output"), false)?)?;
             ((out * scales.b_att[l] as f64)? + (&x * scales.s_att[l] as f64)?)?
         };
         let h = candle_nn::ops::rms_norm(&x1, &get(&format!("{p}.ffn_norm.weight"))?, eps)?;
         let act = (candle_nn::ops::silu(&lin(&h, &format!("{p}.ffn_gate"), false)?)?
             * lin(&h, &format!("{p}.ffn_up"), false)?)?;
-        let mlp = lin(&act, &format!("{p}.ffn_down"), false)?;
+        let mlp = gain(1, l, lin(&act, &format!("{p}.ffn_down"), false)?)?;
         x = ((mlp * scales.b_mlp[l] as f64)? + (x1 * scales.s_mlp[l] as f64)?)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &get("output_norm.weight")?, eps)?;
@@ -269,6 +279,7 @@ fn perturbed_scales(n_layer: usize, seed: u64) -> ScaleValues {
         s_att: v(),
         b_mlp: v(),
         s_mlp: v(),
+        gains: None,
     }
 }
 
@@ -434,6 +445,136 @@ fn scalar_gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, 4 * arch.n_layer - 2);
+}
+
+/// Channel gains drawn from 0.7..1.3.
+fn random_gains(arch: &Arch, seed: u64) -> ChannelGains {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut table = || -> Vec<Vec<f32>> {
+        (0..arch.n_layer)
+            .map(|_| {
+                (0..arch.n_embd)
+                    .map(|_| rng.gen_range(0.7f32..1.3))
+                    .collect()
+            })
+            .collect()
+    };
+    ChannelGains {
+        att: table(),
+        mlp: table(),
+    }
+}
+
+#[test]
+fn channel_gains_match_reference_and_all_ones_change_nothing() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 21);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let ids = random_ids(&arch, 2, 7, 22);
+    let plain = perturbed_scales(arch.n_layer, 23);
+    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+    let with_ones = ScaleValues {
+        gains: Some(ChannelGains::ones(arch.n_layer, arch.n_embd)),
+        ..plain.clone()
+    };
+    let a = model_logits(&model, &ids, &plain, skip.as_slice()).unwrap();
+    let b = model_logits(&model, &ids, &with_ones, skip.as_slice()).unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let gained = ScaleValues {
+        gains: Some(random_gains(&arch, 24)),
+        ..plain
+    };
+    let ours = model_logits(&model, &ids, &gained, skip.as_slice()).unwrap();
+    let reference = reference_logits(&src, &ids, &gained, skip.as_slice()).unwrap();
+    let diff = max_abs_diff(&ours, &reference);
+    assert!(diff < 1e-5, "max |model - reference| = {diff}");
+    // the gains matter
+    assert!(max_abs_diff(&ours, &a) > 1e-2);
+    // and round-trip through the variables
+    let back = model.scales(&gained).unwrap().values().unwrap();
+    assert_eq!(back, gained);
+}
+
+#[test]
+fn channel_gain_gradients_match_finite_differences() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 25);
+    let model = Model::load_as(&src, &Device::Cpu, DType::F64).unwrap();
+    let ids = random_ids(&arch, 2, 6, 26);
+    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+    // a loss every channel reaches: the hidden states against fixed weights per channel
+    let weights = Tensor::arange(0u32, arch.n_embd as u32, &Device::Cpu)
+        .and_then(|w| (w.to_dtype(DType::F64)? * 0.37)?.sin())
+        .unwrap();
+    let loss_of = |scales: &Scales, grad: bool| -> Tensor {
+        let hidden = if grad {
+            model.forward_hidden(&ids, scales, skip.as_slice())
+        } else {
+            model.forward_hidden_no_grad(&ids, scales, skip.as_slice())
+        }
+        .unwrap();
+        hidden.broadcast_mul(&weights).unwrap().sum_all().unwrap()
+    };
+    let values = ScaleValues {
+        gains: Some(random_gains(&arch, 27)),
+        ..perturbed_scales(arch.n_layer, 28)
+    };
+    let scales = model.scales(&values).unwrap();
+    let grads = loss_of(&scales, true).backward().unwrap();
+    let [att, mlp] = scales.gains.as_ref().unwrap();
+    let h = 1e-4;
+    let mut checked = 0;
+    for (which, var) in [att, mlp].into_iter().enumerate() {
+        let analytic: Vec<Vec<f64>> = grads.get(var.as_tensor()).unwrap().to_vec2().unwrap();
+        let base: Vec<Vec<f64>> = var.as_tensor().to_vec2().unwrap();
+        for l in 0..arch.n_layer {
+            for c in [0, arch.n_embd / 2, arch.n_embd - 1] {
+                let at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[l][c] += delta;
+                    var.set(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+                    let loss = loss_of(&scales, false).to_scalar::<f64>().unwrap();
+                    var.set(&Tensor::new(base.clone(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    loss
+                };
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                let got = analytic[l][c];
+                assert!(
+                    (numeric - got).abs() <= 1e-5 * numeric.abs().max(1.0),
+                    "gain table {which} layer {l} channel {c}: analytic {got} numeric {numeric}"
+                );
+                if which == 0 && l == 1 {
+                    // the skipped attention's gains do not reach the loss
+                    assert_eq!(got, 0.0);
+                } else {
+                    assert!(got.abs() > 1e-8, "table {which} layer {l} channel {c}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * (2 * arch.n_layer - 1));
+}
+
+#[test]
+fn channel_gains_of_the_wrong_shape_are_refused() {
+    let arch = tiny_arch();
+    let model = Model::load(&random_source(&arch, 29), &Device::Cpu).unwrap();
+    let mut gains = ChannelGains::ones(arch.n_layer, arch.n_embd);
+    gains.mlp[2].pop();
+    let values = ScaleValues {
+        gains: Some(gains),
+        ..ScaleValues::ones(arch.n_layer)
+    };
+    match model.scales(&values) {
+        Err(ModelError::GainsShape {
+            name: "mlp", found, ..
+        }) => {
+            assert_eq!(found, vec![arch.n_layer, arch.n_embd - 1])
+        }
+        other => panic!("{:?}", other.map(|_| ())),
+    }
 }
 
 /// Input gradient of `f(x)` under the loss `sum(f(x) * r)`, with the forward value.

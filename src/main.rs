@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use hopscotch::checkpoint::Checkpoint;
 use hopscotch::fit::scales::Objective;
-use hopscotch::fit::search::{FitOptions, LossTokens, Method, Screen};
+use hopscotch::fit::search::{FitOptions, LossTokens, Method, ScoreBy, Screen};
 use hopscotch::gguf::consts::QuantType;
 
 #[derive(Parser)]
@@ -347,6 +347,16 @@ struct FitArgs {
     /// `ffn_down` as exactly). The search still trains the four scalars only.
     #[arg(long)]
     channel_gains: bool,
+    /// What a trained candidate is scored by: the mean of its training steps' losses (the
+    /// paper's), or the loss over all fit batches at the scalars it was trained to.
+    #[arg(long, value_enum, default_value = "mean-train")]
+    candidate_score: CandidateScoreArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CandidateScoreArg {
+    MeanTrain,
+    Trained,
 }
 
 impl FitArgs {
@@ -380,6 +390,10 @@ impl FitArgs {
             screen_batches: self.screen_batches,
             rescreen: self.rescreen,
             channel_gains: self.channel_gains,
+            candidate_score: match self.candidate_score {
+                CandidateScoreArg::MeanTrain => ScoreBy::MeanTrain,
+                CandidateScoreArg::Trained => ScoreBy::Trained,
+            },
             loss_tokens: match self.loss_tokens {
                 LossTokensArg::Targets => LossTokens::Targets,
                 LossTokensArg::All => LossTokens::All,

@@ -85,6 +85,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             shortlist: 0,
             train_scales: true,
             channel_gains: false,
+            candidate_score: None,
             screen: None,
             screen_batches: 0,
             rescreen: 0,

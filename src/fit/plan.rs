@@ -181,6 +181,10 @@ pub struct FitSettings {
     /// no).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub channel_gains: bool,
+    /// What trained candidates were scored by, when not the mean of their training losses
+    /// (`trained`: the loss at the trained scalars).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_score: Option<String>,
     /// The screening signal of the fast search (`skip-loss`, ...); `None` when every candidate
     /// was trained or the method does not search.
     pub screen: Option<String>,

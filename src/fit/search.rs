@@ -219,6 +219,29 @@ impl Screen {
     }
 }
 
+/// What a trained candidate is scored by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreBy {
+    /// The mean of its training steps' batch losses, each taken before that step's update (the
+    /// paper's score after one epoch). The first step's loss is at scalars 1, and Adam's first
+    /// update moves every scalar by about the learning rate whatever its gradient.
+    MeanTrain,
+    /// The loss over all fit batches at the scalars its training ended with: what the candidate
+    /// reaches, one forward pass per batch more.
+    Trained,
+}
+
+impl ScoreBy {
+    /// The name recorded in plans and taken by `--candidate-score`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScoreBy::MeanTrain => "mean-train",
+            ScoreBy::Trained => "trained",
+        }
+    }
+}
+
 /// Which token positions the loss is taken over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -285,6 +308,8 @@ pub struct FitOptions {
     pub rescreen: usize,
     /// Whether scalars are trained at all.
     pub train_scales: bool,
+    /// What a trained candidate is scored by.
+    pub candidate_score: ScoreBy,
     /// Whether the final training also trains per-channel gains of the branch outputs
     /// ([`crate::model::ChannelGains`]; the search trains the four scalars only).
     pub channel_gains: bool,
@@ -315,6 +340,7 @@ impl Default for FitOptions {
             screen_batches: 1,
             rescreen: DEFAULT_RESCREEN,
             train_scales: true,
+            candidate_score: ScoreBy::MeanTrain,
             channel_gains: false,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
             loss_tokens: LossTokens::All,
@@ -431,6 +457,9 @@ impl FitOptions {
             shortlist: self.shortlist,
             train_scales: self.train_scales,
             channel_gains: self.train_scales && self.channel_gains,
+            // recorded only when it is not the paper's score, so older plans read as before
+            candidate_score: (self.train_scales && self.candidate_score != ScoreBy::MeanTrain)
+                .then(|| self.candidate_score.name().to_string()),
             screen: screened.then(|| self.screen.name().to_string()),
             screen_batches: self.screen_batches,
             rescreen: if screened { self.rescreen } else { 0 },
@@ -607,8 +636,9 @@ impl<'a> Searcher<'a> {
         Ok(result?)
     }
 
-    /// A candidate's score, the mean training loss over `candidate_steps` from scalars 1, and
-    /// the scalars trained; with training off, the loss over all fit batches at scalars 1.
+    /// A candidate's score and the scalars trained: by `candidate_score`, the mean training loss
+    /// over `candidate_steps` from scalars 1 or the loss over all fit batches at the trained
+    /// scalars; with training off, the loss over all fit batches at scalars 1.
     fn score(&mut self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
         let ones = ScaleValues::ones(self.n_layer());
         if !self.options.train_scales {
@@ -633,7 +663,17 @@ impl<'a> Searcher<'a> {
             seed,
             "candidate",
         )?;
-        Ok((result.mean_loss(), result.scales))
+        let score = match self.options.candidate_score {
+            ScoreBy::MeanTrain => result.mean_loss(),
+            ScoreBy::Trained => eval_loss(
+                self.input.model,
+                self.input.batches,
+                skip,
+                &result.scales,
+                self.options.objective,
+            )?,
+        };
+        Ok((score, result.scales))
     }
 
     /// The greedy rounds, continuing after `done` (rounds of a resumed fit). `on_round` sees
@@ -2035,6 +2075,52 @@ mod tests {
             ..gains
         };
         assert!(!none.settings(2, 2).channel_gains);
+    }
+
+    #[test]
+    fn a_candidate_is_scored_by_its_training_losses_or_by_the_loss_it_was_trained_to() {
+        let (model, batches, lengths, _) = dead_block_setup(3);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
+        };
+        let skip = SkipMask::from_layers(model.arch().n_layer, &[2]).unwrap();
+        let mean = options(1);
+        let trained = FitOptions {
+            candidate_score: ScoreBy::Trained,
+            ..options(1)
+        };
+        let progress = Progress::hidden();
+        let (a, scales_a) = Searcher::new(&input, &mean, &progress)
+            .score(skip.as_slice(), 4)
+            .unwrap();
+        let (b, scales_b) = Searcher::new(&input, &trained, &progress)
+            .score(skip.as_slice(), 4)
+            .unwrap();
+        // the same training, scored two ways
+        assert_eq!(scales_a, scales_b);
+        let steps = mean.resolved_candidate_steps(batches.len());
+        let again = scales::train_scales(
+            &model,
+            &batches,
+            skip.as_slice(),
+            mean.objective,
+            steps,
+            mean.lr,
+            4,
+        )
+        .unwrap();
+        assert_eq!(a, again.mean_loss());
+        let at_trained =
+            eval_loss(&model, &batches, skip.as_slice(), &scales_b, mean.objective).unwrap();
+        assert_eq!(b, at_trained);
+        assert_ne!(a, b);
+        assert_eq!(
+            trained.settings(3, 3).candidate_score.as_deref(),
+            Some("trained")
+        );
+        assert_eq!(mean.settings(3, 3).candidate_score, None);
     }
 
     #[test]

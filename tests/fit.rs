@@ -248,6 +248,41 @@ fn trained_scales_lower_the_loss_of_the_plan() {
     );
     assert_ne!(plan.scales, hopscotch::model::ScaleValues::ones(4));
     assert_eq!(plan.final_loss_history.len(), 40);
+    assert!(plan.scales.gains.is_none() && !plan.settings.channel_gains);
+
+    // The same blocks with channel gains trained too: a lower loss, a plan that exports.
+    let gained = dir.path().join("gained.json");
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &gained,
+        &[
+            "--skip",
+            "2",
+            "--method",
+            "random",
+            "--final-steps",
+            "40",
+            "--final-lr",
+            "5e-2",
+            "--channel-gains",
+        ],
+    ));
+    let with_gains = Plan::load(&gained).unwrap();
+    assert_eq!(with_gains.skipped_blocks, plan.skipped_blocks);
+    assert!(with_gains.settings.channel_gains);
+    let gains = with_gains.scales.gains.as_ref().expect("channel gains");
+    assert_eq!((gains.att.len(), gains.mlp[0].len()), (4, 64));
+    let loss = with_gains.final_loss.unwrap();
+    assert!(loss < trained, "with gains {loss}, scalars only {trained}");
+    let slim = dir.path().join("gained.gguf");
+    let o = Command::new(bin())
+        .args(["export".as_ref(), model.as_os_str(), "--plan".as_ref()])
+        .args([gained.as_os_str(), "-o".as_ref(), slim.as_os_str()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let none = dir.path().join("none.json");
     ok(fit(

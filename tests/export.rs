@@ -443,3 +443,58 @@ fn real_smollm2_exports_to_deci_and_evaluates() {
     let (ppl, reference) = run("full", &[], "f16");
     assert!((ppl / reference - 1.0).abs() < 0.01, "{ppl} vs {reference}");
 }
+
+/// Manual check of the fold on the real SmolLM2-135M-Instruct Q4_1 GGUF: candle with the plan's
+/// scalars and channel gains against llama.cpp on the folded f32 `deci` export, logits at every
+/// position of a sentence. The plan is `HOPSCOTCH_PLAN` when set (a fitted plan of this model),
+/// else blocks [5, 6, 7, 26] with scalars 1 and gains drawn from 0.7..1.3.
+#[test]
+#[ignore = "manual: needs the real model (scripts/fetch-model.sh)"]
+fn real_smollm2_fold_with_channel_gains_matches_candle() {
+    let model = common::real_model();
+    let ck = Checkpoint::open(&model).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plan_path = match std::env::var_os("HOPSCOTCH_PLAN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let mut plan = plan_for(&ck, &[5, 6, 7, 26], 0);
+            // scalars at 1: random residual scalars over 30 layers move the running factor far
+            // enough for RMSNorm's epsilon to show (4e-2 of 30 in logits); fitted plans keep it
+            // near 1 (the K=8 plan with gains: 2e-4)
+            plan.scales = ScaleValues {
+                gains: Some(gains_for(&ck, 1)),
+                ..ScaleValues::ones(ck.arch.n_layer)
+            };
+            let p = dir.path().join("plan.json");
+            plan.save(&p, false).unwrap();
+            p
+        }
+    };
+    let plan = Plan::load(&plan_path).unwrap();
+    let out = dir.path().join("slim.gguf");
+    let o = hopscotch(&[
+        "export",
+        s(&model),
+        "--plan",
+        s(&plan_path),
+        "-o",
+        s(&out),
+        "--type",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer: Sunlight is the source of energy for nearly all ecosystems.";
+    let toks = LoadedModel::load(&model).unwrap().tokenize(text, false);
+    let skip = plan.skip_mask();
+    let gated = candle_logits(&ck, &plan.scales, &skip, &toks);
+    let got = llama_logits(&out, &toks);
+    let (d, scale) = max_abs_diff(&gated, &got);
+    let unfolded = candle_logits(&ck, &ScaleValues::ones(ck.arch.n_layer), &skip, &toks);
+    let (d_scalars, _) = max_abs_diff(&gated, &unfolded);
+    eprintln!(
+        "{} tokens, skip {:?}: max |logit| {scale:.2}, llama.cpp vs candle {d:.2e}; the scalars and gains move logits by {d_scalars:.2}",
+        toks.len(),
+        plan.skipped_blocks
+    );
+    assert!(d <= 1e-3 * scale.max(1.0), "{d} vs {scale}");
+}

@@ -472,17 +472,7 @@ fn real_smollm2_fold_with_channel_gains_matches_candle() {
     };
     let plan = Plan::load(&plan_path).unwrap();
     let out = dir.path().join("slim.gguf");
-    let o = hopscotch(&[
-        "export",
-        s(&model),
-        "--plan",
-        s(&plan_path),
-        "-o",
-        s(&out),
-        "--type",
-        "f32",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    export(&model, &plan_path, &out, "f32");
     let text = "Question: Which statement best explains why photosynthesis is the foundation of most food webs?\nAnswer: Sunlight is the source of energy for nearly all ecosystems.";
     let toks = LoadedModel::load(&model).unwrap().tokenize(text, false);
     let skip = plan.skip_mask();

@@ -224,22 +224,12 @@ fn trained_scales_lower_the_loss_of_the_plan() {
     let model = write_tiny(dir.path(), &Tiny::llama());
     let task = text_task(dir.path());
     let out = dir.path().join("plan.json");
-    ok(fit(
-        dir.path(),
-        &model,
-        &task,
-        &out,
-        &[
-            "--skip",
-            "2",
-            "--method",
-            "random",
-            "--final-steps",
-            "40",
-            "--final-lr",
-            "5e-2",
-        ],
-    ));
+    let trained_fit = |out: &Path, more: &[&str]| {
+        let args = "--skip 2 --method random --final-steps 40 --final-lr 5e-2";
+        let args: Vec<&str> = args.split(' ').chain(more.iter().copied()).collect();
+        ok(fit(dir.path(), &model, &task, out, &args))
+    };
+    trained_fit(&out, &[]);
     let plan = Plan::load(&out).unwrap();
     let (trained, untrained) = (plan.final_loss.unwrap(), plan.final_loss_untrained.unwrap());
     assert!(
@@ -252,23 +242,7 @@ fn trained_scales_lower_the_loss_of_the_plan() {
 
     // The same blocks with channel gains trained too: a lower loss, a plan that exports.
     let gained = dir.path().join("gained.json");
-    ok(fit(
-        dir.path(),
-        &model,
-        &task,
-        &gained,
-        &[
-            "--skip",
-            "2",
-            "--method",
-            "random",
-            "--final-steps",
-            "40",
-            "--final-lr",
-            "5e-2",
-            "--channel-gains",
-        ],
-    ));
+    trained_fit(&gained, &["--channel-gains"]);
     let with_gains = Plan::load(&gained).unwrap();
     assert_eq!(with_gains.skipped_blocks, plan.skipped_blocks);
     assert!(with_gains.settings.channel_gains);

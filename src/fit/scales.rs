@@ -521,7 +521,8 @@ pub fn train_scales(
     lr: f64,
     seed: u64,
 ) -> Result<TrainResult, FitError> {
-    train_scales_observed(
+    let ones = ScaleValues::ones(model.arch().n_layer);
+    train_scales_from(
         model,
         batches,
         skip,
@@ -529,30 +530,13 @@ pub fn train_scales(
         steps,
         lr,
         seed,
+        &ones,
         &mut |_| {},
     )
 }
 
-/// [`train_scales`], calling `observe` after every step.
-#[allow(clippy::too_many_arguments)]
-pub fn train_scales_observed(
-    model: &Model,
-    batches: &[TrainBatch],
-    skip: &[bool],
-    objective: Objective,
-    steps: usize,
-    lr: f64,
-    seed: u64,
-    observe: &mut dyn FnMut(StepReport),
-) -> Result<TrainResult, FitError> {
-    let ones = ScaleValues::ones(model.arch().n_layer);
-    train_scales_from(
-        model, batches, skip, objective, steps, lr, seed, &ones, observe,
-    )
-}
-
-/// [`train_scales_observed`] from `init` instead of scalars 1: what it holds is trained, so
-/// [`ScaleValues::ones_with_gains`] trains the channel gains too.
+/// [`train_scales`] from `init` instead of scalars 1, calling `observe` after every step: what
+/// `init` holds is trained, so [`ScaleValues::ones_with_gains`] trains the channel gains too.
 #[allow(clippy::too_many_arguments)]
 pub fn train_scales_from(
     model: &Model,

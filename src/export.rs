@@ -263,7 +263,7 @@ pub fn folded_jobs<'a>(
             dtype,
             produce: Box::new(move || {
                 let e = ck.require(&name)?;
-                if fold.tensor_scale(&name) == 1.0 && fold.row_gains(&name).is_none() {
+                if !fold.alters(&name) {
                     return gguf_tensor_bytes(ck, e, dtype, interleave_rope);
                 }
                 let mut values = ck.f32_values(e)?;

@@ -220,6 +220,12 @@ impl Fold {
         })
     }
 
+    /// Whether the fold changes tensor `name`'s values (a multiplier other than 1, or channel
+    /// gains); a kept tensor it does not change can be copied as stored.
+    pub fn alters(&self, name: &str) -> bool {
+        self.tensor_scale(name) != 1.0 || self.row_gains(name).is_some()
+    }
+
     /// The per-row multipliers of tensor `name` (GGUF name) on top of [`Fold::tensor_scale`]:
     /// the channel gains of `attn_output` and `ffn_down` (weight and bias), `None` elsewhere
     /// and without gains.
@@ -298,12 +304,11 @@ fn check_gains(
     skipped: &[bool],
 ) -> Result<(), FoldError> {
     for (name, rows) in gains.named() {
-        let bad_row = rows.iter().find(|r| r.len() != n_embd);
-        if rows.len() != n_layer || bad_row.is_some() {
+        if let Some((n_rows, width)) = ChannelGains::table_misfit(rows, n_layer, n_embd) {
             return Err(FoldError::GainsShape {
                 name,
-                rows: rows.len(),
-                width: bad_row.or(rows.first()).map_or(0, Vec::len),
+                rows: n_rows,
+                width,
                 n_layer,
                 n_embd,
             });
@@ -363,15 +368,15 @@ pub fn scale_rows(values: &mut [f32], scale: f64, gains: &[f32]) -> Result<(), S
 /// A tensor's values after the fold: its multiplier and, for the output projections, the
 /// channel gains of its rows. `Ok(false)` when the values are left as they are.
 pub fn fold_values(fold: &Fold, name: &str, values: &mut [f32]) -> Result<bool, String> {
+    if !fold.alters(name) {
+        return Ok(false);
+    }
     let scale = fold.tensor_scale(name);
     match fold.row_gains(name) {
-        Some(gains) => scale_rows(values, scale, gains).map(|()| true),
-        None if scale != 1.0 => {
-            scale_values(values, scale);
-            Ok(true)
-        }
-        None => Ok(false),
+        Some(gains) => scale_rows(values, scale, gains)?,
+        None => scale_values(values, scale),
     }
+    Ok(true)
 }
 
 /// A checkpoint's tensors with a fold applied, as f32 in Hugging Face layout. The tensors the

@@ -177,18 +177,28 @@ impl ChannelGains {
     /// Fails unless both tables are `n_layer` rows of `n_embd`.
     pub fn check_shape(&self, n_layer: usize, n_embd: usize) -> Result<(), ModelError> {
         for (name, rows) in self.named() {
-            let bad_row = rows.iter().find(|r| r.len() != n_embd);
-            if rows.len() != n_layer || bad_row.is_some() {
-                let width = bad_row.or(rows.first()).map_or(0, Vec::len);
+            if let Some((rows, width)) = Self::table_misfit(rows, n_layer, n_embd) {
                 return Err(ModelError::GainsShape {
                     name,
                     n_layer,
                     n_embd,
-                    found: vec![rows.len(), width],
+                    found: vec![rows, width],
                 });
             }
         }
         Ok(())
+    }
+
+    /// `None` when `table` is `n_layer` rows of `n_embd`; else its row count and the length of
+    /// its first row that is not `n_embd` long (of its first row when all are; 0 when empty).
+    pub fn table_misfit(
+        table: &[Vec<f32>],
+        n_layer: usize,
+        n_embd: usize,
+    ) -> Option<(usize, usize)> {
+        let bad_row = table.iter().find(|r| r.len() != n_embd);
+        (table.len() != n_layer || bad_row.is_some())
+            .then(|| (table.len(), bad_row.or(table.first()).map_or(0, Vec::len)))
     }
 }
 

@@ -9,8 +9,9 @@ use crate::checkpoint::{dequantize, Checkpoint, CheckpointError, RowOrder, Tenso
 use crate::gguf::consts::{arch_key, gguf_to_hf_name, QuantType};
 use crate::gguf::writer::GgufWriter;
 use crate::gguf::{GgmlType, Value};
+use crate::imatrix::Imatrix;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
-use crate::quantize::{quantize_file, QuantizeError};
+use crate::quantize::{quantize_file, require_imatrix, QuantizeError};
 
 /// Errors converting a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -563,6 +564,7 @@ pub fn to_gguf(
     qtype: QuantType,
     force: bool,
     threads: usize,
+    imatrix: Option<&Imatrix>,
     progress: &indicatif::ProgressBar,
 ) -> Result<WriteSummary, ConvertError> {
     let arch_name = ck.arch.gguf_arch();
@@ -571,6 +573,7 @@ pub fn to_gguf(
         qtype,
         force,
         threads,
+        imatrix,
         progress,
         |path, float, bar| {
             let kvs = checkpoint_kvs(ck, arch_name, float.file_type());
@@ -581,12 +584,15 @@ pub fn to_gguf(
 }
 
 /// Writes `target` as `qtype`: float types directly through `write`, quantized types by
-/// writing an intermediate float file next to the target and running llama.cpp's quantizer.
+/// writing an intermediate float file next to the target and running llama.cpp's quantizer
+/// (with `imatrix`, when given; a type that needs one is refused before any work without it).
+#[allow(clippy::too_many_arguments)]
 pub fn write_typed<F>(
     target: &Path,
     qtype: QuantType,
     force: bool,
     threads: usize,
+    imatrix: Option<&Imatrix>,
     progress: &indicatif::ProgressBar,
     write: F,
     intermediate: FloatType,
@@ -595,6 +601,7 @@ where
     F: FnOnce(&Path, FloatType, &indicatif::ProgressBar) -> Result<WriteSummary, ConvertError>,
 {
     check_overwrite(target, force)?;
+    require_imatrix(qtype, imatrix)?;
     if let Some(float) = FloatType::from_quant(qtype) {
         return write(target, float, progress);
     }
@@ -609,7 +616,7 @@ where
     crate::output::register_temp(&tmp);
     let result = write(&tmp, intermediate, progress).and_then(|written| {
         progress.set_message(format!("quantizing to {}", qtype.name()));
-        quantize_file(&tmp, target, qtype, threads, force)?;
+        quantize_file(&tmp, target, qtype, threads, force, imatrix)?;
         WriteSummary::of(target, written.n_tensors)
     });
     let _ = std::fs::remove_file(&tmp);

@@ -27,6 +27,7 @@ use crate::fold::{fold_values, Fold, FoldError};
 use crate::gguf::consts::{arch_key, QuantType};
 use crate::gguf::vocab::Vocab;
 use crate::gguf::Value;
+use crate::imatrix::Imatrix;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
@@ -70,13 +71,15 @@ pub enum ExportError {
 
 /// How to write the export.
 #[derive(Debug, Clone, Copy)]
-pub struct ExportOptions {
+pub struct ExportOptions<'a> {
     /// Output type: a float type written directly or any llama.cpp quantization preset.
     pub qtype: QuantType,
     /// Replace existing outputs.
     pub force: bool,
     /// Threads for quantization.
     pub threads: usize,
+    /// The slim model's importance matrix for the quantizer (`hopscotch imatrix --plan`).
+    pub imatrix: Option<&'a Imatrix>,
 }
 
 /// What an export wrote.
@@ -107,13 +110,14 @@ pub fn export(
     plan: &Plan,
     plan_path: &Path,
     target: &Path,
-    opts: &ExportOptions,
+    opts: &ExportOptions<'_>,
     progress: &indicatif::ProgressBar,
 ) -> Result<ExportSummary, ExportError> {
     let ExportOptions {
         qtype,
         force,
         threads,
+        imatrix,
     } = *opts;
     plan.validate().map_err(|message| PlanError::Invalid {
         path: plan_path.display().to_string(),
@@ -147,6 +151,7 @@ pub fn export(
         qtype,
         force,
         threads,
+        imatrix,
         progress,
         |path, float, bar| {
             let kvs = if slim {

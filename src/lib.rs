@@ -16,6 +16,7 @@ pub mod export;
 pub mod fit;
 pub mod fold;
 pub mod gguf;
+pub mod imatrix;
 pub mod inspect;
 pub mod llamacpp;
 pub mod model;

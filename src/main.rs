@@ -36,6 +36,11 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value = "gguf")]
         to: Target,
+        /// Importance matrix for the quantizer (llama-quantize's --imatrix): a GGUF from
+        /// `hopscotch imatrix` or llama-imatrix, or a legacy .dat. iq1_s, iq1_m, iq2_* and
+        /// q2_k_s need one.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
         /// Overwrite an existing output.
         #[arg(long)]
         force: bool,
@@ -128,12 +133,53 @@ enum Command {
         /// Output type: f32, f16, bf16 or any llama-quantize type (q8_0, q4_k_m, iq4_nl, ...).
         #[arg(short = 't', long = "type", default_value = "f16")]
         qtype: String,
+        /// Importance matrix for the quantizer (llama-quantize's --imatrix): a GGUF from
+        /// `hopscotch imatrix --plan` (the slim model's) or llama-imatrix, or a legacy .dat. iq1_s, iq1_m, iq2_* and
+        /// q2_k_s need one.
+        #[arg(long, value_name = "FILE")]
+        imatrix: Option<PathBuf>,
         /// Overwrite existing outputs.
         #[arg(long)]
         force: bool,
         /// Threads for quantization (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+    },
+    /// Compute an importance matrix for llama.cpp's quantizer from a task's documents: the mean
+    /// square of every weight matrix's inputs, in the slim model when a plan is given. Written as
+    /// llama.cpp's imatrix GGUF, for `--imatrix` here or `llama-quantize --imatrix`.
+    Imatrix {
+        /// The model: a Hugging Face folder or a .gguf file.
+        model: PathBuf,
+        /// The task file (JSON lines, plain or gzip) whose documents calibrate.
+        #[arg(long)]
+        task: PathBuf,
+        /// A plan: the statistics are the slim model's (skipped blocks, scalars), and the
+        /// documents follow the plan's seed, so the plan's own documents come first.
+        #[arg(long)]
+        plan: Option<PathBuf>,
+        /// Documents: the first N of the task's seeded split, as the fit takes them. Documents
+        /// beyond a plan's own are not held out by `eval --exclude-fit`.
+        #[arg(long, default_value_t = 128)]
+        docs: usize,
+        /// Seed of the document split without a plan (with one, the plan's seed).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Longest sequence in tokens; longer ones lose context from the left.
+        #[arg(long, default_value_t = 256)]
+        max_seq_len: usize,
+        /// Output (GGUF).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Threads for the model (candle's CPU pool).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Overwrite an existing output.
+        #[arg(long)]
+        force: bool,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Choose the attention blocks to skip for a task and fit the scalars: writes a plan (JSON).
     Fit {
@@ -187,6 +233,11 @@ enum Command {
         choice: ChoiceArgs,
         #[command(flatten)]
         fit: FitArgs,
+        /// Quantize each file with its own importance matrix from the fit documents (the slim
+        /// model's with its skips and scalars), written beside it as *.imatrix.gguf. iq1_s,
+        /// iq1_m, iq2_* and q2_k_s need it.
+        #[arg(long)]
+        imatrix: bool,
         /// Overwrite existing outputs in the folder.
         #[arg(long)]
         force: bool,
@@ -484,6 +535,12 @@ fn bytes_bar() -> indicatif::ProgressBar {
     bar
 }
 
+/// Reads `--imatrix FILE` when given.
+fn read_imatrix(path: Option<&std::path::Path>) -> Result<Option<hopscotch::imatrix::Imatrix>> {
+    path.map(|p| hopscotch::imatrix::Imatrix::read(p).map_err(Into::into))
+        .transpose()
+}
+
 fn main() {
     // An interrupt removes the temporary files of outputs being written, then exits.
     let _ = ctrlc::set_handler(|| {
@@ -520,10 +577,12 @@ fn run(cli: Cli) -> Result<()> {
             output,
             qtype,
             to,
+            imatrix,
             force,
             threads: t,
         } => {
             let q = QuantType::from_name(&qtype)?;
+            let imatrix = read_imatrix(imatrix.as_deref())?;
             let started = std::time::Instant::now();
             let ck =
                 Checkpoint::open(&input).with_context(|| format!("opening {}", input.display()))?;
@@ -531,7 +590,15 @@ fn run(cli: Cli) -> Result<()> {
             let summary = match to {
                 Target::Gguf => {
                     bar.set_message(format!("writing {}", output.display()));
-                    hopscotch::convert::to_gguf(&ck, &output, q, force, threads_or_all(t), &bar)?
+                    hopscotch::convert::to_gguf(
+                        &ck,
+                        &output,
+                        q,
+                        force,
+                        threads_or_all(t),
+                        imatrix.as_ref(),
+                        &bar,
+                    )?
                 }
                 Target::Hf => {
                     if qtype != "f16" {
@@ -659,13 +726,16 @@ fn run(cli: Cli) -> Result<()> {
             plan,
             output,
             qtype,
+            imatrix,
             force,
             threads: t,
         } => {
+            let imatrix = read_imatrix(imatrix.as_deref())?;
             let opts = hopscotch::export::ExportOptions {
                 qtype: QuantType::from_name(&qtype)?,
                 force,
                 threads: threads_or_all(t),
+                imatrix: imatrix.as_ref(),
             };
             let started = std::time::Instant::now();
             let ck =
@@ -698,6 +768,46 @@ fn run(cli: Cli) -> Result<()> {
                 s.residual_range.0,
                 s.residual_range.1
             );
+        }
+        Command::Imatrix {
+            model,
+            task,
+            plan,
+            docs,
+            seed,
+            max_seq_len,
+            output,
+            threads: t,
+            force,
+            json,
+        } => {
+            // candle's CPU backend reads the thread count from this variable.
+            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+            let request = hopscotch::imatrix::ImatrixRequest {
+                model,
+                task,
+                plan,
+                docs,
+                seed,
+                max_seq_len,
+                output,
+                force,
+            };
+            let progress = hopscotch::fit::progress::Progress::stderr();
+            let s = hopscotch::imatrix::run(&request, &progress)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "wrote {} ({} weight matrices; {} documents, {} tokens; skipped blocks {:?}) in {:.1}s",
+                    s.output.display(),
+                    s.entries,
+                    s.docs,
+                    s.tokens,
+                    s.skipped_blocks,
+                    s.seconds
+                );
+            }
         }
         Command::Fit {
             model,
@@ -737,6 +847,7 @@ fn run(cli: Cli) -> Result<()> {
             eval,
             choice,
             fit,
+            imatrix,
             force,
             json,
         } => {
@@ -750,6 +861,7 @@ fn run(cli: Cli) -> Result<()> {
                 force,
                 threads: eval.set_threads(),
                 n_ctx: eval.ctx,
+                imatrix,
             };
             let progress = hopscotch::fit::progress::Progress::stderr();
             let report = hopscotch::pipeline::run(&request, &progress)?;

@@ -15,8 +15,10 @@ use crate::fit::plan::{Plan, PlanError};
 use crate::fit::progress::Progress;
 use crate::fit::search::{fit, FitOptions, FitRequest, SearchError};
 use crate::gguf::consts::QuantType;
+use crate::imatrix::{Imatrix, ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
 use crate::output::{AtomicFile, OutputError};
+use crate::quantize::{require_imatrix, QuantizeError};
 use crate::report::{kv_bytes_per_token, ModelFigures, Paired, RoundPoint, RunReport, Seconds};
 use crate::task::{self, DocBody, TaskError};
 
@@ -58,6 +60,18 @@ pub enum RunError {
     /// A report file could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// The quant type cannot be written as asked.
+    #[error(transparent)]
+    Quantize(#[from] QuantizeError),
+    /// An importance matrix could not be computed or written.
+    #[error(transparent)]
+    Imatrix(Box<ImatrixError>),
+}
+
+impl From<ImatrixError> for RunError {
+    fn from(e: ImatrixError) -> Self {
+        RunError::Imatrix(Box::new(e))
+    }
 }
 
 /// What `hopscotch run` is asked to do.
@@ -81,6 +95,17 @@ pub struct RunRequest {
     pub threads: usize,
     /// Context of an evaluation decode.
     pub n_ctx: usize,
+    /// Quantize each file with its own importance matrix from the plan's fit documents (the
+    /// slim model's with its skips and scalars), written as `*.imatrix.gguf` beside it.
+    pub imatrix: bool,
+}
+
+/// The importance matrices `run --imatrix` writes: the slim model's and the original's.
+pub fn imatrix_outputs(dir: &Path) -> [PathBuf; 2] {
+    [
+        dir.join("slim.imatrix.gguf"),
+        dir.join("original.imatrix.gguf"),
+    ]
 }
 
 /// The files of a run's folder.
@@ -114,11 +139,19 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
         message: e.to_string(),
     })?;
     let [plan_path, slim_path, orig_path, md_path, json_path, svg_path] = outputs(&req.out_dir);
+    let [slim_imatrix, orig_imatrix] = imatrix_outputs(&req.out_dir);
     if !req.force {
-        if let Some(p) = outputs(&req.out_dir).iter().find(|p| p.exists()) {
+        let mut all = outputs(&req.out_dir).to_vec();
+        if req.imatrix {
+            all.extend([slim_imatrix.clone(), orig_imatrix.clone()]);
+        }
+        if let Some(p) = all.iter().find(|p| p.exists()) {
             return Err(OutputError::Exists(p.clone()).into());
         }
     }
+    // A type that needs an importance matrix is refused before any work without one.
+    let placeholder = Imatrix::default();
+    require_imatrix(req.qtype, req.imatrix.then_some(&placeholder))?;
     // The task must be a multiple-choice one before minutes go into the fit.
     let task_data = task::load(&req.task)?;
     select_docs(&task_data, None, Some(1))?;
@@ -145,13 +178,51 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
         "exporting slim.gguf and original.gguf as {}",
         req.qtype.name()
     ));
+    // Each file's own importance matrix, from the documents the plan was fitted on (held out
+    // of the evaluation below).
+    let imatrices = if req.imatrix {
+        let docs = plan.final_doc_ids.len().max(plan.fit_doc_ids.len());
+        progress.note(&format!(
+            "importance matrices of both models from the {docs} fit documents"
+        ));
+        let make = |plan: Option<&Path>, output: &Path| {
+            let request = ImatrixRequest {
+                model: req.model.clone(),
+                task: req.task.clone(),
+                plan: plan.map(Path::to_path_buf),
+                docs,
+                seed: req.fit.seed,
+                max_seq_len: req.fit.max_seq_len,
+                output: output.to_path_buf(),
+                force: req.force,
+            };
+            crate::imatrix::run(&request, progress)?;
+            Imatrix::read(output)
+        };
+        Some((
+            make(Some(&plan_path), &slim_imatrix)?,
+            make(None, &orig_imatrix)?,
+            docs,
+        ))
+    } else {
+        None
+    };
     let opts = ExportOptions {
         qtype: req.qtype,
         force: req.force,
         threads: req.threads,
+        imatrix: imatrices.as_ref().map(|m| &m.0),
     };
     export(&ck, &plan, &plan_path, &slim_path, &opts, &bar)?;
-    crate::convert::to_gguf(&ck, &orig_path, req.qtype, req.force, req.threads, &bar)?;
+    crate::convert::to_gguf(
+        &ck,
+        &orig_path,
+        req.qtype,
+        req.force,
+        req.threads,
+        imatrices.as_ref().map(|m| &m.1),
+        &bar,
+    )?;
     let t_export = started.elapsed().as_secs_f64() - t_fit;
 
     progress.note("evaluating both models in llama.cpp on the held-out documents");
@@ -241,6 +312,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
             eval: t_eval,
             total: started.elapsed().as_secs_f64(),
         },
+        imatrix_docs: imatrices.as_ref().map(|m| m.2),
     };
     write_text(&md_path, &report.markdown())?;
     write_text(

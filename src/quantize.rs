@@ -5,6 +5,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
 use crate::gguf::consts::QuantType;
+use crate::imatrix::{Imatrix, ImatrixError};
 use crate::output::{check_overwrite, register_temp, temp_path_for, unregister_temp, OutputError};
 
 /// Errors from quantization.
@@ -19,6 +20,15 @@ pub enum QuantizeError {
     /// A path cannot be passed to llama.cpp.
     #[error("{0}: path is not valid UTF-8 or holds a NUL byte")]
     Path(PathBuf),
+    /// The type cannot be quantized without an importance matrix and none was given.
+    #[error("{qtype} needs an importance matrix, as llama-quantize does: give one with --imatrix FILE (`hopscotch imatrix` makes it from a task's documents, llama.cpp's llama-imatrix from text); `hopscotch run --imatrix` makes its own")]
+    NeedsImatrix {
+        /// The requested type.
+        qtype: String,
+    },
+    /// The importance matrix does not fit the model.
+    #[error(transparent)]
+    Imatrix(Box<ImatrixError>),
     /// llama.cpp's quantizer returned an error code.
     #[error("llama.cpp could not quantize {input} to {qtype} (error code {code})")]
     Failed {
@@ -39,35 +49,87 @@ pub enum QuantizeError {
     },
 }
 
+impl From<ImatrixError> for QuantizeError {
+    fn from(e: ImatrixError) -> Self {
+        QuantizeError::Imatrix(Box::new(e))
+    }
+}
+
 fn c_path(p: &Path) -> Result<CString, QuantizeError> {
     p.to_str()
         .and_then(|s| CString::new(s).ok())
         .ok_or_else(|| QuantizeError::Path(p.to_path_buf()))
 }
 
+/// Refuses a type that needs an importance matrix when there is none: before any work.
+pub fn require_imatrix(qtype: QuantType, imatrix: Option<&Imatrix>) -> Result<(), QuantizeError> {
+    if qtype.needs_imatrix() && imatrix.is_none() {
+        return Err(QuantizeError::NeedsImatrix {
+            qtype: qtype.name().to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Quantizes `input` (a GGUF) to `qtype` at `output`, through a temporary file that is renamed
-/// when llama.cpp has finished. Quantized inputs are allowed (requantized).
+/// when llama.cpp has finished. Quantized inputs are allowed (requantized). With `imatrix` the
+/// quantizer weights each column's rounding error by its importance (`llama-quantize
+/// --imatrix`); it is checked against `input`'s tensors first.
 pub fn quantize_file(
     input: &Path,
     output: &Path,
     qtype: QuantType,
     threads: usize,
     force: bool,
+    imatrix: Option<&Imatrix>,
 ) -> Result<(), QuantizeError> {
     check_overwrite(output, force)?;
-    crate::gguf::reader::GgufFile::open(input)?;
+    require_imatrix(qtype, imatrix)?;
+    let gguf = crate::gguf::reader::GgufFile::open(input)?;
+    if let Some(im) = imatrix {
+        im.check_model(&gguf, qtype.needs_imatrix().then(|| qtype.name()))?;
+    }
+    drop(gguf);
+    // llama.cpp's view of the importance matrix: (name, values, count) rows ending in a null
+    // name; the names and values below outlive the call.
+    let entries: Vec<(CString, Vec<f32>)> = imatrix
+        .map(|im| {
+            im.entries
+                .iter()
+                .filter_map(|(name, e)| Some((CString::new(name.as_str()).ok()?, e.values())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut rows: Vec<llama_cpp_sys_2::llama_model_imatrix_data> = entries
+        .iter()
+        .map(|(name, values)| llama_cpp_sys_2::llama_model_imatrix_data {
+            name: name.as_ptr(),
+            data: values.as_ptr(),
+            size: values.len(),
+        })
+        .collect();
+    rows.push(llama_cpp_sys_2::llama_model_imatrix_data {
+        name: std::ptr::null(),
+        data: std::ptr::null(),
+        size: 0,
+    });
     crate::llamacpp::backend();
     let tmp = temp_path_for(output);
     register_temp(&tmp);
     let cin = c_path(input)?;
     let cout = c_path(&tmp)?;
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the params
-    // struct comes from llama.cpp's own defaults with plain fields changed.
+    // struct comes from llama.cpp's own defaults with plain fields changed; the importance
+    // matrix rows point into `entries`, which outlives the call, and end in a null name as
+    // llama.cpp reads them.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
         params.ftype = qtype.ftype_id() as _;
         params.nthread = threads as i32;
         params.allow_requantize = true;
+        if imatrix.is_some() {
+            params.imatrix = rows.as_ptr();
+        }
         llama_cpp_sys_2::llama_model_quantize(cin.as_ptr(), cout.as_ptr(), &params)
     };
     let result = if code != 0 {

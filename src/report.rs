@@ -90,6 +90,9 @@ pub struct RunReport {
     pub paired: Paired,
     /// Seconds per phase: fit, export, evaluation, total.
     pub seconds: Seconds,
+    /// Fit documents each file's own importance matrix was computed on (`run --imatrix`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imatrix_docs: Option<usize>,
 }
 
 /// Wall time per phase.
@@ -143,8 +146,14 @@ impl RunReport {
 
     /// The whole markdown report.
     pub fn markdown(&self) -> String {
+        let imatrix = match self.imatrix_docs {
+            Some(n) => format!(
+                ", each quantized with its own importance matrix from the {n} fit documents"
+            ),
+            None => String::new(),
+        };
         let mut s = format!(
-            "# hopscotch run\n\nModel `{}`, task `{}`, {} held-out documents, both files {}.\n\
+            "# hopscotch run\n\nModel `{}`, task `{}`, {} held-out documents, both files {}{imatrix}.\n\
              Fit: method {}, objective {}, loss {:.4} (scalars at 1: {:.4}).\n\n",
             self.model,
             self.task,

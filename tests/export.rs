@@ -300,6 +300,112 @@ fn exported_deci_file_has_the_slim_layout_and_loads_also_quantized() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// The slim model's importance matrix (`hopscotch imatrix --plan`) and `export --imatrix`: a
+/// type that needs one is refused without it and with one made for another model, writing
+/// nothing; with the slim model's own it quantizes, loads and runs, and it changes what q4_k_m
+/// writes (the quantizer uses it). Rows of 256 so that iq2_xxs and q4_K apply to the matrices.
+#[test]
+fn low_bit_types_quantize_with_the_slim_models_importance_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Tiny {
+        n_embd: 256,
+        n_ff: 512,
+        ..Tiny::llama()
+    };
+    let hf = write_tiny(dir.path(), &tiny);
+    let ck = Checkpoint::open(&hf).unwrap();
+    let plan_path = dir.path().join("plan.json");
+    plan_for(&ck, &[2], 3).save(&plan_path, false).unwrap();
+    let task = common::write_choice_task(dir.path(), "facts", &common::facts());
+    let imatrix = |hf: &Path, plan: Option<&Path>, out: &Path| {
+        let mut args = vec![
+            "imatrix",
+            s(hf),
+            "--task",
+            s(&task),
+            "--docs",
+            "8",
+            "-o",
+            s(out),
+        ];
+        if let Some(p) = plan {
+            args.extend(["--plan", s(p)]);
+        }
+        let o = hopscotch(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let im_path = dir.path().join("slim.imatrix.gguf");
+    imatrix(&hf, Some(&plan_path), &im_path);
+    let im = hopscotch::imatrix::Imatrix::read(&im_path).unwrap();
+    // 4 layers x 7 matrices, none for the skipped attention, none for the tied LM head
+    assert_eq!(im.entries.len(), 4 * 7 - 4, "{:?}", im.entries.keys());
+    assert!(!im.entries.contains_key("blk.2.attn_output.weight"));
+    for (name, e) in &im.entries {
+        assert!(e.counts[0] > 0.0, "{name}");
+        assert!(e.sums.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}");
+        assert!(e.sums.iter().any(|v| *v > 0.0), "{name}");
+    }
+
+    let out = dir.path().join("slim.gguf");
+    let export = |ty: &str, im: Option<&Path>, out: &Path| {
+        let mut args = vec!["export", s(&hf), "--plan", s(&plan_path), "-o", s(out)];
+        args.extend(["--type", ty, "--force"]);
+        if let Some(p) = im {
+            args.extend(["--imatrix", s(p)]);
+        }
+        hopscotch(&args)
+    };
+    let refused = |o: std::process::Output, needle: &str| {
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        assert!(!out.exists(), "{err}");
+    };
+    refused(
+        export("iq2_xxs", None, &out),
+        "iq2_xxs needs an importance matrix",
+    );
+    let other_hf = write_tiny(
+        &dir.path().join("other"),
+        &Tiny {
+            n_embd: 128,
+            n_ff: 512,
+            ..Tiny::llama()
+        },
+    );
+    let other_im = dir.path().join("other.imatrix.gguf");
+    imatrix(&other_hf, None, &other_im);
+    refused(
+        export("iq2_xxs", Some(&other_im), &out),
+        "has 128 values, but",
+    );
+
+    let o = export("iq2_xxs", Some(&im_path), &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let f = GgufFile::open(&out).unwrap();
+    let iq2 = f
+        .tensors()
+        .iter()
+        .filter(|t| t.ggml_type.name() == "iq2_xxs")
+        .count();
+    assert!(iq2 > 0, "no iq2_xxs tensor");
+    let logits = llama_logits(&out, &sample_tokens());
+    assert!(logits.iter().flatten().all(|x| x.is_finite()));
+
+    let data = |p: &Path| {
+        let f = GgufFile::open(p).unwrap();
+        let t = f.tensor("blk.1.attn_q.weight").unwrap().clone();
+        (t.ggml_type.name(), f.tensor_data(&t).to_vec())
+    };
+    let (plain, weighted) = (dir.path().join("q4.gguf"), dir.path().join("q4-im.gguf"));
+    assert!(export("q4_k_m", None, &plain).status.success());
+    assert!(export("q4_k_m", Some(&im_path), &weighted).status.success());
+    let (a, b) = (data(&plain), data(&weighted));
+    assert_eq!(a.0, "q4_K");
+    assert_eq!(a.0, b.0);
+    assert_ne!(a.1, b.1, "the importance matrix changed nothing");
+}
+
 #[test]
 fn bad_plans_fail_cleanly_without_output() {
     let dir = tempfile::tempdir().unwrap();

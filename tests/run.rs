@@ -117,3 +117,68 @@ fn run_fits_exports_evaluates_and_reports() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
+
+/// `run --imatrix`: each file quantized with its own importance matrix from the fit documents,
+/// both written beside them; a type that needs one is refused before the fit without it.
+#[test]
+fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let task = write_task(dir.path());
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            hf.to_str().unwrap(),
+            "--task",
+            task.to_str().unwrap(),
+            "--skip",
+            "1",
+            "--type",
+            "iq2_xxs",
+            "--fit-docs",
+            "4",
+            "--batch-size",
+            "2",
+            "--limit",
+            "8",
+            "--threads",
+            "1",
+            "--json",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        Command::new(bin()).args(&args).output().unwrap()
+    };
+    let o = run(&[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("iq2_xxs needs an importance matrix"), "{err}");
+    assert!(!out.join("plan.json").exists(), "the fit ran: {err}");
+
+    let o = run(&["--imatrix"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["imatrix_docs"], 4);
+    assert_eq!(report["quant_type"], "iq2_xxs");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("its own importance matrix from the 4 fit documents"),
+        "{md}"
+    );
+    let slim = hopscotch::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
+    let orig = hopscotch::imatrix::Imatrix::read(&out.join("original.imatrix.gguf")).unwrap();
+    let layer = report["skipped_blocks"][0].as_u64().unwrap();
+    let q = format!("blk.{layer}.attn_q.weight");
+    assert!(orig.entries.contains_key(&q) && !slim.entries.contains_key(&q));
+    assert_eq!(orig.entries.len(), slim.entries.len() + 4);
+    // same documents for both: the same token count
+    assert_eq!(
+        orig.entries["blk.0.ffn_up.weight"].counts,
+        slim.entries["blk.0.ffn_up.weight"].counts
+    );
+    for m in ["original", "slim"] {
+        assert_eq!(report[m]["n_docs"], 8);
+    }
+}

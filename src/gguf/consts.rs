@@ -216,7 +216,7 @@ pub enum QuantType {
     Q8_0,
     /// `q2_k`: 2-bit k-quant mix.
     Q2K,
-    /// `q2_k_s`: smaller 2-bit k-quant mix.
+    /// `q2_k_s`: smaller 2-bit k-quant mix (needs an importance matrix).
     Q2KS,
     /// `q3_k_s`: small 3-bit k-quant mix.
     Q3KS,
@@ -238,9 +238,9 @@ pub enum QuantType {
     Iq2Xxs,
     /// `iq2_xs`: 2.31 bits per weight (needs an importance matrix).
     Iq2Xs,
-    /// `iq2_s`: 2.5 bits per weight.
+    /// `iq2_s`: 2.5 bits per weight (needs an importance matrix).
     Iq2S,
-    /// `iq2_m`: 2.7 bits per weight.
+    /// `iq2_m`: 2.7 bits per weight (needs an importance matrix).
     Iq2M,
     /// `iq3_xxs`: 3.06 bits per weight.
     Iq3Xxs,
@@ -354,6 +354,22 @@ impl QuantType {
     /// llama.cpp's `llama_ftype` value, as stored in `general.file_type`.
     pub fn ftype_id(self) -> u32 {
         self.row().2
+    }
+
+    /// Whether llama.cpp's quantizer refuses this preset without an importance matrix
+    /// (`tensor_requires_imatrix` in `llama-quant.cpp`: the iq1 and iq2 types and `q2_k_s`;
+    /// measured on SmolLM2-135M, every other preset quantizes without one).
+    pub fn needs_imatrix(self) -> bool {
+        matches!(
+            self,
+            QuantType::Q2KS
+                | QuantType::Iq2Xxs
+                | QuantType::Iq2Xs
+                | QuantType::Iq2S
+                | QuantType::Iq2M
+                | QuantType::Iq1S
+                | QuantType::Iq1M
+        )
     }
 
     /// Every preset, in `llama_ftype` order.

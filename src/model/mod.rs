@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{Arch, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
+use crate::gguf::consts::{blk_tensor, OUTPUT};
 
 /// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
 /// tensors come from.
@@ -368,6 +369,42 @@ impl Scales {
     }
 }
 
+/// The input of one or more weight matrices, as [`Model::weight_inputs_no_grad`] shows it: what
+/// llama.cpp's importance matrix accumulates per tensor (layer `l`'s q, k and v multiply the same
+/// input, as do its gate and up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightInput {
+    /// The normed stream entering layer `l`'s attention: `blk.l.attn_q/k/v.weight`.
+    Qkv(usize),
+    /// Layer `l`'s attention heads, concatenated: `blk.l.attn_output.weight`.
+    AttnOutput(usize),
+    /// The normed stream entering layer `l`'s MLP: `blk.l.ffn_gate/up.weight`.
+    GateUp(usize),
+    /// `silu(gate) * up` of layer `l`: `blk.l.ffn_down.weight`.
+    Down(usize),
+    /// The final norm's output: `output.weight` (the LM head).
+    Output,
+}
+
+impl WeightInput {
+    /// The GGUF names of the weight matrices this input multiplies.
+    pub fn tensor_names(self) -> Vec<String> {
+        let blk = |l: usize, suffixes: &[&str]| -> Vec<String> {
+            suffixes.iter().map(|s| blk_tensor(l, s)).collect()
+        };
+        match self {
+            WeightInput::Qkv(l) => blk(l, &["attn_q.weight", "attn_k.weight", "attn_v.weight"]),
+            WeightInput::AttnOutput(l) => blk(l, &["attn_output.weight"]),
+            WeightInput::GateUp(l) => blk(l, &["ffn_gate.weight", "ffn_up.weight"]),
+            WeightInput::Down(l) => blk(l, &["ffn_down.weight"]),
+            WeightInput::Output => vec![OUTPUT.to_string()],
+        }
+    }
+}
+
+/// What [`Model::weight_inputs_no_grad`] calls with every weight matrix's input `(b * t, in)`.
+pub type WeightInputTap<'a> = dyn FnMut(WeightInput, &Tensor) -> Result<(), ModelError> + 'a;
+
 /// A frozen projection `x @ weight^T + bias`.
 struct Projection {
     weight: Tensor,
@@ -580,7 +617,7 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_inputs(input_ids, scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
-        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _, _| Ok(()))
+        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _, _| Ok(()), None)
     }
 
     /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
@@ -596,10 +633,19 @@ impl Model {
         let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
         let mut residuals = Vec::with_capacity(self.arch.n_layer);
-        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, x, _| {
-            residuals.push(x.clone());
-            Ok(())
-        })?;
+        self.run_layers(
+            x,
+            0,
+            b,
+            t,
+            &scales,
+            skip,
+            &mut |_, x, _| {
+                residuals.push(x.clone());
+                Ok(())
+            },
+            None,
+        )?;
         Ok(residuals)
     }
 
@@ -617,10 +663,19 @@ impl Model {
         let (b, t) = self.check_inputs(input_ids, &scales, &skip)?;
         let x = self.embed(input_ids, b, t)?;
         let mut out = Vec::with_capacity(n_layer);
-        self.run_layers(x, 0, b, t, &scales, &skip, &mut |_, x, x1| {
-            out.push((x.clone(), x1.clone()));
-            Ok(())
-        })?;
+        self.run_layers(
+            x,
+            0,
+            b,
+            t,
+            &scales,
+            &skip,
+            &mut |_, x, x1| {
+                out.push((x.clone(), x1.clone()));
+                Ok(())
+            },
+            None,
+        )?;
         Ok(out)
     }
 
@@ -653,7 +708,26 @@ impl Model {
             &scales,
             skip,
             &mut |_, _, _| Ok(()),
+            None,
         )
+    }
+
+    /// Runs the forward pass on token ids `(b, t)` without a graph and calls `tap` with the input
+    /// of every weight matrix, `(b * t, in_features)`, in the order the pass reaches them
+    /// (skipped attention blocks have none; `output.weight`'s input comes last). Rows at padding
+    /// positions are included: the caller masks them.
+    pub fn weight_inputs_no_grad(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+        tap: &mut WeightInputTap<'_>,
+    ) -> Result<(), ModelError> {
+        let scales = scales.tensors(false);
+        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
+        let x = self.embed(input_ids, b, t)?;
+        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, _, _| Ok(()), Some(tap))?;
+        Ok(())
     }
 
     /// Checks the skip mask, the scalars and the token ids; returns `(b, t)`.
@@ -734,6 +808,7 @@ impl Model {
         scales: &ScaleTensors,
         skip: &[bool],
         observe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<(), ModelError>,
+        mut tap: Option<&mut WeightInputTap<'_>>,
     ) -> Result<Tensor, ModelError> {
         let (cos, sin) = self.rope_tables(t)?;
         let mask = self.causal_mask(t)?;
@@ -752,27 +827,35 @@ impl Model {
                 x.clone()
             } else {
                 let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-                let attn = gained(self.attention(layer, &h, b, t, &cos, &sin, &mask)?, 0, l)?;
+                let heads = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
+                if let Some(tap) = tap.as_mut() {
+                    tap(WeightInput::Qkv(l), &h)?;
+                    tap(WeightInput::AttnOutput(l), &heads)?;
+                }
+                let attn = gained(layer.o.forward(&heads)?, 0, l)?;
                 (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
                     + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
             };
             observe(l, &x, &x1)?;
             let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
-            let mlp = gained(
-                layer.down.forward(
-                    &(candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?,
-                )?,
-                1,
-                l,
-            )?;
+            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
+            if let Some(tap) = tap.as_mut() {
+                tap(WeightInput::GateUp(l), &h)?;
+                tap(WeightInput::Down(l), &act)?;
+            }
+            let mlp = gained(layer.down.forward(&act)?, 1, l)?;
             x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
                 + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;
         }
         let x = ops::rms_norm(&x, &self.output_norm, eps)?;
+        if let Some(tap) = tap.as_mut() {
+            tap(WeightInput::Output, &x)?;
+        }
         Ok(x.reshape((b, t, d))?)
     }
 
-    /// Causal grouped-query attention on normed hidden states `h` of shape `(b * t, n_embd)`.
+    /// Causal grouped-query attention on normed hidden states `h` of shape `(b * t, n_embd)`:
+    /// the heads' outputs concatenated, `(b * t, n_head * head_dim)`, before `attn_output`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -803,13 +886,12 @@ impl Model {
             1.0 / (hd as f64).sqrt(),
             mask,
         )?;
-        let out = probs
+        probs
             .reshape((b, n_kv, group * t, t))?
             .matmul(&v)?
             .reshape((b, n_head, t, hd))?
             .transpose(1, 2)?
-            .reshape((b * t, n_head * hd))?;
-        layer.o.forward(&out)
+            .reshape((b * t, n_head * hd))
     }
 
     /// Rope `cos` and `sin` tables `(t, head_dim / 2)` for positions `0..t`.

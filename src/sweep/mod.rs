@@ -928,7 +928,15 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
         units.reused.original += 1;
     } else {
         progress.note(&format!("writing original.gguf as {}", req.qtype.name()));
-        crate::convert::to_gguf(&ck, &layout.original(), req.qtype, false, req.threads, &bar)?;
+        crate::convert::to_gguf(
+            &ck,
+            &layout.original(),
+            req.qtype,
+            false,
+            req.threads,
+            None,
+            &bar,
+        )?;
         units.computed.original += 1;
     }
     seconds.export += phase.elapsed().as_secs_f64();
@@ -964,6 +972,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
             qtype: req.qtype,
             force: true,
             threads: req.threads,
+            imatrix: None,
         };
         export(&ck, &s.plan, &layout.plan(&s.name), &gguf, &opts, &bar)?;
         write_text(&source, &format!("{}\n", s.plan_sha256))?;

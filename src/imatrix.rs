@@ -532,8 +532,11 @@ pub struct ImatrixSummary {
     pub tokens: usize,
     /// Skipped attention blocks of the plan, if one was given.
     pub skipped_blocks: Vec<usize>,
-    /// Ids of the documents used (held out of evaluation by a plan fitted on at least these).
+    /// Ids of the documents used.
     pub doc_ids: Vec<String>,
+    /// How many of them the plan was not trained on, so `eval --exclude-fit` does not hold them
+    /// out (0 without a plan).
+    pub beyond_plan: usize,
     /// Seconds taken.
     pub seconds: f64,
 }
@@ -604,6 +607,14 @@ pub fn run(request: &ImatrixRequest, progress: &Progress) -> Result<ImatrixSumma
         entries: imatrix.entries.len(),
         docs: fit_data.fit_doc_ids.len(),
         tokens: fit_data.n_tokens(),
+        beyond_plan: plan.as_ref().map_or(0, |p| {
+            let trained: std::collections::HashSet<&str> = p.trained_doc_ids().collect();
+            fit_data
+                .fit_doc_ids
+                .iter()
+                .filter(|id| !trained.contains(id.as_str()))
+                .count()
+        }),
         skipped_blocks: plan.map(|p| p.skipped_blocks).unwrap_or_default(),
         doc_ids: fit_data.fit_doc_ids,
         seconds: started.elapsed().as_secs_f64(),

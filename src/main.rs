@@ -807,6 +807,12 @@ fn run(cli: Cli) -> Result<()> {
                     s.skipped_blocks,
                     s.seconds
                 );
+                if s.beyond_plan > 0 {
+                    println!(
+                        "{} of the documents are beyond the plan's own: eval --exclude-fit does not hold them out",
+                        s.beyond_plan
+                    );
+                }
             }
         }
         Command::Fit {

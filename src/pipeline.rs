@@ -181,7 +181,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
     // Each file's own importance matrix, from the documents the plan was fitted on (held out
     // of the evaluation below).
     let imatrices = if req.imatrix {
-        let docs = plan.final_doc_ids.len().max(plan.fit_doc_ids.len());
+        let docs = plan.trained_doc_ids().count();
         progress.note(&format!(
             "importance matrices of both models from the {docs} fit documents"
         ));

@@ -333,9 +333,15 @@ fn low_bit_types_quantize_with_the_slim_models_importance_matrix() {
         }
         let o = hopscotch(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
     };
     let im_path = dir.path().join("slim.imatrix.gguf");
-    imatrix(&hf, Some(&plan_path), &im_path);
+    // the hand-made plan was trained on no document: eval --exclude-fit evaluates all 8
+    let said = imatrix(&hf, Some(&plan_path), &im_path);
+    assert!(
+        said.contains("8 of the documents are beyond the plan's own"),
+        "{said}"
+    );
     let im = hopscotch::imatrix::Imatrix::read(&im_path).unwrap();
     // 4 layers x 7 matrices, none for the skipped attention, none for the tied LM head
     assert_eq!(im.entries.len(), 4 * 7 - 4, "{:?}", im.entries.keys());

@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use common::{bin, facts, write_choice_task, write_tiny, Tiny};
 use hopscotch::gguf::reader::GgufFile;
@@ -13,36 +13,41 @@ fn write_task(dir: &Path) -> std::path::PathBuf {
     write_choice_task(dir, "task", &facts())
 }
 
+/// `hopscotch run` on a tiny model: skip 1 block, fit on 4 documents in batches of 2, evaluate
+/// 8, as `--type ty` with `extra` arguments; JSON on stdout.
+fn tiny_run(hf: &Path, task: &Path, out: &Path, ty: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        hf.to_str().unwrap(),
+        "--task",
+        task.to_str().unwrap(),
+        "--skip",
+        "1",
+        "--type",
+        ty,
+        "--fit-docs",
+        "4",
+        "--batch-size",
+        "2",
+        "--limit",
+        "8",
+        "--threads",
+        "1",
+        "--json",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    Command::new(bin()).args(&args).output().unwrap()
+}
+
 #[test]
 fn run_fits_exports_evaluates_and_reports() {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &Tiny::llama());
     let task = write_task(dir.path());
     let out = dir.path().join("out");
-    let o = Command::new(bin())
-        .args([
-            "run",
-            hf.to_str().unwrap(),
-            "--task",
-            task.to_str().unwrap(),
-            "--skip",
-            "1",
-            "--type",
-            "f16",
-            "--fit-docs",
-            "4",
-            "--batch-size",
-            "2",
-            "--limit",
-            "8",
-            "--threads",
-            "1",
-            "--json",
-            "-o",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = tiny_run(&hf, &task, &out, "f16", &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in [
         "plan.json",
@@ -126,31 +131,7 @@ fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
     let hf = write_tiny(dir.path(), &Tiny::llama());
     let task = write_task(dir.path());
     let out = dir.path().join("out");
-    let run = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            hf.to_str().unwrap(),
-            "--task",
-            task.to_str().unwrap(),
-            "--skip",
-            "1",
-            "--type",
-            "iq2_xxs",
-            "--fit-docs",
-            "4",
-            "--batch-size",
-            "2",
-            "--limit",
-            "8",
-            "--threads",
-            "1",
-            "--json",
-            "-o",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        Command::new(bin()).args(&args).output().unwrap()
-    };
+    let run = |extra: &[&str]| tiny_run(&hf, &task, &out, "iq2_xxs", extra);
     let o = run(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());

@@ -26,6 +26,12 @@ pub enum QuantizeError {
         /// The requested type.
         qtype: String,
     },
+    /// An importance matrix was given for a float type, which the quantizer never sees.
+    #[error("an importance matrix only applies to quantized types; {qtype} is written without the quantizer")]
+    ImatrixUnused {
+        /// The requested type.
+        qtype: String,
+    },
     /// The importance matrix does not fit the model.
     #[error(transparent)]
     Imatrix(Box<ImatrixError>),
@@ -61,12 +67,15 @@ fn c_path(p: &Path) -> Result<CString, QuantizeError> {
         .ok_or_else(|| QuantizeError::Path(p.to_path_buf()))
 }
 
-/// Refuses a type that needs an importance matrix when there is none: before any work.
+/// Refuses, before any work, a type that needs an importance matrix when there is none, and an
+/// importance matrix for a float type (written without the quantizer, so it would be ignored).
 pub fn require_imatrix(qtype: QuantType, imatrix: Option<&Imatrix>) -> Result<(), QuantizeError> {
+    let qname = || qtype.name().to_string();
     if qtype.needs_imatrix() && imatrix.is_none() {
-        return Err(QuantizeError::NeedsImatrix {
-            qtype: qtype.name().to_string(),
-        });
+        return Err(QuantizeError::NeedsImatrix { qtype: qname() });
+    }
+    if imatrix.is_some() && matches!(qtype, QuantType::F32 | QuantType::F16 | QuantType::Bf16) {
+        return Err(QuantizeError::ImatrixUnused { qtype: qname() });
     }
     Ok(())
 }

@@ -371,6 +371,10 @@ fn low_bit_types_quantize_with_the_slim_models_importance_matrix() {
         export("iq2_xxs", None, &out),
         "iq2_xxs needs an importance matrix",
     );
+    refused(
+        export("f16", Some(&im_path), &out),
+        "only applies to quantized types; f16",
+    );
     let other_hf = write_tiny(
         &dir.path().join("other"),
         &Tiny {

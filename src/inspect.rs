@@ -50,6 +50,25 @@ pub struct Summary {
     pub chat_template: bool,
     /// File size in bytes (sum of files for a folder).
     pub file_bytes: u64,
+    /// What an importance matrix holds (`general.type` = `imatrix`; the model fields are then
+    /// empty).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub imatrix: Option<ImatrixInfo>,
+}
+
+/// An importance matrix's summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImatrixInfo {
+    /// Weight matrices with an entry.
+    pub entries: usize,
+    /// Blocks with at least one entry.
+    pub blocks: usize,
+    /// Calibration data names.
+    pub datasets: Vec<String>,
+    /// Chunks (sequences) summed.
+    pub chunk_count: u32,
+    /// The most tokens any matrix summed.
+    pub tokens: f64,
 }
 
 /// Errors from inspect.
@@ -61,6 +80,54 @@ pub enum InspectError {
     /// The folder is not a usable checkpoint.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The importance matrix is malformed.
+    #[error(transparent)]
+    Imatrix(Box<crate::imatrix::ImatrixError>),
+}
+
+/// Summarises an importance matrix (a GGUF whose `general.type` is `imatrix`).
+fn inspect_imatrix(path: &Path, version: u32) -> Result<Summary, InspectError> {
+    let im = crate::imatrix::Imatrix::read(path).map_err(|e| InspectError::Imatrix(Box::new(e)))?;
+    let blocks: std::collections::BTreeSet<&str> = im
+        .entries
+        .keys()
+        .filter_map(|n| n.strip_prefix("blk.")?.split('.').next())
+        .collect();
+    Ok(Summary {
+        path: path.display().to_string(),
+        format: "gguf".into(),
+        gguf_version: Some(version),
+        architecture: "imatrix".into(),
+        name: None,
+        block_count: 0,
+        embedding_length: 0,
+        head_count: Vec::new(),
+        head_count_kv: Vec::new(),
+        tensor_count: 2 * im.entries.len(),
+        tensor_bytes: im
+            .entries
+            .values()
+            .map(|e| 4 * (e.sums.len() + e.counts.len()) as u64)
+            .sum(),
+        parameters: 0,
+        tensor_types: BTreeMap::from([("f32".to_string(), 2 * im.entries.len())]),
+        tokenizer_model: None,
+        tokenizer_pre: None,
+        vocab_size: 0,
+        chat_template: false,
+        file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+        imatrix: Some(ImatrixInfo {
+            entries: im.entries.len(),
+            blocks: blocks.len(),
+            tokens: im
+                .entries
+                .values()
+                .flat_map(|e| e.counts.iter().map(|&c| c as f64))
+                .fold(0.0, f64::max),
+            datasets: im.datasets,
+            chunk_count: im.chunk_count,
+        }),
+    })
 }
 
 /// Summarises a GGUF file or HF folder.
@@ -69,6 +136,9 @@ pub fn inspect(path: &Path) -> Result<Summary, InspectError> {
         return Ok(inspect_hf(&Checkpoint::open(path)?));
     }
     let f = GgufFile::open(path)?;
+    if f.get("general.type").and_then(Value::as_str) == Some("imatrix") {
+        return inspect_imatrix(path, f.version());
+    }
     let arch = f.get_str("general.architecture")?.to_string();
     let n_layer = f.get_u64(&arch_key(&arch, "block_count")).unwrap_or(0) as usize;
     let per_layer = |suffix: &str| -> Vec<usize> {
@@ -123,6 +193,7 @@ pub fn inspect(path: &Path) -> Result<Summary, InspectError> {
         chat_template: f.get("tokenizer.chat_template").is_some(),
         file_bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
         architecture: arch,
+        imatrix: None,
     })
 }
 
@@ -161,6 +232,7 @@ fn inspect_hf(ck: &Checkpoint) -> Summary {
                     .sum()
             })
             .unwrap_or(0),
+        imatrix: None,
     }
 }
 
@@ -169,6 +241,26 @@ impl std::fmt::Display for Summary {
         writeln!(f, "{} ({})", self.path, self.format)?;
         if let Some(v) = self.gguf_version {
             writeln!(f, "  gguf version     {v}")?;
+        }
+        if let Some(im) = &self.imatrix {
+            writeln!(f, "  importance matrix for llama.cpp's quantizer")?;
+            writeln!(
+                f,
+                "  entries          {} weight matrices in {} blocks",
+                im.entries, im.blocks
+            )?;
+            writeln!(
+                f,
+                "  calibration      {} tokens in {} chunks: {}",
+                im.tokens,
+                im.chunk_count,
+                if im.datasets.is_empty() {
+                    "-".to_string()
+                } else {
+                    im.datasets.join("; ")
+                }
+            )?;
+            return write!(f, "  file size        {} bytes", self.file_bytes);
         }
         writeln!(f, "  architecture     {}", self.architecture)?;
         if let Some(n) = &self.name {

@@ -346,6 +346,14 @@ fn low_bit_types_quantize_with_the_slim_models_importance_matrix() {
     // 4 layers x 7 matrices, none for the skipped attention, none for the tied LM head
     assert_eq!(im.entries.len(), 4 * 7 - 4, "{:?}", im.entries.keys());
     assert!(!im.entries.contains_key("blk.2.attn_output.weight"));
+    let shown = hopscotch(&["inspect", s(&im_path), "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["imatrix"]["entries"], 24);
+    assert_eq!(shown["imatrix"]["blocks"], 4);
+    assert_eq!(
+        shown["imatrix"]["tokens"],
+        im.entries["blk.0.ffn_up.weight"].counts[0] as f64
+    );
     for (name, e) in &im.entries {
         assert!(e.counts[0] > 0.0, "{name}");
         assert!(e.sums.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}");

@@ -444,9 +444,10 @@ fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
 
 /// Accumulates every weight matrix's squared inputs over the real (unpadded) tokens of
 /// `batches` (`lengths`: each row's length before padding), running `model` with `scales` and
-/// the skip mask: the slim model's statistics. Skipped blocks get no attention entries; the LM
-/// head gets one only when it is not tied to the embedding (llama.cpp never quantizes
-/// `token_embd` with an importance matrix).
+/// the skip mask: the slim model's statistics. Skipped blocks get no attention entries. The LM
+/// head gets one when it is a tensor of its own (`output.weight`, as `llama-imatrix
+/// --process-output` collects it), none when tied to `token_embd`, which `llama-imatrix` never
+/// collects either.
 pub fn compute(
     model: &Model,
     scales: &ScaleValues,

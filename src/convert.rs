@@ -601,7 +601,7 @@ where
     F: FnOnce(&Path, FloatType, &indicatif::ProgressBar) -> Result<WriteSummary, ConvertError>,
 {
     check_overwrite(target, force)?;
-    require_imatrix(qtype, imatrix)?;
+    require_imatrix(qtype, imatrix.is_some())?;
     if let Some(float) = FloatType::from_quant(qtype) {
         return write(target, float, progress);
     }

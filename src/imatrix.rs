@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{dequantize, Checkpoint, CheckpointError};
 use crate::fit::data;
 use crate::fit::plan::{ModelFingerprint, Plan, PlanError};
 use crate::fit::progress::Progress;
@@ -197,7 +197,7 @@ impl Imatrix {
         let mut f = std::fs::File::open(path).map_err(io)?;
         let n = read_up_to(&mut f, &mut magic).map_err(io)?;
         let mut imatrix = if n == 4 && &magic == GGUF_MAGIC {
-            Self::read_gguf(path)?
+            Self::from_gguf(&GgufFile::open(path)?)?
         } else {
             let bytes = std::fs::read(path).map_err(io)?;
             Self::parse_legacy(path, &bytes)?
@@ -206,8 +206,10 @@ impl Imatrix {
         Ok(imatrix)
     }
 
-    fn read_gguf(path: &Path) -> Result<Imatrix, ImatrixError> {
-        let file = GgufFile::open(path)?;
+    /// Reads the entries of an open GGUF in llama.cpp's imatrix format (its `source` is left
+    /// empty: [`Imatrix::read`] sets it).
+    pub fn from_gguf(file: &GgufFile) -> Result<Imatrix, ImatrixError> {
+        let path = file.path();
         let bad = |message: String| ImatrixError::Format {
             path: path.to_path_buf(),
             message,
@@ -222,11 +224,8 @@ impl Imatrix {
                     info.ggml_type.name()
                 )));
             }
-            Ok(file
-                .tensor_data(info)
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect())
+            let bytes = file.tensor_data(info);
+            dequantize(GgmlType::F32, bytes, bytes.len() / 4).map_err(bad)
         };
         let mut entries = BTreeMap::new();
         for info in file.tensors() {
@@ -322,10 +321,8 @@ impl Imatrix {
             if nval < 1 {
                 return Err(bad(format!("entry {name} has {nval} values")));
             }
-            let sums: Vec<f32> = take(nval as usize * 4, "an entry's values")?
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let values = take(nval as usize * 4, "an entry's values")?;
+            let sums = dequantize(GgmlType::F32, values, nval as usize).map_err(&bad)?;
             entries.insert(
                 name,
                 ImatrixEntry {
@@ -471,11 +468,12 @@ pub fn compute(
             }
             let s = x.sqr()?.broadcast_mul(&mask)?.sum(0)?;
             for name in input.tensor_names() {
-                let total = match sums.remove(&name) {
-                    Some(prev) => (prev + &s)?,
-                    None => s.clone(),
-                };
-                sums.insert(name, total);
+                match sums.get_mut(&name) {
+                    Some(total) => *total = (&*total + &s)?,
+                    None => {
+                        sums.insert(name, s.clone());
+                    }
+                }
             }
             Ok(())
         })?;
@@ -543,8 +541,12 @@ pub struct ImatrixSummary {
 }
 
 /// Computes the importance matrix of `request.model` (slimmed by the plan, if any) over the
-/// first `request.docs` documents of the task's seeded split and writes it.
-pub fn run(request: &ImatrixRequest, progress: &Progress) -> Result<ImatrixSummary, ImatrixError> {
+/// first `request.docs` documents of the task's seeded split, writes it, and returns what it
+/// wrote with the matrix itself (its `source` the output).
+pub fn run(
+    request: &ImatrixRequest,
+    progress: &Progress,
+) -> Result<(ImatrixSummary, Imatrix), ImatrixError> {
     let started = std::time::Instant::now();
     check_overwrite(&request.output, request.force)?;
     let ck = Checkpoint::open(&request.model)?;
@@ -603,7 +605,7 @@ pub fn run(request: &ImatrixRequest, progress: &Progress) -> Result<ImatrixSumma
     imatrix.chunk_size = request.max_seq_len as u32;
     imatrix.write(&request.output, request.force)?;
     imatrix.source = request.output.clone();
-    Ok(ImatrixSummary {
+    let summary = ImatrixSummary {
         output: request.output.clone(),
         entries: imatrix.entries.len(),
         docs: fit_data.fit_doc_ids.len(),
@@ -619,7 +621,8 @@ pub fn run(request: &ImatrixRequest, progress: &Progress) -> Result<ImatrixSumma
         skipped_blocks: plan.map(|p| p.skipped_blocks).unwrap_or_default(),
         doc_ids: fit_data.fit_doc_ids,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    };
+    Ok((summary, imatrix))
 }
 
 #[cfg(test)]

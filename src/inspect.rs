@@ -86,8 +86,9 @@ pub enum InspectError {
 }
 
 /// Summarises an importance matrix (a GGUF whose `general.type` is `imatrix`).
-fn inspect_imatrix(path: &Path, version: u32) -> Result<Summary, InspectError> {
-    let im = crate::imatrix::Imatrix::read(path).map_err(|e| InspectError::Imatrix(Box::new(e)))?;
+fn inspect_imatrix(path: &Path, f: &GgufFile) -> Result<Summary, InspectError> {
+    let im =
+        crate::imatrix::Imatrix::from_gguf(f).map_err(|e| InspectError::Imatrix(Box::new(e)))?;
     let blocks: std::collections::BTreeSet<&str> = im
         .entries
         .keys()
@@ -96,7 +97,7 @@ fn inspect_imatrix(path: &Path, version: u32) -> Result<Summary, InspectError> {
     Ok(Summary {
         path: path.display().to_string(),
         format: "gguf".into(),
-        gguf_version: Some(version),
+        gguf_version: Some(f.version()),
         architecture: "imatrix".into(),
         name: None,
         block_count: 0,
@@ -137,7 +138,7 @@ pub fn inspect(path: &Path) -> Result<Summary, InspectError> {
     }
     let f = GgufFile::open(path)?;
     if f.get("general.type").and_then(Value::as_str) == Some("imatrix") {
-        return inspect_imatrix(path, f.version());
+        return inspect_imatrix(path, &f);
     }
     let arch = f.get_str("general.architecture")?.to_string();
     let n_layer = f.get_u64(&arch_key(&arch, "block_count")).unwrap_or(0) as usize;

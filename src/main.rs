@@ -794,7 +794,7 @@ fn run(cli: Cli) -> Result<()> {
                 force,
             };
             let progress = hopscotch::fit::progress::Progress::stderr();
-            let s = hopscotch::imatrix::run(&request, &progress)?;
+            let (s, _) = hopscotch::imatrix::run(&request, &progress)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

@@ -15,7 +15,7 @@ use crate::fit::plan::{Plan, PlanError};
 use crate::fit::progress::Progress;
 use crate::fit::search::{fit, FitOptions, FitRequest, SearchError};
 use crate::gguf::consts::QuantType;
-use crate::imatrix::{Imatrix, ImatrixError, ImatrixRequest};
+use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
 use crate::output::{AtomicFile, OutputError};
 use crate::quantize::{require_imatrix, QuantizeError};
@@ -150,8 +150,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
         }
     }
     // A type that needs an importance matrix is refused before any work without one.
-    let placeholder = Imatrix::default();
-    require_imatrix(req.qtype, req.imatrix.then_some(&placeholder))?;
+    require_imatrix(req.qtype, req.imatrix)?;
     // The task must be a multiple-choice one before minutes go into the fit.
     let task_data = task::load(&req.task)?;
     select_docs(&task_data, None, Some(1))?;
@@ -196,8 +195,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
                 output: output.to_path_buf(),
                 force: req.force,
             };
-            crate::imatrix::run(&request, progress)?;
-            Imatrix::read(output)
+            crate::imatrix::run(&request, progress).map(|(_, imatrix)| imatrix)
         };
         Some((
             make(Some(&plan_path), &slim_imatrix)?,

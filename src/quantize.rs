@@ -69,12 +69,12 @@ fn c_path(p: &Path) -> Result<CString, QuantizeError> {
 
 /// Refuses, before any work, a type that needs an importance matrix when there is none, and an
 /// importance matrix for a float type (written without the quantizer, so it would be ignored).
-pub fn require_imatrix(qtype: QuantType, imatrix: Option<&Imatrix>) -> Result<(), QuantizeError> {
+pub fn require_imatrix(qtype: QuantType, has_imatrix: bool) -> Result<(), QuantizeError> {
     let qname = || qtype.name().to_string();
-    if qtype.needs_imatrix() && imatrix.is_none() {
+    if qtype.needs_imatrix() && !has_imatrix {
         return Err(QuantizeError::NeedsImatrix { qtype: qname() });
     }
-    if imatrix.is_some() && matches!(qtype, QuantType::F32 | QuantType::F16 | QuantType::Bf16) {
+    if has_imatrix && matches!(qtype, QuantType::F32 | QuantType::F16 | QuantType::Bf16) {
         return Err(QuantizeError::ImatrixUnused { qtype: qname() });
     }
     Ok(())
@@ -93,7 +93,7 @@ pub fn quantize_file(
     imatrix: Option<&Imatrix>,
 ) -> Result<(), QuantizeError> {
     check_overwrite(output, force)?;
-    require_imatrix(qtype, imatrix)?;
+    require_imatrix(qtype, imatrix.is_some())?;
     let gguf = crate::gguf::reader::GgufFile::open(input)?;
     if let Some(im) = imatrix {
         im.check_model(&gguf, qtype.needs_imatrix().then(|| qtype.name()))?;

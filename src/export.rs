@@ -3,7 +3,9 @@
 //! The plan's scalars are folded into the weights ([`crate::fold`]). With attention blocks
 //! skipped the file uses llama.cpp's `deci` architecture (built for Nemotron-51B): per-layer
 //! `deci.attention.head_count` / `head_count_kv` arrays with 0 for an attention-free layer,
-//! whose attention tensors are absent and which gets no KV cache. `deci` ropes q/k as `llama`
+//! whose attention tensors are absent and which gets no KV cache. A skipped block with a linear
+//! stand-in keeps its heads and gets 0 KV heads, deci's "linear attention" (`attn_norm` and an
+//! `n_embd x n_embd` `attn_output` only, no KV cache either). `deci` ropes q/k as `llama`
 //! does (interleaved pairs), so q/k weights and biases get `llama`'s row permutation whatever the
 //! family; Qwen2's q/k/v biases are optional tensors there. With nothing skipped the file is a
 //! plain `llama`/`qwen2` one, as `convert` writes it.
@@ -219,21 +221,30 @@ fn join(v: &[usize]) -> String {
 }
 
 /// The metadata of a `deci` file: the plain metadata under `deci.*`, with the head counts as
-/// per-layer INT32 arrays (0 for a skipped attention block) and the MLP width per layer, every
+/// per-layer INT32 arrays (0 for a skipped attention block; a linear stand-in has heads and 0 KV
+/// heads) and the MLP width per layer, every
 /// array `block_count` long; `vocab_size` and `rope.dimension_count` as `DeciModel` writes them.
 pub fn deci_kvs(ck: &Checkpoint, fold: &Fold, file_type: u32) -> Vec<(String, Value)> {
     let a = &ck.arch;
-    let per_layer = |kept: usize| {
-        Value::i32s(
-            fold.layers
-                .iter()
-                .map(|l| if l.attn_skipped { 0 } else { kept as i32 }),
-        )
-    };
+    // A linear stand-in is a layer with heads and no KV heads: deci's "linear attention".
+    let heads = Value::i32s(fold.layers.iter().map(|l| {
+        if l.has_attn_branch() {
+            a.n_head as i32
+        } else {
+            0
+        }
+    }));
+    let kv_heads = Value::i32s(fold.layers.iter().map(|l| {
+        if l.attn_skipped {
+            0
+        } else {
+            a.n_head_kv as i32
+        }
+    }));
     let k = |s: &str| arch_key(DECI_ARCH, s);
     let arrays = [
-        (k("attention.head_count"), per_layer(a.n_head)),
-        (k("attention.head_count_kv"), per_layer(a.n_head_kv)),
+        (k("attention.head_count"), heads),
+        (k("attention.head_count_kv"), kv_heads),
         (
             k("feed_forward_length"),
             Value::i32s(fold.layers.iter().map(|_| a.n_ff as i32)),
@@ -267,6 +278,16 @@ pub fn folded_jobs<'a>(
             shape,
             dtype,
             produce: Box::new(move || {
+                if let Some(w) = fold.linear_weight(&name) {
+                    let mut values = w.to_vec();
+                    fold_values(fold, &name, &mut values).map_err(|message| {
+                        CheckpointError::Invalid {
+                            path: ck.display_path(),
+                            message: format!("linear stand-in {name}: {message}"),
+                        }
+                    })?;
+                    return Ok(encode_f32(&values, dtype));
+                }
                 let e = ck.require(&name)?;
                 if !fold.alters(&name) {
                     return gguf_tensor_bytes(ck, e, dtype, interleave_rope);

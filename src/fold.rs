@@ -22,13 +22,17 @@
 //! each gain multiplies one output row of `attn_output` (and its bias) or `ffn_down`, on top of
 //! the layer's scalar multiplier: as exact as the scalars.
 //!
+//! A skipped block's linear stand-in ([`LinearAttention`]) is a branch like attention: its
+//! matrix becomes the layer's `attn_output.weight` (`n_embd x n_embd`), folded as `attn_output`
+//! is, and the layer keeps `attn_norm`; llama.cpp's `deci` runs it as "linear attention".
+//!
 //! The one inexact step is RMSNorm's epsilon: `N(h / c)` divides by `sqrt(mean(h²) + eps c²)`
 //! instead of `sqrt(mean(h²) + eps)`, a relative change of about `eps (c² - 1) / (2 mean(h²))`,
 //! far below f32 rounding for residual streams of ordinary size.
 
 use crate::arch::Arch;
 use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
-use crate::model::{ChannelGains, ScaleValues};
+use crate::model::{ChannelGains, LinearAttention, ScaleValues};
 
 /// Errors folding a plan's scalars.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +73,14 @@ pub enum FoldError {
         /// Its value.
         value: f32,
     },
+    /// A linear stand-in is not for a skipped block, or not `n_embd x n_embd` finite numbers.
+    #[error("linear stand-in of layer {layer}: {message}")]
+    LinearAttention {
+        /// Its layer.
+        layer: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A scalar is NaN or infinite.
     #[error("{name}[{layer}] is {value}, not a finite number")]
     NotFinite {
@@ -105,16 +117,26 @@ pub enum FoldError {
 pub struct LayerFold {
     /// Whether the layer's attention block is skipped (its attention tensors are dropped).
     pub attn_skipped: bool,
+    /// Whether the skipped block has a linear stand-in (`attn_norm` and `attn_output` stay).
+    pub attn_linear: bool,
     /// The factor `c` the residual stream entering the layer is divided by.
     pub residual_in: f64,
     /// `c` after the attention sub-block (`residual_in * s_att`, or `residual_in` when skipped).
     pub residual_mid: f64,
     /// `c` after the MLP sub-block (`residual_mid * s_mlp`).
     pub residual_out: f64,
-    /// Multiplier of `attn_output.weight`: `b_att / residual_mid` (1 when skipped).
+    /// Multiplier of `attn_output.weight`: `b_att / residual_mid` (1 when skipped without a
+    /// stand-in).
     pub attn_output_scale: f64,
     /// Multiplier of `ffn_down.weight`: `b_mlp / residual_out`.
     pub ffn_down_scale: f64,
+}
+
+impl LayerFold {
+    /// Whether the layer has an attention branch: its own block, or a linear stand-in.
+    pub fn has_attn_branch(&self) -> bool {
+        !self.attn_skipped || self.attn_linear
+    }
 }
 
 /// The fold of a plan into a model: per layer, which tensors go and what each is multiplied by.
@@ -124,6 +146,8 @@ pub struct Fold {
     pub layers: Vec<LayerFold>,
     /// The channel gains, multiplying the output rows of `attn_output` and `ffn_down`.
     pub gains: Option<ChannelGains>,
+    /// The linear stand-ins of skipped blocks, which become their layers' `attn_output`.
+    pub linear: Vec<LinearAttention>,
 }
 
 /// Largest (and, inverted, smallest) running factor accepted: beyond it a folded projection
@@ -141,7 +165,8 @@ fn sign(x: f64) -> f64 {
 impl Fold {
     /// The fold of `scales` with the attention blocks flagged in `skipped` left out, for a model
     /// of width `n_embd` (the length of a channel gain row). The attention scalars and gains of a
-    /// skipped layer are ignored.
+    /// skipped layer are ignored unless it has a linear stand-in; a stand-in for a layer that is
+    /// not skipped is refused.
     pub fn new(
         n_layer: usize,
         n_embd: usize,
@@ -186,14 +211,35 @@ impl Fold {
             }
             Ok(next)
         };
+        LinearAttention::check_all(&scales.linear, n_layer, n_embd).map_err(|e| match e {
+            crate::model::ModelError::LinearAttention { layer, message } => {
+                FoldError::LinearAttention { layer, message }
+            }
+            other => FoldError::LinearAttention {
+                layer: 0,
+                message: other.to_string(),
+            },
+        })?;
+        let mut linear = vec![false; n_layer];
+        for a in &scales.linear {
+            if !skipped[a.layer] {
+                return Err(FoldError::LinearAttention {
+                    layer: a.layer,
+                    message: "its attention block is not skipped".into(),
+                });
+            }
+            linear[a.layer] = true;
+        }
+        // a layer's attention branch is gone when it is skipped without a stand-in
+        let no_branch: Vec<bool> = (0..n_layer).map(|l| skipped[l] && !linear[l]).collect();
         if let Some(gains) = &scales.gains {
-            check_gains(gains, n_layer, n_embd, skipped)?;
+            check_gains(gains, n_layer, n_embd, &no_branch)?;
         }
         let mut c = 1.0f64;
         let mut layers = Vec::with_capacity(n_layer);
         for (l, &attn_skipped) in skipped.iter().enumerate() {
             let residual_in = c;
-            let (residual_mid, attn_output_scale) = if attn_skipped {
+            let (residual_mid, attn_output_scale) = if no_branch[l] {
                 (c, 1.0)
             } else {
                 let b = check("b_att", l, scales.b_att[l])?;
@@ -207,6 +253,7 @@ impl Fold {
             c = residual_out;
             layers.push(LayerFold {
                 attn_skipped,
+                attn_linear: linear[l],
                 residual_in,
                 residual_mid,
                 residual_out,
@@ -217,13 +264,30 @@ impl Fold {
         Ok(Fold {
             layers,
             gains: scales.gains.clone(),
+            linear: scales.linear.clone(),
         })
+    }
+
+    /// The weight of the linear stand-in that becomes tensor `name` (GGUF name), if it is one:
+    /// `blk.N.attn_output.weight` of a layer with a stand-in, row-major `n_embd x n_embd`,
+    /// before the fold's multipliers.
+    pub fn linear_weight(&self, name: &str) -> Option<&[f32]> {
+        let (l, suffix) = split_block(name)?;
+        if suffix != "attn_output.weight" || !self.layers.get(l)?.attn_linear {
+            return None;
+        }
+        self.linear
+            .iter()
+            .find(|a| a.layer == l)
+            .map(|a| a.weight.as_slice())
     }
 
     /// Whether the fold changes tensor `name`'s values (a multiplier other than 1, or channel
     /// gains); a kept tensor it does not change can be copied as stored.
     pub fn alters(&self, name: &str) -> bool {
-        self.tensor_scale(name) != 1.0 || self.row_gains(name).is_some()
+        self.tensor_scale(name) != 1.0
+            || self.row_gains(name).is_some()
+            || self.linear_weight(name).is_some()
     }
 
     /// The per-row multipliers of tensor `name` (GGUF name) on top of [`Fold::tensor_scale`]:
@@ -233,7 +297,7 @@ impl Fold {
         let gains = self.gains.as_ref()?;
         let (l, suffix) = split_block(name)?;
         let table = match suffix {
-            "attn_output.weight" | "attn_output.bias" if !self.layers.get(l)?.attn_skipped => {
+            "attn_output.weight" | "attn_output.bias" if self.layers.get(l)?.has_attn_branch() => {
                 &gains.att
             }
             "ffn_down.weight" | "ffn_down.bias" => &gains.mlp,
@@ -258,11 +322,16 @@ impl Fold {
 
     /// Whether the folded model keeps tensor `name` (GGUF name): the attention tensors of a
     /// skipped layer (`blk.N.attn_*`, its norm included) are dropped, everything else stays.
+    /// A linear stand-in keeps its layer's `attn_norm.weight` and `attn_output.weight` (the
+    /// stand-in's matrix).
     pub fn keeps(&self, name: &str) -> bool {
         match split_block(name) {
-            Some((l, suffix)) => {
-                !(suffix.starts_with("attn_") && self.layers.get(l).is_some_and(|f| f.attn_skipped))
-            }
+            Some((l, suffix)) => match self.layers.get(l) {
+                Some(f) if f.attn_skipped && suffix.starts_with("attn_") => {
+                    f.attn_linear && matches!(suffix, "attn_norm.weight" | "attn_output.weight")
+                }
+                _ => true,
+            },
             None => true,
         }
     }
@@ -292,6 +361,10 @@ impl Fold {
         arch.expected_tensors()
             .into_iter()
             .filter(|(name, _)| self.keeps(name))
+            .map(|(name, shape)| match self.linear_weight(&name) {
+                Some(_) => (name, vec![arch.n_embd, arch.n_embd]),
+                None => (name, shape),
+            })
             .collect()
     }
 }
@@ -405,7 +478,10 @@ impl TensorSource for FoldedWeights<'_> {
                 name: name.to_string(),
             });
         }
-        let (shape, mut values) = self.ck.tensor_f32(name)?;
+        let (shape, mut values) = match self.fold.linear_weight(name) {
+            Some(w) => (vec![self.ck.arch.n_embd; 2], w.to_vec()),
+            None => self.ck.tensor_f32(name)?,
+        };
         fold_values(self.fold, name, &mut values).map_err(|message| CheckpointError::Invalid {
             path: format!("{} (folded)", self.ck.display_path()),
             message: format!("tensor {name}: {message}"),
@@ -425,6 +501,7 @@ mod tests {
             b_mlp: vec![3.0; n],
             s_mlp: vec![s_mlp; n],
             gains: None,
+            linear: vec![],
         }
     }
 

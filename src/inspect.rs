@@ -281,6 +281,18 @@ impl std::fmt::Display for Summary {
         if !free.is_empty() {
             writeln!(f, "  attention-free   layers {}", free.join(", "))?;
         }
+        // deci's "linear attention": heads but no KV heads (a matrix per token, no KV cache)
+        let linear: Vec<String> = self
+            .head_count
+            .iter()
+            .zip(&self.head_count_kv)
+            .enumerate()
+            .filter(|(_, (&h, &kv))| h > 0 && kv == 0)
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !linear.is_empty() {
+            writeln!(f, "  linear attention layers {}", linear.join(", "))?;
+        }
         writeln!(
             f,
             "  tensors          {} ({:.1} MiB, {:.1} M parameters)",

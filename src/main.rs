@@ -398,6 +398,12 @@ struct FitArgs {
     /// `ffn_down` as exactly). The search still trains the four scalars only.
     #[arg(long)]
     channel_gains: bool,
+    /// Give each chosen block a linear stand-in instead of nothing: an n_embd x n_embd matrix
+    /// on the normed stream, fitted by least squares to the block's output before the final
+    /// training (llama.cpp's deci runs it as "linear attention": no KV cache, a matrix product
+    /// per token). The search still skips blocks outright.
+    #[arg(long)]
+    linear_attention: bool,
     /// What a trained candidate is scored by: the mean of its training steps' losses (the
     /// paper's), or the loss over all fit batches at the scalars it was trained to.
     #[arg(long, value_enum, default_value = "mean-train")]
@@ -441,6 +447,7 @@ impl FitArgs {
             screen_batches: self.screen_batches,
             rescreen: self.rescreen,
             channel_gains: self.channel_gains,
+            linear_attention: self.linear_attention,
             candidate_score: match self.candidate_score {
                 CandidateScoreArg::MeanTrain => ScoreBy::MeanTrain,
                 CandidateScoreArg::Trained => ScoreBy::Trained,

@@ -14,7 +14,7 @@ use hopscotch::fit::plan::{FitSettings, ModelFingerprint, Plan, TaskRef};
 use hopscotch::fold::{Fold, FoldedWeights};
 use hopscotch::gguf::reader::GgufFile;
 use hopscotch::llamacpp::LoadedModel;
-use hopscotch::model::{ChannelGains, ScaleValues};
+use hopscotch::model::{ChannelGains, LinearAttention, ScaleValues};
 use rand::{Rng, SeedableRng};
 
 fn hopscotch(args: &[&str]) -> std::process::Output {
@@ -50,6 +50,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
         b_mlp: draw(false),
         s_mlp: draw(false),
         gains: None,
+        linear: vec![],
     };
     Plan {
         tool_version: env!("CARGO_PKG_VERSION").into(),
@@ -85,6 +86,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             shortlist: 0,
             train_scales: true,
             channel_gains: false,
+            linear_attention: false,
             candidate_score: None,
             screen: None,
             screen_batches: 0,
@@ -160,7 +162,32 @@ fn gains_for(ck: &Checkpoint, seed: u64) -> ChannelGains {
     }
 }
 
-fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect_arch: &str) {
+/// Linear stand-ins for `layers`, entries drawn uniformly from -0.2..0.2, with the layers'
+/// attention scalars drawn as a kept block's are (the fit trains them).
+fn add_stand_ins(ck: &Checkpoint, plan: &mut Plan, layers: &[usize], seed: u64) {
+    let d = ck.arch.n_embd;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for &layer in layers {
+        plan.scales.b_att[layer] = rng.gen_range(0.7..1.3);
+        plan.scales.s_att[layer] = rng.gen_range(0.7..1.3);
+        plan.scales.linear.push(LinearAttention {
+            layer,
+            weight: (0..d * d).map(|_| rng.gen_range(-0.2..0.2)).collect(),
+        });
+    }
+}
+
+/// The fold of a plan with `skipped` blocks (`linear` of them with stand-ins), `negative`: one
+/// negative `s_mlp`, `gains`: channel gains: candle with the scalars against candle on the
+/// folded weights and against llama.cpp on the exported f32 file.
+fn check_fold(
+    tiny: Tiny,
+    skipped: &[usize],
+    linear: &[usize],
+    negative: bool,
+    gains: bool,
+    expect_arch: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &tiny);
     let ck = Checkpoint::open(&hf).unwrap();
@@ -172,6 +199,7 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect
     if gains {
         plan.scales.gains = Some(gains_for(&ck, 11));
     }
+    add_stand_ins(&ck, &mut plan, linear, 17);
     let skip = plan.skip_mask();
     let toks = sample_tokens();
     let gated = candle_logits(&ck, &plan.scales, &skip, &toks);
@@ -182,7 +210,15 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect
         ck: &ck,
     };
     let n = ck.arch.n_layer;
-    let plain = candle_logits(&folded, &ScaleValues::ones(n), &skip, &toks);
+    // the folded model: every scalar 1, each stand-in the folded `attn_output` of its layer
+    let mut ones = ScaleValues::ones(n);
+    for &layer in linear {
+        let (_, weight) = folded
+            .tensor_f32(&format!("blk.{layer}.attn_output.weight"))
+            .unwrap();
+        ones.linear.push(LinearAttention { layer, weight });
+    }
+    let plain = candle_logits(&folded, &ones, &skip, &toks);
     let (d_fold, scale) = max_abs_diff(&gated, &plain);
 
     let plan_path = dir.path().join("plan.json");
@@ -197,16 +233,28 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect
     let unfolded = candle_logits(&ck, &ScaleValues::ones(n), &skip, &toks);
     let (d_scalars, _) = max_abs_diff(&gated, &unfolded);
     eprintln!(
-        "{} skip {skipped:?}{}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
+        "{} skip {skipped:?}{}{}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
         tiny.arch,
         if negative { " with a negative s_mlp" } else { "" },
         if gains { " with channel gains" } else { "" },
+        if linear.is_empty() {
+            String::new()
+        } else {
+            format!(" with linear stand-ins for {linear:?}")
+        },
         d_fold / scale,
         fold.residual_range().0,
         fold.residual_range().1,
     );
     // the scalars matter, so agreement is not an accident
     assert!(d_scalars > 0.1, "{d_scalars}");
+    if !linear.is_empty() {
+        // and so do the stand-ins
+        let mut without = plan.scales.clone();
+        without.linear.clear();
+        let (d_stand_ins, _) = max_abs_diff(&gated, &candle_logits(&ck, &without, &skip, &toks));
+        assert!(d_stand_ins > 0.1, "{d_stand_ins}");
+    }
     let fold_bound = FOLD_BOUND * scale;
     assert!(d_fold <= fold_bound, "fold: {d_fold} > {fold_bound}");
     let cpp_bound = fold_bound + LLAMA_CPP_EXTRA;
@@ -215,17 +263,25 @@ fn check_fold(tiny: Tiny, skipped: &[usize], negative: bool, gains: bool, expect
 
 #[test]
 fn folded_llama_matches_the_model_with_scalars() {
-    check_fold(Tiny::llama(), &[1, 3], false, false, "deci");
-    check_fold(Tiny::llama(), &[2], true, false, "deci");
-    check_fold(Tiny::llama(), &[], false, false, "llama");
-    check_fold(Tiny::llama(), &[1, 3], true, true, "deci");
+    check_fold(Tiny::llama(), &[1, 3], &[], false, false, "deci");
+    check_fold(Tiny::llama(), &[2], &[], true, false, "deci");
+    check_fold(Tiny::llama(), &[], &[], false, false, "llama");
+    check_fold(Tiny::llama(), &[1, 3], &[], true, true, "deci");
+}
+
+#[test]
+fn folded_linear_stand_ins_match_the_model_with_them() {
+    // deci's "linear attention" in llama.cpp: a layer with heads and no KV heads
+    check_fold(Tiny::llama(), &[1, 3], &[3], false, false, "deci");
+    check_fold(Tiny::llama(), &[1, 2], &[1, 2], true, true, "deci");
+    check_fold(Tiny::qwen2(), &[2], &[2], false, true, "deci");
 }
 
 #[test]
 fn folded_qwen2_matches_the_model_with_scalars() {
-    check_fold(Tiny::qwen2(), &[1, 3], false, false, "deci");
-    check_fold(Tiny::qwen2(), &[], true, false, "qwen2");
-    check_fold(Tiny::qwen2(), &[2], false, true, "deci");
+    check_fold(Tiny::qwen2(), &[1, 3], &[], false, false, "deci");
+    check_fold(Tiny::qwen2(), &[], &[], true, false, "qwen2");
+    check_fold(Tiny::qwen2(), &[2], &[], false, true, "deci");
 }
 
 fn arr(f: &GgufFile, key: &str) -> Vec<i64> {
@@ -298,6 +354,63 @@ fn exported_deci_file_has_the_slim_layout_and_loads_also_quantized() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A linear stand-in exports as deci's "linear attention": heads but no KV heads, only
+/// `attn_norm` and an `n_embd x n_embd` `attn_output`; llama.cpp loads and runs it, `inspect`
+/// names it, and a stand-in for a block that is not skipped is refused.
+#[test]
+fn a_linear_stand_in_is_a_deci_linear_attention_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Tiny::qwen2();
+    let hf = write_tiny(dir.path(), &tiny);
+    let ck = Checkpoint::open(&hf).unwrap();
+    let mut plan = plan_for(&ck, &[3, 1], 5);
+    add_stand_ins(&ck, &mut plan, &[1], 7);
+    let plan_path = dir.path().join("plan.json");
+    plan.save(&plan_path, false).unwrap();
+    // the stand-in reads back bit for bit
+    assert_eq!(Plan::load(&plan_path).unwrap(), plan);
+    let out = dir.path().join("slim.gguf");
+    export(&hf, &plan_path, &out, "f16");
+    let f = GgufFile::open(&out).unwrap();
+    assert_eq!(arr(&f, "deci.attention.head_count"), vec![4, 4, 4, 0]);
+    assert_eq!(arr(&f, "deci.attention.head_count_kv"), vec![2, 0, 2, 0]);
+    let layer1: Vec<(String, Vec<u64>)> = f
+        .tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk.1.attn_"))
+        .map(|t| (t.name.clone(), t.dims.clone()))
+        .collect();
+    let d = tiny.n_embd as u64;
+    assert_eq!(
+        layer1,
+        vec![
+            ("blk.1.attn_norm.weight".to_string(), vec![d]),
+            ("blk.1.attn_output.weight".to_string(), vec![d, d]),
+        ]
+    );
+    let logits = llama_logits(&out, &sample_tokens());
+    assert!(logits.iter().flatten().all(|x| x.is_finite()));
+    let shown = hopscotch(&["inspect", s(&out)]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("linear attention layers 1\n"), "{text}");
+    assert!(text.contains("attention-free   layers 3\n"), "{text}");
+
+    // a stand-in for layer 2, whose block is kept
+    let mut bad = plan.clone();
+    add_stand_ins(&ck, &mut bad, &[2], 9);
+    let bad_path = dir.path().join("bad.json");
+    bad.save(&bad_path, false).unwrap();
+    let target = dir.path().join("bad.gguf");
+    let o = hopscotch(&["export", s(&hf), "--plan", s(&bad_path), "-o", s(&target)]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("bad.json: not a valid plan: scales.linear has a stand-in for layer 2, whose attention block is not skipped"),
+        "{err}"
+    );
+    assert!(!target.exists());
 }
 
 /// The slim model's importance matrix (`hopscotch imatrix --plan`) and `export --imatrix`: a

@@ -163,3 +163,60 @@ fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
         assert_eq!(report[m]["n_docs"], 8);
     }
 }
+
+/// `run --linear-attention`: the skipped block gets a linear stand-in, exported as a deci
+/// "linear attention" layer (heads, no KV heads, only `attn_norm` and `attn_output`), which
+/// saves the same KV cache as skipping; the slim model's importance matrix covers the
+/// stand-in's `attn_output`.
+#[test]
+fn run_with_linear_stand_ins_exports_linear_attention_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let task = write_task(dir.path());
+    let out = dir.path().join("out");
+    let o = tiny_run(
+        &hf,
+        &task,
+        &out,
+        "q4_k_m",
+        &["--linear-attention", "--imatrix"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let layer = report["skipped_blocks"][0].as_u64().unwrap() as usize;
+    let plan = hopscotch::fit::plan::Plan::load(&out.join("plan.json")).unwrap();
+    assert!(plan.settings.linear_attention);
+    let stand_ins: Vec<usize> = plan.scales.linear.iter().map(|a| a.layer).collect();
+    assert_eq!(stand_ins, vec![layer]);
+    let kv = |m: &str| report[m]["kv_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(kv("slim") * 4, kv("original") * 3);
+
+    let f = GgufFile::open(out.join("slim.gguf")).unwrap();
+    let per_layer = |key: &str| -> Vec<u64> {
+        f.get_arr(key)
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let heads = per_layer("deci.attention.head_count");
+    let kv_heads = per_layer("deci.attention.head_count_kv");
+    assert!(
+        heads[layer] > 0 && kv_heads[layer] == 0,
+        "{heads:?} {kv_heads:?}"
+    );
+    assert!(f
+        .tensor(&format!("blk.{layer}.attn_output.weight"))
+        .is_some());
+    assert!(f.tensor(&format!("blk.{layer}.attn_q.weight")).is_none());
+    let slim = hopscotch::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
+    assert!(slim
+        .entries
+        .contains_key(&format!("blk.{layer}.attn_output.weight")));
+    assert!(!slim
+        .entries
+        .contains_key(&format!("blk.{layer}.attn_q.weight")));
+    for m in ["original", "slim"] {
+        assert_eq!(report[m]["n_docs"], 8);
+    }
+}

@@ -6,6 +6,7 @@
 //! [`plan`] is what a fit writes.
 
 pub mod data;
+pub mod linear;
 pub mod plan;
 pub mod progress;
 pub mod scales;

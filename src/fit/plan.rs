@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::Checkpoint;
-use crate::model::ScaleValues;
+use crate::model::{LinearAttention, ScaleValues};
 use crate::output::{AtomicFile, OutputError};
 
 /// Errors reading or writing a plan.
@@ -181,6 +181,9 @@ pub struct FitSettings {
     /// no).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub channel_gains: bool,
+    /// Whether the skipped blocks got linear stand-ins (plans from before the option: no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linear_attention: bool,
     /// What trained candidates were scored by, when not the mean of their training losses
     /// (`trained`: the loss at the trained scalars).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -301,6 +304,19 @@ impl Plan {
                     }
                 }
             }
+        }
+        LinearAttention::check_all(&self.scales.linear, n, self.model.n_embd)
+            .map_err(|e| format!("scales.linear: {e}"))?;
+        if let Some(a) = self
+            .scales
+            .linear
+            .iter()
+            .find(|a| !self.skipped_blocks.contains(&a.layer))
+        {
+            return Err(format!(
+                "scales.linear has a stand-in for layer {}, whose attention block is not skipped",
+                a.layer
+            ));
         }
         let mut seen = vec![false; n];
         for &l in &self.skipped_blocks {

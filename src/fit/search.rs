@@ -55,6 +55,7 @@ use rand::SeedableRng;
 use serde::Serialize;
 
 use super::data;
+use super::linear::{self, LinearError};
 use super::plan::{CandidateScore, FitSettings, ModelFingerprint, Plan, PlanError, Round, TaskRef};
 use super::progress::Progress;
 use super::scales::{
@@ -63,7 +64,7 @@ use super::scales::{
 };
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::gguf::vocab::VocabError;
-use crate::model::{Model, ModelError, ScaleValues, SkipMask};
+use crate::model::{LinearAttention, Model, ModelError, ScaleValues, SkipMask};
 use crate::output::{check_overwrite, OutputError};
 use crate::task::{self, TaskError};
 
@@ -117,6 +118,9 @@ pub enum SearchError {
     /// The model failed while running (a token id past its vocabulary, ...).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The linear stand-ins could not be fitted.
+    #[error("linear stand-ins: {0}")]
+    Linear(#[from] LinearError),
     /// The tokenizer could not be built from the checkpoint.
     #[error(transparent)]
     Vocab(#[from] VocabError),
@@ -313,6 +317,10 @@ pub struct FitOptions {
     /// Whether the final training also trains per-channel gains of the branch outputs
     /// ([`crate::model::ChannelGains`]; the search trains the four scalars only).
     pub channel_gains: bool,
+    /// Whether the chosen blocks get linear stand-ins ([`crate::model::LinearAttention`], fitted
+    /// by least squares on the final training's documents before it; the search skips blocks
+    /// outright).
+    pub linear_attention: bool,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
     /// Which positions the loss covers.
@@ -342,6 +350,7 @@ impl Default for FitOptions {
             train_scales: true,
             candidate_score: ScoreBy::MeanTrain,
             channel_gains: false,
+            linear_attention: false,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
             loss_tokens: LossTokens::All,
         }
@@ -457,6 +466,7 @@ impl FitOptions {
             shortlist: self.shortlist,
             train_scales: self.train_scales,
             channel_gains: self.train_scales && self.channel_gains,
+            linear_attention: self.linear_attention,
             // recorded only when it is not the paper's score, so older plans read as before
             candidate_score: (self.train_scales && self.candidate_score != ScoreBy::MeanTrain)
                 .then(|| self.candidate_score.name().to_string()),
@@ -547,6 +557,19 @@ pub struct SearchInput<'a> {
     pub batches: &'a [TrainBatch],
     /// Per batch, each row's real length.
     pub lengths: &'a [Vec<usize>],
+    /// Linear stand-ins (`--linear-attention`): a block that has one is replaced by it where it
+    /// is skipped, in the search and in the final training; empty: blocks are skipped outright.
+    pub stand_ins: &'a [LinearAttention],
+}
+
+impl SearchInput<'_> {
+    /// Every scalar 1, with the stand-ins: where every training starts.
+    fn base(&self) -> ScaleValues {
+        ScaleValues {
+            linear: self.stand_ins.to_vec(),
+            ..ScaleValues::ones(self.model.arch().n_layer)
+        }
+    }
 }
 
 /// What the choice of blocks produced.
@@ -640,7 +663,7 @@ impl<'a> Searcher<'a> {
     /// over `candidate_steps` from scalars 1 or the loss over all fit batches at the trained
     /// scalars; with training off, the loss over all fit batches at scalars 1.
     fn score(&mut self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
-        let ones = ScaleValues::ones(self.n_layer());
+        let ones = self.input.base();
         if !self.options.train_scales {
             let loss = eval_loss(
                 self.input.model,
@@ -694,7 +717,8 @@ impl<'a> Searcher<'a> {
             .iter()
             .map(|&i| self.input.batches[i].clone())
             .collect();
-        let mut warm = ScaleValues::ones(n_layer);
+        let base = self.input.base();
+        let mut warm = base.clone();
         if options.screen == Screen::WarmSkipLoss && rounds.len() < options.skip {
             if let Some(last) = rounds.len().checked_sub(1) {
                 // A resumed fit: the last winner's scalars again, trained as in its round.
@@ -728,6 +752,7 @@ impl<'a> Searcher<'a> {
                     &chosen,
                     &to_screen,
                     options,
+                    &base,
                     &warm,
                     &mut || bar.inc(1),
                 )?;
@@ -859,19 +884,21 @@ fn rescreen_candidates(rounds: &[Round], candidates: &[usize], keep: usize) -> V
 }
 
 /// The screening score of each candidate (lower: better to skip) on `batches`, with the blocks
-/// `chosen` already skipped. `warm` is the start of [`Screen::WarmSkipLoss`]; `tick` is called
-/// once per candidate.
+/// `chosen` already skipped. `base` is every scalar 1 (with the linear stand-ins, if any), `warm`
+/// the start of [`Screen::WarmSkipLoss`]; `tick` is called once per candidate.
+#[allow(clippy::too_many_arguments)]
 pub fn screen_candidates(
     model: &Model,
     batches: &[TrainBatch],
     chosen: &[usize],
     candidates: &[usize],
     options: &FitOptions,
+    base: &ScaleValues,
     warm: &ScaleValues,
     tick: &mut dyn FnMut(),
 ) -> Result<Vec<f32>, SearchError> {
     let n_layer = model.arch().n_layer;
-    let ones = ScaleValues::ones(n_layer);
+    let ones = base.clone();
     let objective = options.objective;
     let mask = |layer: usize| {
         let mut layers = chosen.to_vec();
@@ -922,7 +949,7 @@ pub fn screen_candidates(
             for &layer in candidates {
                 let skip = mask(layer)?;
                 let scales = if options.train_scales {
-                    scales::train_scales(
+                    scales::train_scales_from(
                         model,
                         batches,
                         skip.as_slice(),
@@ -930,6 +957,8 @@ pub fn screen_candidates(
                         SHORT_TRAIN_STEPS,
                         options.lr,
                         options.seed,
+                        &ones,
+                        &mut |_| {},
                     )?
                     .scales
                 } else {
@@ -1081,7 +1110,13 @@ pub fn train_final(
     let model = input.model;
     let n_layer = model.arch().n_layer;
     let skip = SkipMask::from_layers(n_layer, skipped)?;
-    let ones = ScaleValues::ones(n_layer);
+    let mut ones = input.base().keep_linear(skipped);
+    if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
+        ones.linear = linear::fit(model, input.batches, input.lengths, skipped)?;
+    }
+    // in the order the blocks were chosen
+    ones.linear
+        .sort_by_key(|a| skipped.iter().position(|&l| l == a.layer));
     let loss_untrained = eval_loss(
         model,
         input.batches,
@@ -1092,7 +1127,10 @@ pub fn train_final(
     let mut searcher = Searcher::new(input, options, progress);
     let steps = options.resolved_final_steps(input.batches.len());
     let init = if options.channel_gains {
-        ScaleValues::ones_with_gains(n_layer, model.arch().n_embd)
+        ScaleValues {
+            linear: ones.linear.clone(),
+            ..ScaleValues::ones_with_gains(n_layer, model.arch().n_embd)
+        }
     } else {
         ones.clone()
     };
@@ -1108,15 +1146,20 @@ pub fn train_final(
         )?;
         (r.scales, r.loss_history)
     } else {
-        (ones, Vec::new())
+        (ones.clone(), Vec::new())
     };
-    let mut loss = eval_loss(
-        model,
-        input.batches,
-        skip.as_slice(),
-        &scales,
-        options.objective,
-    )?;
+    // untrained, the scalars are those the loss was just measured at
+    let mut loss = if loss_history.is_empty() {
+        loss_untrained
+    } else {
+        eval_loss(
+            model,
+            input.batches,
+            skip.as_slice(),
+            &scales,
+            options.objective,
+        )?
+    };
     // Adam's first steps move every scalar by about the learning rate whatever its gradient; a
     // training too short to recover from that is worse than none, and is not kept.
     let scales = if loss > loss_untrained {
@@ -1124,7 +1167,7 @@ pub fn train_final(
             "the final training raised the loss ({loss_untrained:.4} -> {loss:.4}); keeping the scalars at 1"
         ));
         loss = loss_untrained;
-        ScaleValues::ones(n_layer)
+        ones
     } else {
         scales
     };
@@ -1332,6 +1375,9 @@ pub struct FitTask {
     /// The final training's data when scalars are trained on more documents than the fit
     /// (`--final-docs`).
     pub final_data: Option<data::FitData>,
+    /// With `--linear-attention`, a linear stand-in for every block that can be skipped (layers
+    /// 1 and up), fitted on the final training's documents.
+    pub stand_ins: Vec<LinearAttention>,
 }
 
 impl FitTask {
@@ -1362,6 +1408,21 @@ impl FitTask {
         } else {
             None
         };
+        let stand_ins = if options.linear_attention {
+            let started = Instant::now();
+            let fitted = final_data.as_ref().unwrap_or(&data);
+            let layers: Vec<usize> = (1..model.ck.arch.n_layer).collect();
+            let stand_ins = linear::fit(&model.model, &fitted.batches, &fitted.lengths, &layers)?;
+            progress.note(&format!(
+                "linear stand-ins for layers 1-{} fitted by least squares on {} documents in {:.1} s",
+                layers.len(),
+                fitted.fit_doc_ids.len(),
+                started.elapsed().as_secs_f64()
+            ));
+            stand_ins
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             task: TaskRef {
                 path: path.display().to_string(),
@@ -1370,24 +1431,26 @@ impl FitTask {
             },
             data,
             final_data,
+            stand_ins,
         })
     }
 
     /// What a search on this data runs on.
     pub fn input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
-        Self::input_of(&self.data, model)
+        self.input_of(&self.data, model)
     }
 
     /// What the final training runs on: the final data, or the fit data.
     pub fn final_input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
-        Self::input_of(self.final_data.as_ref().unwrap_or(&self.data), model)
+        self.input_of(self.final_data.as_ref().unwrap_or(&self.data), model)
     }
 
-    fn input_of<'a>(data: &'a data::FitData, model: &'a FitModel) -> SearchInput<'a> {
+    fn input_of<'a>(&'a self, data: &'a data::FitData, model: &'a FitModel) -> SearchInput<'a> {
         SearchInput {
             model: &model.model,
             batches: &data.batches,
             lengths: &data.lengths,
+            stand_ins: &self.stand_ins,
         }
     }
 
@@ -1726,6 +1789,7 @@ mod tests {
                 &chosen,
                 &candidates,
                 &o,
+                &ScaleValues::ones(n_layer),
                 &warm,
                 &mut || {},
             )
@@ -1746,6 +1810,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         for exhaustive in [true, false] {
             for screen in [Screen::SkipLoss, Screen::WarmSkipLoss, Screen::ShortTrain] {
@@ -1852,6 +1917,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         let all: Vec<usize> = (0..batches.len()).collect();
         let ours = attn_importance(&input, &all).unwrap();
@@ -1874,6 +1940,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         let hidden = Progress::hidden();
         let run = |rescreen| {
@@ -1938,6 +2005,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         for screen in [Screen::SkipLoss, Screen::WarmSkipLoss] {
             let o = FitOptions {
@@ -1976,8 +2044,17 @@ mod tests {
             ..options(2)
         };
         let ones = ScaleValues::ones(5);
-        let g =
-            screen_candidates(&model, &batches, &[4], &[1, 2, 3], &o, &ones, &mut || {}).unwrap();
+        let g = screen_candidates(
+            &model,
+            &batches,
+            &[4],
+            &[1, 2, 3],
+            &o,
+            &ones,
+            &ones,
+            &mut || {},
+        )
+        .unwrap();
         assert_eq!(
             g[1], 0.0,
             "a block with zero output has zero gradient: {g:?}"
@@ -1992,6 +2069,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         let random = FitOptions {
             method: Method::Random,
@@ -2045,6 +2123,7 @@ mod tests {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         let (n_layer, n_embd) = (model.arch().n_layer, model.arch().n_embd);
         let scalars = FitOptions {
@@ -2078,12 +2157,92 @@ mod tests {
     }
 
     #[test]
+    fn the_screen_replaces_each_candidate_by_its_stand_in() {
+        let (model, batches, lengths, _) = dead_block_setup(3);
+        let layers = [1, 2, 3, 4];
+        let stand_ins = linear::fit(&model, &batches, &lengths, &layers).unwrap();
+        // the dead block adds nothing, so its stand-in is zero
+        assert!(stand_ins[2].weight.iter().all(|&x| x == 0.0));
+        assert!(stand_ins[0].weight.iter().any(|&x| x != 0.0));
+        let ones = ScaleValues::ones(5);
+        let base = ScaleValues {
+            linear: stand_ins,
+            ..ones.clone()
+        };
+        let o = options(2);
+        let screen = |start: &ScaleValues| {
+            screen_candidates(&model, &batches, &[], &layers, &o, start, start, &mut || {}).unwrap()
+        };
+        let (with, without) = (screen(&base), screen(&ones));
+        for (i, &l) in layers.iter().enumerate() {
+            let skip = SkipMask::from_layers(5, &[l]).unwrap();
+            let full = eval_loss(&model, &batches, skip.as_slice(), &base, o.objective).unwrap();
+            assert!(
+                (with[i] - full).abs() <= 1e-5,
+                "layer {l}: {} != {full}",
+                with[i]
+            );
+        }
+        assert_eq!(with[2], without[2]);
+        let live = |v: &[f32]| v[0] + v[1] + v[3];
+        assert!(live(&with) < live(&without), "{with:?} vs {without:?}");
+    }
+
+    #[test]
+    fn linear_stand_ins_are_fitted_for_the_chosen_blocks_and_lower_the_loss() {
+        let (model, batches, lengths, _) = dead_block_setup(3);
+        let input = SearchInput {
+            model: &model,
+            batches: &batches,
+            lengths: &lengths,
+            stand_ins: &[],
+        };
+        let n_embd = model.arch().n_embd;
+        let skip_only = FitOptions {
+            final_steps: Some(0),
+            ..options(2)
+        };
+        let stand_ins = FitOptions {
+            linear_attention: true,
+            ..skip_only.clone()
+        };
+        let skipped = [2, 1];
+        let (a, _) = train_final(&input, &skip_only, &skipped, &Progress::hidden()).unwrap();
+        let (b, _) = train_final(&input, &stand_ins, &skipped, &Progress::hidden()).unwrap();
+        assert!(a.scales.linear.is_empty());
+        let layers: Vec<usize> = b.scales.linear.iter().map(|s| s.layer).collect();
+        assert_eq!(layers, vec![2, 1]);
+        assert!(b
+            .scales
+            .linear
+            .iter()
+            .all(|s| s.weight.len() == n_embd * n_embd));
+        assert!(
+            b.loss_untrained < a.loss_untrained,
+            "{} !< {}",
+            b.loss_untrained,
+            a.loss_untrained
+        );
+        // trained on top of the stand-ins, the scalars lower the loss further and keep them
+        let trained = FitOptions {
+            final_steps: Some(24),
+            final_lr: 1e-2,
+            ..stand_ins.clone()
+        };
+        let (c, _) = train_final(&input, &trained, &skipped, &Progress::hidden()).unwrap();
+        assert_eq!(c.scales.linear, b.scales.linear);
+        assert!(c.loss < b.loss, "{} !< {}", c.loss, b.loss);
+        assert!(stand_ins.settings(2, 2).linear_attention);
+    }
+
+    #[test]
     fn a_candidate_is_scored_by_its_training_losses_or_by_the_loss_it_was_trained_to() {
         let (model, batches, lengths, _) = dead_block_setup(3);
         let input = SearchInput {
             model: &model,
             batches: &batches,
             lengths: &lengths,
+            stand_ins: &[],
         };
         let skip = SkipMask::from_layers(model.arch().n_layer, &[2]).unwrap();
         let mean = options(1);

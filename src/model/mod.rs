@@ -10,6 +10,8 @@
 //!
 //! With channel gains (beyond the paper, [`ChannelGains`]) each branch output is also multiplied
 //! channel by channel: `b_att[l] * (g_att[l] ⊙ Attn(RMSNorm(x)))`, and the same for the MLP.
+//! A skipped block may have a linear stand-in (beyond the paper, [`LinearAttention`]):
+//! `x1 = b_att[l] * (W[l] · RMSNorm(x)) + s_att[l] * x`, still without a KV cache.
 //!
 //! The MLP is SwiGLU, attention is causal with grouped-query heads and rotate-half (NEOX) rope as
 //! Hugging Face computes it on unpermuted q/k weights. The backward pass reaches only the scalars:
@@ -112,6 +114,15 @@ pub enum ModelError {
         /// The number of hidden states (`batch * seq_len`).
         len: usize,
     },
+    /// A linear stand-in is for a layer the model does not have, is listed twice, or is not
+    /// `n_embd x n_embd` finite numbers.
+    #[error("linear stand-in of layer {layer}: {message}")]
+    LinearAttention {
+        /// Its layer.
+        layer: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A candle operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -203,8 +214,129 @@ impl ChannelGains {
     }
 }
 
-/// The four scalars per layer as plain numbers (the fit's result, the plan's content), and the
-/// channel gains when they were trained.
+/// A linear stand-in for a skipped attention block, as llama.cpp's `deci` runs it ("linear
+/// attention", a layer with heads but no KV heads, as in Nemotron-51B): the block's output becomes
+/// `W · RMSNorm(x)`, one `n_embd x n_embd` matrix per token, with no KV cache and no look at other
+/// positions. Beyond the paper: fitted by least squares to what the block it replaces computes
+/// (`crate::fit::linear`), and folded like `attn_output`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinearAttention {
+    /// The layer whose attention block it stands in for.
+    pub layer: usize,
+    /// `W`, row-major `(n_embd out, n_embd in)`; in a plan, base64 of little-endian f32.
+    #[serde(with = "f32_base64")]
+    pub weight: Vec<f32>,
+}
+
+impl LinearAttention {
+    /// Fails unless the stand-ins name distinct layers below `n_layer`, each with
+    /// `n_embd * n_embd` finite numbers.
+    pub fn check_all(
+        stand_ins: &[LinearAttention],
+        n_layer: usize,
+        n_embd: usize,
+    ) -> Result<(), ModelError> {
+        let mut seen = vec![false; n_layer];
+        for a in stand_ins {
+            let bad = |message: String| ModelError::LinearAttention {
+                layer: a.layer,
+                message,
+            };
+            if a.layer >= n_layer {
+                return Err(bad(format!("the model has {n_layer} layers")));
+            }
+            if std::mem::replace(&mut seen[a.layer], true) {
+                return Err(bad("listed twice".into()));
+            }
+            if a.weight.len() != n_embd * n_embd {
+                return Err(bad(format!(
+                    "{} values, expected {n_embd} x {n_embd}",
+                    a.weight.len()
+                )));
+            }
+            if let Some(i) = a.weight.iter().position(|x| !x.is_finite()) {
+                return Err(bad(format!("value {i} is not finite")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serde for a `Vec<f32>` as one base64 string of its little-endian bytes (a 576 x 576 matrix
+/// takes 1.77 MB instead of about 3.5 MB of JSON numbers, and reads back bit for bit).
+mod f32_base64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+    pub fn serialize<S: Serializer>(values: &[f32], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        s.serialize_str(&encode(&bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = decode(&text).map_err(serde::de::Error::custom)?;
+        if bytes.len() % 4 != 0 {
+            return Err(serde::de::Error::custom(format!(
+                "{} bytes of base64 are not whole f32 values",
+                bytes.len()
+            )));
+        }
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    pub(super) fn encode(bytes: &[u8]) -> String {
+        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn decode(text: &str) -> Result<Vec<u8>, String> {
+        let text = text.trim_end_matches('=');
+        let mut out = Vec::with_capacity(text.len() * 3 / 4);
+        let (mut acc, mut bits) = (0u32, 0u32);
+        for (i, c) in text.bytes().enumerate() {
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' => 62,
+                b'/' => 63,
+                _ => return Err(format!("character {i} ({:?}) is not base64", c as char)),
+            };
+            acc = (acc << 6) | u32::from(v);
+            bits += 6;
+            if bits >= 8 {
+                bits -= 8;
+                out.push((acc >> bits) as u8);
+                acc &= (1 << bits) - 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The four scalars per layer as plain numbers (the fit's result, the plan's content), the
+/// channel gains when they were trained and the linear stand-ins of skipped blocks when there
+/// are any.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScaleValues {
     /// Weight of the attention output, per layer.
@@ -218,6 +350,10 @@ pub struct ScaleValues {
     /// Per-channel gains of the branch outputs (none: every gain 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gains: Option<ChannelGains>,
+    /// Linear stand-ins, used where their layer's attention block is skipped (none: a skipped
+    /// block adds nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub linear: Vec<LinearAttention>,
 }
 
 impl ScaleValues {
@@ -229,7 +365,14 @@ impl ScaleValues {
             b_mlp: vec![1.0; n_layer],
             s_mlp: vec![1.0; n_layer],
             gains: None,
+            linear: Vec::new(),
         }
+    }
+
+    /// These values with the linear stand-ins of layers not in `layers` left out.
+    pub fn keep_linear(mut self, layers: &[usize]) -> Self {
+        self.linear.retain(|a| layers.contains(&a.layer));
+        self
     }
 
     /// All scalars and channel gains 1.0: the original model, with gains to train.
@@ -279,6 +422,10 @@ pub struct Scales {
     pub s_mlp: Var,
     /// Channel gains of the attention and the MLP output.
     pub gains: Option<[Var; 2]>,
+    /// The linear stand-ins, constant (as given, for [`Scales::values`]).
+    linear: Vec<LinearAttention>,
+    /// Per layer, its stand-in's weight `(n_embd, n_embd)` as a tensor.
+    linear_weights: Vec<Option<Tensor>>,
 }
 
 /// The scalars and gains as graph inputs of one forward pass.
@@ -287,6 +434,8 @@ struct ScaleTensors {
     scalars: [Tensor; 4],
     /// Attention and MLP channel gains, each `[n_layer, n_embd]`.
     gains: Option<[Tensor; 2]>,
+    /// Per layer, the weight of its linear stand-in, if it has one.
+    linear: Vec<Option<Tensor>>,
 }
 
 impl Scales {
@@ -307,12 +456,22 @@ impl Scales {
             Some(g) => Some([table(&g.att)?, table(&g.mlp)?]),
             None => None,
         };
+        let mut linear_weights = vec![None; values.b_att.len()];
+        for a in &values.linear {
+            let width = (a.weight.len() as f64).sqrt() as usize;
+            let w = Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?;
+            if let Some(slot) = linear_weights.get_mut(a.layer) {
+                *slot = Some(w);
+            }
+        }
         Ok(Self {
             b_att: var(&values.b_att)?,
             s_att: var(&values.s_att)?,
             b_mlp: var(&values.b_mlp)?,
             s_mlp: var(&values.s_mlp)?,
             gains,
+            linear: values.linear.clone(),
+            linear_weights,
         })
     }
 
@@ -349,6 +508,7 @@ impl Scales {
             b_mlp: read(&self.b_mlp)?,
             s_mlp: read(&self.s_mlp)?,
             gains,
+            linear: self.linear.clone(),
         })
     }
 
@@ -365,6 +525,7 @@ impl Scales {
         ScaleTensors {
             scalars: [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(input),
             gains: self.gains.as_ref().map(|g| g.each_ref().map(input)),
+            linear: self.linear_weights.clone(),
         }
     }
 }
@@ -376,7 +537,8 @@ impl Scales {
 pub enum WeightInput {
     /// The normed stream entering layer `l`'s attention: `blk.l.attn_q/k/v.weight`.
     Qkv(usize),
-    /// Layer `l`'s attention heads, concatenated: `blk.l.attn_output.weight`.
+    /// Layer `l`'s attention heads, concatenated, or the normed stream entering its linear
+    /// stand-in: `blk.l.attn_output.weight`.
     AttnOutput(usize),
     /// The normed stream entering layer `l`'s MLP: `blk.l.ffn_gate/up.weight`.
     GateUp(usize),
@@ -540,6 +702,11 @@ impl Model {
         })
     }
 
+    /// Layer `l`'s `attn_output` weight `(n_embd, n_head * head_dim)`; `l` must be a layer.
+    pub fn attn_output_weight(&self, l: usize) -> &Tensor {
+        &self.layers[l].o.weight
+    }
+
     /// The architecture.
     pub fn arch(&self) -> &Arch {
         &self.arch
@@ -561,6 +728,7 @@ impl Model {
         if let Some(g) = &values.gains {
             g.check_shape(self.arch.n_layer, self.arch.n_embd)?;
         }
+        LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)?;
         Scales::new(values, self.dtype, &self.device)
     }
 
@@ -823,18 +991,32 @@ impl Model {
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
         for (l, layer) in self.layers.iter().enumerate().skip(from) {
-            let x1 = if skip[l] {
-                x.clone()
-            } else {
-                let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-                let heads = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
-                if let Some(tap) = tap.as_mut() {
-                    tap(WeightInput::Qkv(l), &h)?;
-                    tap(WeightInput::AttnOutput(l), &heads)?;
+            let stand_in = scales.linear.get(l).and_then(Option::as_ref);
+            let branch = match (skip[l], stand_in) {
+                (true, None) => None,
+                (true, Some(w)) => {
+                    let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
+                    if let Some(tap) = tap.as_mut() {
+                        tap(WeightInput::AttnOutput(l), &h)?;
+                    }
+                    Some(ops::linear(&h, w, None)?)
                 }
-                let attn = gained(layer.o.forward(&heads)?, 0, l)?;
-                (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
-                    + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
+                (false, _) => {
+                    let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
+                    let heads = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
+                    if let Some(tap) = tap.as_mut() {
+                        tap(WeightInput::Qkv(l), &h)?;
+                        tap(WeightInput::AttnOutput(l), &heads)?;
+                    }
+                    Some(layer.o.forward(&heads)?)
+                }
+            };
+            let x1 = match branch {
+                None => x.clone(),
+                Some(attn) => {
+                    (gained(attn, 0, l)?.broadcast_mul(&b_att.narrow(0, l, 1)?)?
+                        + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
+                }
             };
             observe(l, &x, &x1)?;
             let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{ops, ChannelGains, Model, ModelError, ScaleValues, Scales, SkipMask};
+use super::{ops, ChannelGains, LinearAttention, Model, ModelError, ScaleValues, Scales, SkipMask};
 use crate::arch::{Arch, Family, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
 
@@ -280,6 +280,7 @@ fn perturbed_scales(n_layer: usize, seed: u64) -> ScaleValues {
         b_mlp: v(),
         s_mlp: v(),
         gains: None,
+        linear: vec![],
     }
 }
 
@@ -839,4 +840,85 @@ fn bad_inputs_are_errors() {
         Model::load(&odd, &Device::Cpu),
         Err(ModelError::InvalidArch { .. })
     ));
+}
+
+#[test]
+fn stand_in_weights_round_trip_through_base64_and_bad_text_is_refused() {
+    // every tail length of the 3-byte groups, against a known encoding
+    assert_eq!(super::f32_base64::encode(b""), "");
+    assert_eq!(super::f32_base64::encode(b"f"), "Zg==");
+    assert_eq!(super::f32_base64::encode(b"fo"), "Zm8=");
+    assert_eq!(super::f32_base64::encode(b"foo"), "Zm9v");
+    assert_eq!(super::f32_base64::encode(b"foob"), "Zm9vYg==");
+    for n in 0..7usize {
+        let bytes: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(97)).collect();
+        let text = super::f32_base64::encode(&bytes);
+        assert_eq!(super::f32_base64::decode(&text).unwrap(), bytes);
+    }
+    let a = LinearAttention {
+        layer: 2,
+        weight: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0e38, -1e-30],
+    };
+    let json = serde_json::to_string(&a).unwrap();
+    let back: LinearAttention = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        back.weight.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        a.weight.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    let err = serde_json::from_str::<LinearAttention>(r#"{"layer":1,"weight":"AAA*"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("character 3 ('*') is not base64"), "{err}");
+    let err = serde_json::from_str::<LinearAttention>(r#"{"layer":1,"weight":"AAAA"}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("3 bytes of base64 are not whole f32 values"),
+        "{err}"
+    );
+}
+
+#[test]
+fn stand_ins_of_the_wrong_shape_or_layer_are_refused() {
+    let arch = tiny_arch();
+    let model = Model::load(&random_source(&arch, 4), &Device::Cpu).unwrap();
+    let d = arch.n_embd;
+    let with = |linear: Vec<LinearAttention>| ScaleValues {
+        linear,
+        ..ScaleValues::ones(arch.n_layer)
+    };
+    let ok = |layer| LinearAttention {
+        layer,
+        weight: vec![0.1; d * d],
+    };
+    assert!(model.scales(&with(vec![ok(1), ok(2)])).is_ok());
+    let message = |v| match model.scales(&with(v)) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert_eq!(
+        message(vec![ok(1), ok(1)]),
+        "linear stand-in of layer 1: listed twice"
+    );
+    assert_eq!(
+        message(vec![ok(arch.n_layer)]),
+        format!(
+            "linear stand-in of layer {}: the model has {} layers",
+            arch.n_layer, arch.n_layer
+        )
+    );
+    let short = LinearAttention {
+        layer: 1,
+        weight: vec![0.1; d],
+    };
+    assert_eq!(
+        message(vec![short]),
+        format!("linear stand-in of layer 1: {d} values, expected {d} x {d}")
+    );
+    let mut nan = ok(2);
+    nan.weight[5] = f32::NAN;
+    assert_eq!(
+        message(vec![nan]),
+        "linear stand-in of layer 2: value 5 is not finite"
+    );
 }

@@ -1,0 +1,240 @@
+//! Linear stand-ins for skipped attention blocks, fitted by least squares (beyond the paper).
+//!
+//! llama.cpp's `deci` runs a layer with heads but no KV heads as "linear attention":
+//! `x1 = x + W · RMSNorm(x)`, one `n_embd x n_embd` matrix applied to each token alone, with no
+//! KV cache (Nemotron-51B replaces some attention blocks so). A skipped block can have such a
+//! stand-in instead of nothing: the part of what the block computed that depends on the token
+//! itself (attention to the current token, the near-constant output of heads that rest on the
+//! first token) survives, the mixing of other positions is gone, and the KV cache falls as
+//! much as when the block is skipped.
+//!
+//! For every layer asked for, `W` minimises `Σ ||W h - a||² + λ ||W||²` over the task's tokens,
+//! `h` the normed stream entering the layer's attention and `a` the block's output, both taken
+//! from the original model (nothing skipped, every scalar 1) in one forward pass: the normal
+//! equations `W (HᵀH + λI) = AᵀH`, with `AᵀH = Wo · (heads)ᵀH` accumulated through the input of
+//! `attn_output`, solved by a Cholesky factorisation in f64. `λ` is [`RIDGE`] times the mean
+//! diagonal of `HᵀH`. The scalars trained afterwards adapt the rest of the model to them.
+
+use candle_core::{DType, Tensor};
+
+use crate::fit::scales::TrainBatch;
+use crate::model::{LinearAttention, Model, ModelError, ScaleValues, WeightInput};
+
+/// The ridge of the least-squares fit, relative to the mean diagonal of `HᵀH` (the mean
+/// squared entry of the normed stream): small enough not to bias well-determined directions,
+/// enough to keep rarely excited ones near zero.
+pub const RIDGE: f64 = 1e-3;
+
+/// Errors fitting the stand-ins.
+#[derive(Debug, thiserror::Error)]
+pub enum LinearError {
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A candle operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The normal equations could not be solved (no tokens, or a degenerate stream).
+    #[error("layer {layer}: the least-squares system is not positive definite (at row {row})")]
+    Singular {
+        /// The layer.
+        layer: usize,
+        /// The pivot that failed.
+        row: usize,
+    },
+    /// A layer asked for does not exist.
+    #[error("layer {layer} does not exist (the model has {n_layer} layers)")]
+    NoSuchLayer {
+        /// The layer.
+        layer: usize,
+        /// The number of layers.
+        n_layer: usize,
+    },
+}
+
+/// Per layer, the running sums `HᵀH` (`d x d`) and `(heads)ᵀH` (`q_dim x d`).
+struct Sums {
+    gram: Option<Tensor>,
+    cross: Option<Tensor>,
+}
+
+fn add(slot: &mut Option<Tensor>, x: Tensor) -> candle_core::Result<()> {
+    *slot = Some(match slot.take() {
+        Some(s) => (s + x)?,
+        None => x,
+    });
+    Ok(())
+}
+
+/// Fits a stand-in for each of `layers` (ascending or not; each once) on the real tokens of
+/// `batches` (`lengths`: each row's real length), from the original model `model`.
+pub fn fit(
+    model: &Model,
+    batches: &[TrainBatch],
+    lengths: &[Vec<usize>],
+    layers: &[usize],
+) -> Result<Vec<LinearAttention>, LinearError> {
+    let n_layer = model.arch().n_layer;
+    let d = model.arch().n_embd;
+    if let Some(&layer) = layers.iter().find(|&&l| l >= n_layer) {
+        return Err(LinearError::NoSuchLayer { layer, n_layer });
+    }
+    let mut sums: Vec<Sums> = (0..n_layer)
+        .map(|_| Sums {
+            gram: None,
+            cross: None,
+        })
+        .collect();
+    let wanted: Vec<bool> = (0..n_layer).map(|l| layers.contains(&l)).collect();
+    let scales = model.scales(&ScaleValues::ones(n_layer))?;
+    let skip = vec![false; n_layer];
+    for (batch, lens) in batches.iter().zip(lengths) {
+        let (b, t) = batch.input_ids.dims2()?;
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| f32::from(u8::from(i % t < lens.get(i / t).copied().unwrap_or(0))))
+            .collect();
+        let mask = Tensor::from_vec(mask, (b * t, 1), model.device())?.to_dtype(model.dtype())?;
+        let mut h_of_layer: Option<Tensor> = None;
+        model.weight_inputs_no_grad(&batch.input_ids, &scales, &skip, &mut |input, x| {
+            match input {
+                WeightInput::Qkv(l) if wanted[l] => {
+                    let h = x.broadcast_mul(&mask)?.to_dtype(DType::F32)?;
+                    add(&mut sums[l].gram, h.t()?.matmul(&h)?)?;
+                    h_of_layer = Some(h);
+                }
+                WeightInput::AttnOutput(l) if wanted[l] => {
+                    // q/k/v's input came just before the heads
+                    if let Some(h) = h_of_layer.take() {
+                        let heads = x.to_dtype(DType::F32)?;
+                        add(&mut sums[l].cross, heads.t()?.matmul(&h)?)?;
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+    }
+    let mut out = Vec::with_capacity(layers.len());
+    for &l in layers {
+        let Sums { gram, cross } = &sums[l];
+        let (Some(gram), Some(cross)) = (gram, cross) else {
+            return Err(LinearError::Singular { layer: l, row: 0 });
+        };
+        let wo = model.attn_output_weight(l).to_dtype(DType::F32)?;
+        // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
+        let target = wo.matmul(cross)?;
+        let gram: Vec<f64> = to_f64(gram)?;
+        let target: Vec<f64> = to_f64(&target)?;
+        let weight = solve_ridge(&gram, &target, d, RIDGE)
+            .map_err(|row| LinearError::Singular { layer: l, row })?;
+        out.push(LinearAttention {
+            layer: l,
+            weight: weight.into_iter().map(|v| v as f32).collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn to_f64(t: &Tensor) -> candle_core::Result<Vec<f64>> {
+    Ok(t.flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect())
+}
+
+/// `W = B (G + λI)⁻¹` for a symmetric positive semi-definite `G` (`d x d`, row-major) and `B`
+/// (`m x d`, row-major, `m = B.len() / d`), `λ = ridge * mean(diag G)`; row-major `m x d`.
+/// Fails with the pivot row where `G + λI` is not positive definite.
+pub fn solve_ridge(gram: &[f64], b: &[f64], d: usize, ridge: f64) -> Result<Vec<f64>, usize> {
+    let mean_diag = (0..d).map(|i| gram[i * d + i]).sum::<f64>() / d as f64;
+    let lambda = ridge * mean_diag;
+    // Cholesky: G + λI = L Lᵀ, L lower triangular
+    let mut l = vec![0.0f64; d * d];
+    for i in 0..d {
+        for j in 0..=i {
+            let mut s = gram[i * d + j] + if i == j { lambda } else { 0.0 };
+            for k in 0..j {
+                s -= l[i * d + k] * l[j * d + k];
+            }
+            if i == j {
+                if s.is_nan() || s <= 0.0 {
+                    return Err(i);
+                }
+                l[i * d + i] = s.sqrt();
+            } else {
+                l[i * d + j] = s / l[j * d + j];
+            }
+        }
+    }
+    // Each row w of W solves (G + λI) wᵀ = bᵀ (G symmetric): L y = b, then Lᵀ w = y.
+    let m = b.len() / d;
+    let mut w = vec![0.0f64; m * d];
+    for r in 0..m {
+        let row = &b[r * d..(r + 1) * d];
+        let mut y = vec![0.0f64; d];
+        for i in 0..d {
+            let mut s = row[i];
+            for k in 0..i {
+                s -= l[i * d + k] * y[k];
+            }
+            y[i] = s / l[i * d + i];
+        }
+        let out = &mut w[r * d..(r + 1) * d];
+        for i in (0..d).rev() {
+            let mut s = y[i];
+            for k in i + 1..d {
+                s -= l[k * d + i] * out[k];
+            }
+            out[i] = s / l[i * d + i];
+        }
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn the_ridge_solution_recovers_a_linear_map_from_its_inputs_and_outputs() {
+        // a = W h for 200 random h in 6 dimensions: the normal equations give W back
+        let (d, m, n) = (6, 4, 200);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let w_true: Vec<f64> = (0..m * d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let mut gram = vec![0.0; d * d];
+        let mut b = vec![0.0; m * d];
+        for _ in 0..n {
+            let h: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let a: Vec<f64> = (0..m)
+                .map(|r| (0..d).map(|c| w_true[r * d + c] * h[c]).sum())
+                .collect();
+            for i in 0..d {
+                for j in 0..d {
+                    gram[i * d + j] += h[i] * h[j];
+                }
+                for r in 0..m {
+                    b[r * d + i] += a[r] * h[i];
+                }
+            }
+        }
+        let w = solve_ridge(&gram, &b, d, 0.0).unwrap();
+        let worst = w
+            .iter()
+            .zip(&w_true)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-9, "largest error {worst}");
+        // a ridge shrinks the solution towards zero
+        let shrunk = solve_ridge(&gram, &b, d, 0.5).unwrap();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
+        assert!(norm(&shrunk) < norm(&w));
+    }
+
+    #[test]
+    fn a_degenerate_system_is_refused() {
+        // G = 0 with no ridge: the first pivot fails
+        assert_eq!(solve_ridge(&[0.0; 4], &[1.0, 2.0], 2, 0.0), Err(0));
+    }
+}

@@ -265,6 +265,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
         method: fit_report.method.name().to_string(),
         objective: fit_report.objective.clone(),
         skipped_blocks: plan.skipped_blocks.clone(),
+        linear_stand_ins: !plan.scales.linear.is_empty(),
         rounds: fit_report
             .rounds
             .iter()

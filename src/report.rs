@@ -76,6 +76,9 @@ pub struct RunReport {
     pub objective: String,
     /// Blocks skipped in the order chosen.
     pub skipped_blocks: Vec<usize>,
+    /// Whether the skipped blocks have linear stand-ins (`--linear-attention`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linear_stand_ins: bool,
     /// The greedy rounds.
     pub rounds: Vec<RoundPoint>,
     /// Fit loss with the scalars at 1 and trained.
@@ -152,9 +155,14 @@ impl RunReport {
             ),
             None => String::new(),
         };
+        let stand_ins = if self.linear_stand_ins {
+            ", each skipped block replaced by a linear stand-in (deci linear attention)"
+        } else {
+            ""
+        };
         let mut s = format!(
             "# hopscotch run\n\nModel `{}`, task `{}`, {} held-out documents, both files {}{imatrix}.\n\
-             Fit: method {}, objective {}, loss {:.4} (scalars at 1: {:.4}).\n\n",
+             Fit: method {}, objective {}{stand_ins}, loss {:.4} (scalars at 1: {:.4}).\n\n",
             self.model,
             self.task,
             self.slim.n_docs,

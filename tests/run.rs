@@ -190,6 +190,12 @@ fn run_with_linear_stand_ins_exports_linear_attention_layers() {
     assert_eq!(stand_ins, vec![layer]);
     let kv = |m: &str| report[m]["kv_bytes_per_token"].as_u64().unwrap();
     assert_eq!(kv("slim") * 4, kv("original") * 3);
+    assert_eq!(report["linear_stand_ins"], true);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("each skipped block replaced by a linear stand-in"),
+        "{md}"
+    );
 
     let f = GgufFile::open(out.join("slim.gguf")).unwrap();
     let per_layer = |key: &str| -> Vec<u64> {

@@ -456,11 +456,7 @@ pub fn compute(
     let mut sums: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut tokens = 0usize;
     for (batch, lens) in batches.iter().zip(lengths) {
-        let (b, t) = batch.input_ids.dims2()?;
-        let mask: Vec<f32> = (0..b * t)
-            .map(|i| f32::from(u8::from(i % t < lens.get(i / t).copied().unwrap_or(0))))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b * t, 1), model.device())?.to_dtype(model.dtype())?;
+        let mask = batch.real_token_mask(lens, model.dtype())?;
         tokens += lens.iter().sum::<usize>();
         model.weight_inputs_no_grad(&batch.input_ids, &scales, skip, &mut |input, x| {
             if input == WeightInput::Output && model.arch().tie_word_embeddings {

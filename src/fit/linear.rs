@@ -89,11 +89,7 @@ pub fn fit(
     let scales = model.scales(&ScaleValues::ones(n_layer))?;
     let skip = vec![false; n_layer];
     for (batch, lens) in batches.iter().zip(lengths) {
-        let (b, t) = batch.input_ids.dims2()?;
-        let mask: Vec<f32> = (0..b * t)
-            .map(|i| f32::from(u8::from(i % t < lens.get(i / t).copied().unwrap_or(0))))
-            .collect();
-        let mask = Tensor::from_vec(mask, (b * t, 1), model.device())?.to_dtype(model.dtype())?;
+        let mask = batch.real_token_mask(lens, model.dtype())?;
         let mut h_of_layer: Option<Tensor> = None;
         model.weight_inputs_no_grad(&batch.input_ids, &scales, &skip, &mut |input, x| {
             match input {

@@ -284,6 +284,17 @@ pub struct TrainBatch {
 }
 
 impl TrainBatch {
+    /// A `(b * t, 1)` column of `dtype` on the batch's device, one row per position: 1 at the
+    /// real tokens (`lengths[row]` of each row), 0 at the padding; multiplies per-position rows
+    /// to leave the padding out of a sum.
+    pub fn real_token_mask(&self, lengths: &[usize], dtype: DType) -> candle_core::Result<Tensor> {
+        let (b, t) = self.input_ids.dims2()?;
+        let mask: Vec<f32> = (0..b * t)
+            .map(|i| f32::from(u8::from(i % t < lengths.get(i / t).copied().unwrap_or(0))))
+            .collect();
+        Tensor::from_vec(mask, (b * t, 1), self.input_ids.device())?.to_dtype(dtype)
+    }
+
     /// A batch from its tensors, checking ranks, dtypes and lengths (not value ranges: the model
     /// checks token ids and positions when it runs).
     pub fn new(

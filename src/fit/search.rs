@@ -1757,6 +1757,20 @@ mod tests {
         (model, batches, lengths, norm)
     }
 
+    /// The search input of a test's model and batches, without stand-ins.
+    fn search_input<'a>(
+        model: &'a Model,
+        batches: &'a [TrainBatch],
+        lengths: &'a [Vec<usize>],
+    ) -> SearchInput<'a> {
+        SearchInput {
+            model,
+            batches,
+            lengths,
+            stand_ins: &[],
+        }
+    }
+
     fn options(skip: usize) -> FitOptions {
         FitOptions {
             skip,
@@ -1806,12 +1820,7 @@ mod tests {
     #[test]
     fn the_search_skips_a_block_that_adds_nothing_first() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         for exhaustive in [true, false] {
             for screen in [Screen::SkipLoss, Screen::WarmSkipLoss, Screen::ShortTrain] {
                 let o = FitOptions {
@@ -1913,12 +1922,7 @@ mod tests {
     #[test]
     fn attention_importance_in_one_pass_equals_the_definition_through_the_final_norm() {
         let (model, batches, lengths, norm) = layered_setup(6, 4);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let all: Vec<usize> = (0..batches.len()).collect();
         let ours = attn_importance(&input, &all).unwrap();
         let reference = importance_through_the_final_norm(&input, &norm);
@@ -1936,12 +1940,7 @@ mod tests {
     #[test]
     fn rescreening_screens_the_best_of_the_latest_screening_only() {
         let (model, batches, lengths, _) = layered_setup(8, 5);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let hidden = Progress::hidden();
         let run = |rescreen| {
             let o = FitOptions {
@@ -2001,12 +2000,7 @@ mod tests {
     #[test]
     fn a_resumed_search_ends_where_the_whole_one_does() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         for screen in [Screen::SkipLoss, Screen::WarmSkipLoss] {
             let o = FitOptions {
                 screen,
@@ -2065,12 +2059,7 @@ mod tests {
     #[test]
     fn random_and_untrained_fits_are_seeded_and_keep_layer_0() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let random = FitOptions {
             method: Method::Random,
             seed: 9,
@@ -2119,12 +2108,7 @@ mod tests {
     #[test]
     fn the_final_training_trains_channel_gains_when_asked_and_lowers_the_loss_further() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let (n_layer, n_embd) = (model.arch().n_layer, model.arch().n_embd);
         let scalars = FitOptions {
             final_steps: Some(24),
@@ -2191,12 +2175,7 @@ mod tests {
     #[test]
     fn linear_stand_ins_are_fitted_for_the_chosen_blocks_and_lower_the_loss() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let n_embd = model.arch().n_embd;
         let skip_only = FitOptions {
             final_steps: Some(0),
@@ -2238,12 +2217,7 @@ mod tests {
     #[test]
     fn a_candidate_is_scored_by_its_training_losses_or_by_the_loss_it_was_trained_to() {
         let (model, batches, lengths, _) = dead_block_setup(3);
-        let input = SearchInput {
-            model: &model,
-            batches: &batches,
-            lengths: &lengths,
-            stand_ins: &[],
-        };
+        let input = search_input(&model, &batches, &lengths);
         let skip = SkipMask::from_layers(model.arch().n_layer, &[2]).unwrap();
         let mean = options(1);
         let trained = FitOptions {

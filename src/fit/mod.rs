@@ -2,8 +2,9 @@
 //!
 //! [`scales`] trains the four scalars per layer for a fixed skip mask and scores a mask by the
 //! mean training loss, the inner step of the paper's greedy, re-scored search; [`data`] turns a
-//! task into batches; [`search`] runs the rounds, the baselines and the whole `hopscotch fit`;
-//! [`plan`] is what a fit writes.
+//! task into batches; [`linear`] fits linear stand-ins for skipped blocks by least squares
+//! (`--linear-attention`); [`search`] runs the rounds, the baselines and the whole
+//! `hopscotch fit`; [`plan`] is what a fit writes.
 
 pub mod data;
 pub mod linear;

@@ -116,7 +116,10 @@ pub fn fit(
         let (Some(gram), Some(cross)) = (gram, cross) else {
             return Err(LinearError::Singular { layer: l, row: 0 });
         };
-        let wo = model.attn_output_weight(l).to_dtype(DType::F32)?;
+        let wo = model
+            .attn_output_weight(l)
+            .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })?
+            .to_dtype(DType::F32)?;
         // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
         let target = wo.matmul(cross)?;
         let gram: Vec<f64> = to_f64(gram)?;

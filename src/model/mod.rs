@@ -702,9 +702,10 @@ impl Model {
         })
     }
 
-    /// Layer `l`'s `attn_output` weight `(n_embd, n_head * head_dim)`; `l` must be a layer.
-    pub fn attn_output_weight(&self, l: usize) -> &Tensor {
-        &self.layers[l].o.weight
+    /// Layer `l`'s `attn_output` weight `(n_embd, n_head * head_dim)`; `None` past the last
+    /// layer.
+    pub fn attn_output_weight(&self, l: usize) -> Option<&Tensor> {
+        self.layers.get(l).map(|layer| &layer.o.weight)
     }
 
     /// The architecture.

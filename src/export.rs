@@ -273,26 +273,23 @@ pub fn folded_jobs<'a>(
     let mut jobs: Vec<TensorJob<'a>> = rope_freqs_job(&ck.arch).into_iter().collect();
     for (name, shape) in fold.kept_tensors(&ck.arch) {
         let dtype = float_out_type(&shape, target);
+        let rows = shape.first().copied().unwrap_or(1).max(1);
         jobs.push(TensorJob {
             name: name.clone(),
             shape,
             dtype,
             produce: Box::new(move || {
-                if let Some(w) = fold.linear_weight(&name) {
-                    let mut values = w.to_vec();
-                    fold_values(fold, &name, &mut values).map_err(|message| {
-                        CheckpointError::Invalid {
-                            path: ck.display_path(),
-                            message: format!("linear stand-in {name}: {message}"),
+                // a linear stand-in's matrix comes from the plan, every other tensor from `ck`
+                let mut values = match fold.linear_weight(&name) {
+                    Some(w) => w.to_vec(),
+                    None => {
+                        let e = ck.require(&name)?;
+                        if !fold.alters(&name) {
+                            return gguf_tensor_bytes(ck, e, dtype, interleave_rope);
                         }
-                    })?;
-                    return Ok(encode_f32(&values, dtype));
-                }
-                let e = ck.require(&name)?;
-                if !fold.alters(&name) {
-                    return gguf_tensor_bytes(ck, e, dtype, interleave_rope);
-                }
-                let mut values = ck.f32_values(e)?;
+                        ck.f32_values(e)?
+                    }
+                };
                 fold_values(fold, &name, &mut values).map_err(|message| {
                     CheckpointError::Invalid {
                         path: ck.display_path(),
@@ -302,7 +299,6 @@ pub fn folded_jobs<'a>(
                 let bytes = encode_f32(&values, dtype);
                 Ok(match rope_heads(&ck.arch, &name) {
                     Some(n_head) if interleave_rope => {
-                        let rows = e.shape[0].max(1);
                         permute_rope_rows(&bytes, bytes.len() / rows, n_head, true)
                     }
                     _ => bytes,

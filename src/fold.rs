@@ -32,7 +32,7 @@
 
 use crate::arch::Arch;
 use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
-use crate::model::{ChannelGains, LinearAttention, ScaleValues};
+use crate::model::{ChannelGains, LinearAttention, ScaleValues, StandInError};
 
 /// Errors folding a plan's scalars.
 #[derive(Debug, thiserror::Error)]
@@ -74,13 +74,8 @@ pub enum FoldError {
         value: f32,
     },
     /// A linear stand-in is not for a skipped block, or not `n_embd x n_embd` finite numbers.
-    #[error("linear stand-in of layer {layer}: {message}")]
-    LinearAttention {
-        /// Its layer.
-        layer: usize,
-        /// What is wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    LinearAttention(#[from] StandInError),
     /// A scalar is NaN or infinite.
     #[error("{name}[{layer}] is {value}, not a finite number")]
     NotFinite {
@@ -211,22 +206,15 @@ impl Fold {
             }
             Ok(next)
         };
-        LinearAttention::check_all(&scales.linear, n_layer, n_embd).map_err(|e| match e {
-            crate::model::ModelError::LinearAttention { layer, message } => {
-                FoldError::LinearAttention { layer, message }
-            }
-            other => FoldError::LinearAttention {
-                layer: 0,
-                message: other.to_string(),
-            },
-        })?;
+        LinearAttention::check_all(&scales.linear, n_layer, n_embd)?;
         let mut linear = vec![false; n_layer];
         for a in &scales.linear {
             if !skipped[a.layer] {
-                return Err(FoldError::LinearAttention {
+                return Err(StandInError {
                     layer: a.layer,
                     message: "its attention block is not skipped".into(),
-                });
+                }
+                .into());
             }
             linear[a.layer] = true;
         }

@@ -398,10 +398,11 @@ struct FitArgs {
     /// `ffn_down` as exactly). The search still trains the four scalars only.
     #[arg(long)]
     channel_gains: bool,
-    /// Give each chosen block a linear stand-in instead of nothing: an n_embd x n_embd matrix
-    /// on the normed stream, fitted by least squares to the block's output before the final
-    /// training (llama.cpp's deci runs it as "linear attention": no KV cache, a matrix product
-    /// per token). The search still skips blocks outright.
+    /// Give each skipped block a linear stand-in instead of nothing: an n_embd x n_embd matrix
+    /// on the normed stream, fitted by least squares to the block's output before the search
+    /// (llama.cpp's deci runs it as "linear attention": no KV cache, a matrix product per
+    /// token). The search and the final training run with each candidate replaced by its
+    /// stand-in.
     #[arg(long)]
     linear_attention: bool,
     /// What a trained candidate is scored by: the mean of its training steps' losses (the

@@ -317,9 +317,9 @@ pub struct FitOptions {
     /// Whether the final training also trains per-channel gains of the branch outputs
     /// ([`crate::model::ChannelGains`]; the search trains the four scalars only).
     pub channel_gains: bool,
-    /// Whether the chosen blocks get linear stand-ins ([`crate::model::LinearAttention`], fitted
-    /// by least squares on the final training's documents before it; the search skips blocks
-    /// outright).
+    /// Whether skipped blocks get linear stand-ins ([`crate::model::LinearAttention`], fitted by
+    /// least squares on the final training's documents before the search): the search and the
+    /// final training run with each skipped block replaced by its stand-in.
     pub linear_attention: bool,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
@@ -1110,13 +1110,17 @@ pub fn train_final(
     let model = input.model;
     let n_layer = model.arch().n_layer;
     let skip = SkipMask::from_layers(n_layer, skipped)?;
-    let mut ones = input.base().keep_linear(skipped);
-    if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
-        ones.linear = linear::fit(model, input.batches, input.lengths, skipped)?;
-    }
-    // in the order the blocks were chosen
-    ones.linear
-        .sort_by_key(|a| skipped.iter().position(|&l| l == a.layer));
+    // the chosen blocks' stand-ins, in the order the blocks were chosen
+    let mut ones = ScaleValues::ones(n_layer);
+    ones.linear = if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
+        linear::fit(model, input.batches, input.lengths, skipped)?
+    } else {
+        skipped
+            .iter()
+            .filter_map(|&l| input.stand_ins.iter().find(|a| a.layer == l))
+            .cloned()
+            .collect()
+    };
     let loss_untrained = eval_loss(
         model,
         input.batches,

@@ -116,13 +116,8 @@ pub enum ModelError {
     },
     /// A linear stand-in is for a layer the model does not have, is listed twice, or is not
     /// `n_embd x n_embd` finite numbers.
-    #[error("linear stand-in of layer {layer}: {message}")]
-    LinearAttention {
-        /// Its layer.
-        layer: usize,
-        /// What is wrong.
-        message: String,
-    },
+    #[error(transparent)]
+    LinearAttention(#[from] StandInError),
     /// A candle operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -228,6 +223,16 @@ pub struct LinearAttention {
     pub weight: Vec<f32>,
 }
 
+/// What is wrong with one linear stand-in.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("linear stand-in of layer {layer}: {message}")]
+pub struct StandInError {
+    /// Its layer.
+    pub layer: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
 impl LinearAttention {
     /// Fails unless the stand-ins name distinct layers below `n_layer`, each with
     /// `n_embd * n_embd` finite numbers.
@@ -235,10 +240,10 @@ impl LinearAttention {
         stand_ins: &[LinearAttention],
         n_layer: usize,
         n_embd: usize,
-    ) -> Result<(), ModelError> {
+    ) -> Result<(), StandInError> {
         let mut seen = vec![false; n_layer];
         for a in stand_ins {
-            let bad = |message: String| ModelError::LinearAttention {
+            let bad = |message: String| StandInError {
                 layer: a.layer,
                 message,
             };
@@ -367,12 +372,6 @@ impl ScaleValues {
             gains: None,
             linear: Vec::new(),
         }
-    }
-
-    /// These values with the linear stand-ins of layers not in `layers` left out.
-    pub fn keep_linear(mut self, layers: &[usize]) -> Self {
-        self.linear.retain(|a| layers.contains(&a.layer));
-        self
     }
 
     /// All scalars and channel gains 1.0: the original model, with gains to train.
@@ -729,7 +728,8 @@ impl Model {
         if let Some(g) = &values.gains {
             g.check_shape(self.arch.n_layer, self.arch.n_embd)?;
         }
-        LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)?;
+        LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)
+            .map_err(ModelError::from)?;
         Scales::new(values, self.dtype, &self.device)
     }
 

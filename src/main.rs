@@ -405,6 +405,11 @@ struct FitArgs {
     /// stand-in.
     #[arg(long)]
     linear_attention: bool,
+    /// With --linear-attention: the final training also trains the stand-ins' matrices, end
+    /// to end on the objective, at this learning rate (Adam; their entries are about 0.1 to
+    /// 0.5). Without it they stay at their least-squares fit.
+    #[arg(long, value_name = "LR")]
+    linear_lr: Option<f64>,
     /// What a trained candidate is scored by: the mean of its training steps' losses (the
     /// paper's), or the loss over all fit batches at the scalars it was trained to.
     #[arg(long, value_enum, default_value = "mean-train")]
@@ -449,6 +454,7 @@ impl FitArgs {
             rescreen: self.rescreen,
             channel_gains: self.channel_gains,
             linear_attention: self.linear_attention,
+            linear_lr: self.linear_lr,
             candidate_score: match self.candidate_score {
                 CandidateScoreArg::MeanTrain => ScoreBy::MeanTrain,
                 CandidateScoreArg::Trained => ScoreBy::Trained,

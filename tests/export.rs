@@ -87,6 +87,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             train_scales: true,
             channel_gains: false,
             linear_attention: false,
+            linear_lr: None,
             candidate_score: None,
             screen: None,
             screen_batches: 0,

@@ -184,6 +184,10 @@ pub struct FitSettings {
     /// Whether the skipped blocks got linear stand-ins (plans from before the option: no).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub linear_attention: bool,
+    /// Learning rate at which the final training trained the stand-ins end to end; `None`: they
+    /// stayed at their least-squares fit (and plans from before the option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub linear_lr: Option<f64>,
     /// What trained candidates were scored by, when not the mean of their training losses
     /// (`trained`: the loss at the trained scalars).
     #[serde(default, skip_serializing_if = "Option::is_none")]

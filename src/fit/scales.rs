@@ -19,7 +19,7 @@
 //! distributions coarsened to those `k` tokens and one "everything else" bin: a lower bound on
 //! the full KL that equals it when the teacher's leftover mass is zero.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -542,12 +542,16 @@ pub fn train_scales(
         lr,
         seed,
         &ones,
+        None,
         &mut |_| {},
     )
 }
 
 /// [`train_scales`] from `init` instead of scalars 1, calling `observe` after every step: what
 /// `init` holds is trained, so [`ScaleValues::ones_with_gains`] trains the channel gains too.
+/// With `linear_lr`, `init`'s linear stand-ins are trained as well, end to end on the objective,
+/// by their own Adam at that learning rate (their weights are matrices, not values near 1);
+/// without it they stay as given.
 #[allow(clippy::too_many_arguments)]
 pub fn train_scales_from(
     model: &Model,
@@ -558,21 +562,31 @@ pub fn train_scales_from(
     lr: f64,
     seed: u64,
     init: &ScaleValues,
+    linear_lr: Option<f64>,
     observe: &mut dyn FnMut(StepReport),
 ) -> Result<TrainResult, FitError> {
     check_batches(batches, objective)?;
-    if !(lr.is_finite() && lr > 0.0) {
-        return Err(FitError::LearningRate { lr });
+    for lr in std::iter::once(lr).chain(linear_lr) {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(FitError::LearningRate { lr });
+        }
     }
-    let scales = model.scales(init)?;
-    let mut optimizer = AdamW::new(
-        scales.vars(),
-        ParamsAdamW {
-            lr,
-            weight_decay: 0.0,
-            ..ParamsAdamW::default()
-        },
-    )?;
+    let adam = |vars: Vec<Var>, lr: f64| {
+        AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr,
+                weight_decay: 0.0,
+                ..ParamsAdamW::default()
+            },
+        )
+    };
+    let mut scales = model.scales(init)?;
+    let mut linear_optimizer = match linear_lr {
+        Some(lr) => Some(adam(scales.train_linear(), lr)?),
+        None => None,
+    };
+    let mut optimizer = adam(scales.vars(), lr)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..batches.len()).collect();
     let mut loss_history = Vec::with_capacity(steps);
@@ -586,7 +600,11 @@ pub fn train_scales_from(
         if !value.is_finite() {
             return Err(FitError::NonFiniteLoss { step, loss: value });
         }
-        optimizer.backward_step(&loss)?;
+        let grads = loss.backward()?;
+        optimizer.step(&grads)?;
+        if let Some(o) = linear_optimizer.as_mut() {
+            o.step(&grads)?;
+        }
         loss_history.push(value);
         observe(StepReport { step, loss: value });
     }

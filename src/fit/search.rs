@@ -321,6 +321,9 @@ pub struct FitOptions {
     /// least squares on the final training's documents before the search): the search and the
     /// final training run with each skipped block replaced by its stand-in.
     pub linear_attention: bool,
+    /// With linear stand-ins: the final training also trains them, end to end on the objective,
+    /// at this learning rate (`None`: they stay at their least-squares fit).
+    pub linear_lr: Option<f64>,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
     /// Which positions the loss covers.
@@ -351,6 +354,7 @@ impl Default for FitOptions {
             candidate_score: ScoreBy::MeanTrain,
             channel_gains: false,
             linear_attention: false,
+            linear_lr: None,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
             loss_tokens: LossTokens::All,
         }
@@ -400,6 +404,18 @@ impl FitOptions {
         if !positive_lr(self.final_lr) {
             return bad("final-lr", self.final_lr.to_string(), "a positive number");
         }
+        if let Some(lr) = self.linear_lr {
+            if !self.linear_attention {
+                return bad(
+                    "linear-lr",
+                    lr.to_string(),
+                    "given only with --linear-attention",
+                );
+            }
+            if !positive_lr(lr) {
+                return bad("linear-lr", lr.to_string(), "a positive number");
+            }
+        }
         if self.shortlist == 0 {
             return bad("shortlist", "0".into(), "at least 1 candidate");
         }
@@ -427,7 +443,13 @@ impl FitOptions {
         self.candidate_steps.unwrap_or(n_batches)
     }
 
-    /// Documents of the final training.
+    /// Whether anything after the search learns from the final training's documents: the
+    /// scalars' training, or the linear stand-ins' least squares (with `--no-scales` too).
+    pub fn uses_final_docs(&self) -> bool {
+        self.train_scales || self.linear_attention
+    }
+
+    /// Documents of the final training: `final_docs`, at least the fit documents.
     pub fn resolved_final_docs(&self) -> usize {
         self.final_docs.unwrap_or(self.fit_docs).max(self.fit_docs)
     }
@@ -449,7 +471,7 @@ impl FitOptions {
             objective: self.objective.name().into(),
             skip: self.skip,
             fit_docs: self.fit_docs,
-            final_docs: (self.train_scales && self.resolved_final_docs() > self.fit_docs)
+            final_docs: (self.uses_final_docs() && self.resolved_final_docs() > self.fit_docs)
                 .then(|| self.resolved_final_docs()),
             candidate_steps: if self.train_scales {
                 self.resolved_candidate_steps(n_batches)
@@ -467,6 +489,9 @@ impl FitOptions {
             train_scales: self.train_scales,
             channel_gains: self.train_scales && self.channel_gains,
             linear_attention: self.linear_attention,
+            linear_lr: self.linear_lr.filter(|_| {
+                self.linear_attention && self.resolved_final_steps(n_final_batches) > 0
+            }),
             // recorded only when it is not the paper's score, so older plans read as before
             candidate_score: (self.train_scales && self.candidate_score != ScoreBy::MeanTrain)
                 .then(|| self.candidate_score.name().to_string()),
@@ -631,6 +656,7 @@ impl<'a> Searcher<'a> {
         init: &ScaleValues,
         steps: usize,
         lr: f64,
+        linear_lr: Option<f64>,
         seed: u64,
         label: &str,
     ) -> Result<scales::TrainResult, SearchError> {
@@ -646,6 +672,7 @@ impl<'a> Searcher<'a> {
             lr,
             seed,
             init,
+            linear_lr,
             &mut |StepReport { step, loss }| {
                 sum += loss as f64;
                 bar.set_message(format!("mean loss {:.4}", sum / (step + 1) as f64));
@@ -683,6 +710,7 @@ impl<'a> Searcher<'a> {
             &ones,
             steps,
             self.options.lr,
+            None,
             seed,
             "candidate",
         )?;
@@ -958,6 +986,7 @@ pub fn screen_candidates(
                         options.lr,
                         options.seed,
                         &ones,
+                        None,
                         &mut |_| {},
                     )?
                     .scales
@@ -1145,6 +1174,7 @@ pub fn train_final(
             &init,
             steps,
             options.final_lr,
+            options.linear_lr.filter(|_| !init.linear.is_empty()),
             derive_seed(options.seed, FINAL_STREAM),
             "final",
         )?;
@@ -1407,7 +1437,7 @@ impl FitTask {
         };
         let data = build(options.fit_docs)?;
         let final_docs = options.resolved_final_docs();
-        let final_data = if options.train_scales && final_docs > options.fit_docs {
+        let final_data = if options.uses_final_docs() && final_docs > options.fit_docs {
             Some(build(final_docs)?)
         } else {
             None
@@ -1686,6 +1716,7 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
         final_steps: plan.settings.final_steps,
         final_lr: plan.settings.final_lr,
         channel_gains: plan.settings.channel_gains,
+        linear_lr: plan.settings.linear_lr,
         ..old.settings
     }) != plan.settings
     {
@@ -2216,6 +2247,62 @@ mod tests {
         assert_eq!(c.scales.linear, b.scales.linear);
         assert!(c.loss < b.loss, "{} !< {}", c.loss, b.loss);
         assert!(stand_ins.settings(2, 2).linear_attention);
+        assert_eq!(trained.settings(2, 2).linear_lr, None);
+    }
+
+    #[test]
+    fn linear_stand_ins_trained_end_to_end_lower_the_loss_further() {
+        let (model, batches, lengths, _) = dead_block_setup(3);
+        let input = search_input(&model, &batches, &lengths);
+        let skipped = [2, 1];
+        let fixed = FitOptions {
+            final_steps: Some(24),
+            final_lr: 1e-2,
+            linear_attention: true,
+            ..options(2)
+        };
+        let trained = FitOptions {
+            linear_lr: Some(1e-2),
+            ..fixed.clone()
+        };
+        let (a, _) = train_final(&input, &fixed, &skipped, &Progress::hidden()).unwrap();
+        let (b, _) = train_final(&input, &trained, &skipped, &Progress::hidden()).unwrap();
+        // the same start, the same scalar training; only the stand-ins' training differs
+        assert_eq!(a.loss_untrained, b.loss_untrained);
+        assert!(b.loss < a.loss, "{} !< {}", b.loss, a.loss);
+        let layers: Vec<usize> = b.scales.linear.iter().map(|s| s.layer).collect();
+        assert_eq!(layers, vec![2, 1]);
+        for (x, y) in a.scales.linear.iter().zip(&b.scales.linear) {
+            assert!(x.weight.iter().zip(&y.weight).any(|(p, q)| p != q));
+        }
+        // the loss the plan records is the one the trained stand-ins give
+        let skip = SkipMask::from_layers(model.arch().n_layer, &skipped).unwrap();
+        let again = eval_loss(
+            &model,
+            &batches,
+            skip.as_slice(),
+            &b.scales,
+            trained.objective,
+        );
+        assert_eq!(again.unwrap(), b.loss);
+        assert_eq!(trained.settings(2, 2).linear_lr, Some(1e-2));
+        // the rate needs stand-ins to train, and must be a rate
+        let without = FitOptions {
+            linear_attention: false,
+            ..trained.clone()
+        };
+        assert!(matches!(
+            without.validate(),
+            Err(SearchError::Setting {
+                name: "linear-lr",
+                ..
+            })
+        ));
+        let negative = FitOptions {
+            linear_lr: Some(-1.0),
+            ..trained
+        };
+        assert!(negative.validate().is_err());
     }
 
     #[test]
@@ -2329,9 +2416,16 @@ mod tests {
         assert_eq!(more.settings(2, 8).final_docs, Some(ok.fit_docs * 4));
         let none = FitOptions {
             train_scales: false,
-            ..more
+            ..more.clone()
         };
         assert_eq!(none.settings(2, 8).final_docs, None);
         assert_eq!(none.settings(2, 8).final_steps, 0);
+        // untrained scalars, but stand-ins fitted on the final documents, which are recorded
+        let stand_ins = FitOptions {
+            linear_attention: true,
+            ..none
+        };
+        assert_eq!(stand_ins.settings(2, 8).final_docs, Some(ok.fit_docs * 4));
+        assert_eq!(stand_ins.settings(2, 8).final_steps, 0);
     }
 }

@@ -421,10 +421,12 @@ pub struct Scales {
     pub s_mlp: Var,
     /// Channel gains of the attention and the MLP output.
     pub gains: Option<[Var; 2]>,
-    /// The linear stand-ins, constant (as given, for [`Scales::values`]).
+    /// The linear stand-ins as given (for [`Scales::values`] when they are not trained).
     linear: Vec<LinearAttention>,
-    /// Per layer, its stand-in's weight `(n_embd, n_embd)` as a tensor.
-    linear_weights: Vec<Option<Tensor>>,
+    /// Per layer, its stand-in's weight `(n_embd, n_embd)`.
+    linear_weights: Vec<Option<Var>>,
+    /// Whether a training pass tracks the stand-ins' weights ([`Scales::train_linear`]).
+    train_linear: bool,
 }
 
 /// The scalars and gains as graph inputs of one forward pass.
@@ -433,7 +435,7 @@ struct ScaleTensors {
     scalars: [Tensor; 4],
     /// Attention and MLP channel gains, each `[n_layer, n_embd]`.
     gains: Option<[Tensor; 2]>,
-    /// Per layer, the weight of its linear stand-in, if it has one.
+    /// Per layer, the weight of its linear stand-in, if it has one: tracked when it is trained.
     linear: Vec<Option<Tensor>>,
 }
 
@@ -460,7 +462,7 @@ impl Scales {
             let width = (a.weight.len() as f64).sqrt() as usize;
             let w = Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?;
             if let Some(slot) = linear_weights.get_mut(a.layer) {
-                *slot = Some(w);
+                *slot = Some(Var::from_tensor(&w)?);
             }
         }
         Ok(Self {
@@ -471,7 +473,16 @@ impl Scales {
             gains,
             linear: values.linear.clone(),
             linear_weights,
+            train_linear: false,
         })
+    }
+
+    /// Trains the linear stand-ins too: training passes track their weights, and the returned
+    /// variables (one per stand-in, in the order they were given) go to an optimizer. Without
+    /// this call the stand-ins are constants of the graph.
+    pub fn train_linear(&mut self) -> Vec<Var> {
+        self.train_linear = true;
+        self.linear_weights.iter().flatten().cloned().collect()
     }
 
     /// The variables, for an optimizer.
@@ -501,18 +512,28 @@ impl Scales {
             }),
             None => None,
         };
+        // untrained, the stand-ins are returned as given, bit for bit whatever the model's dtype
+        let mut linear = self.linear.clone();
+        if self.train_linear {
+            for a in &mut linear {
+                if let Some(w) = self.linear_weights.get(a.layer).and_then(Option::as_ref) {
+                    let weight = w.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
+                    a.weight = weight.to_vec1::<f32>()?;
+                }
+            }
+        }
         Ok(ScaleValues {
             b_att: read(&self.b_att)?,
             s_att: read(&self.s_att)?,
             b_mlp: read(&self.b_mlp)?,
             s_mlp: read(&self.s_mlp)?,
             gains,
-            linear: self.linear.clone(),
+            linear,
         })
     }
 
-    /// The scalars and gains as graph inputs: tracked for training, detached for a pass without
-    /// gradients.
+    /// The scalars, gains and stand-ins as graph inputs: tracked for training (the stand-ins only
+    /// after [`Scales::train_linear`]), detached for a pass without gradients.
     fn tensors(&self, track: bool) -> ScaleTensors {
         let input = |v: &Var| {
             if track {
@@ -524,7 +545,19 @@ impl Scales {
         ScaleTensors {
             scalars: [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(input),
             gains: self.gains.as_ref().map(|g| g.each_ref().map(input)),
-            linear: self.linear_weights.clone(),
+            linear: self
+                .linear_weights
+                .iter()
+                .map(|w| {
+                    w.as_ref().map(|w| {
+                        if track && self.train_linear {
+                            w.as_tensor().clone()
+                        } else {
+                            w.as_tensor().detach()
+                        }
+                    })
+                })
+                .collect(),
         }
     }
 }
@@ -1000,7 +1033,12 @@ impl Model {
                     if let Some(tap) = tap.as_mut() {
                         tap(WeightInput::AttnOutput(l), &h)?;
                     }
-                    Some(ops::linear(&h, w, None)?)
+                    // a trained stand-in needs its weight's gradient, which `ops::linear` skips
+                    Some(if w.track_op() {
+                        h.matmul(&w.t()?)?
+                    } else {
+                        ops::linear(&h, w, None)?
+                    })
                 }
                 (false, _) => {
                     let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;

@@ -11,7 +11,7 @@ use crate::gguf::writer::GgufWriter;
 use crate::gguf::{GgmlType, Value};
 use crate::imatrix::Imatrix;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
-use crate::quantize::{quantize_file, require_imatrix, QuantizeError};
+use crate::quantize::{quantize_file, require_imatrix, QuantizeError, TypeOverride};
 
 /// Errors converting a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -574,6 +574,7 @@ pub fn to_gguf(
         force,
         threads,
         imatrix,
+        &[],
         progress,
         |path, float, bar| {
             let kvs = checkpoint_kvs(ck, arch_name, float.file_type());
@@ -585,7 +586,8 @@ pub fn to_gguf(
 
 /// Writes `target` as `qtype`: float types directly through `write`, quantized types by
 /// writing an intermediate float file next to the target and running llama.cpp's quantizer
-/// (with `imatrix`, when given; a type that needs one is refused before any work without it).
+/// (with `imatrix`, when given; a type that needs one is refused before any work without it;
+/// `overrides` give tensors their own types).
 #[allow(clippy::too_many_arguments)]
 pub fn write_typed<F>(
     target: &Path,
@@ -593,6 +595,7 @@ pub fn write_typed<F>(
     force: bool,
     threads: usize,
     imatrix: Option<&Imatrix>,
+    overrides: &[TypeOverride],
     progress: &indicatif::ProgressBar,
     write: F,
     intermediate: FloatType,
@@ -616,7 +619,7 @@ where
     crate::output::register_temp(&tmp);
     let result = write(&tmp, intermediate, progress).and_then(|written| {
         progress.set_message(format!("quantizing to {}", qtype.name()));
-        quantize_file(&tmp, target, qtype, threads, force, imatrix)?;
+        quantize_file(&tmp, target, qtype, threads, force, imatrix, overrides)?;
         WriteSummary::of(target, written.n_tensors)
     });
     let _ = std::fs::remove_file(&tmp);

@@ -31,6 +31,7 @@ use crate::gguf::vocab::Vocab;
 use crate::gguf::Value;
 use crate::imatrix::Imatrix;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
+use crate::quantize::original_attn_v_types;
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
 /// many entries.
@@ -148,12 +149,20 @@ pub fn export(
     let slim = skip.iter().any(|&s| s);
     let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
     let interleave = slim || ck.arch.family == Family::Llama;
+    // the kept attention blocks get the types the original's would, whatever their new index
+    let attn_layers: Vec<usize> = (0..n_layer).filter(|&l| !skip[l]).collect();
+    let overrides = if slim {
+        original_attn_v_types(qtype, &ck.arch, &attn_layers)
+    } else {
+        Vec::new()
+    };
     let gguf = write_typed(
         target,
         qtype,
         force,
         threads,
         imatrix,
+        &overrides,
         progress,
         |path, float, bar| {
             let kvs = if slim {

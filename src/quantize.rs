@@ -4,7 +4,9 @@
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
+use crate::arch::{Arch, Family};
 use crate::gguf::consts::QuantType;
+use crate::gguf::types::GgmlType;
 use crate::imatrix::{Imatrix, ImatrixError};
 use crate::output::{check_overwrite, register_temp, temp_path_for, unregister_temp, OutputError};
 
@@ -80,10 +82,70 @@ pub fn require_imatrix(qtype: QuantType, has_imatrix: bool) -> Result<(), Quanti
     Ok(())
 }
 
+/// One tensor given its own type, as `llama-quantize --tensor-type` does, instead of the one the
+/// preset's mixture would choose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypeOverride {
+    /// The tensor's name in the GGUF.
+    pub tensor: String,
+    /// Its type.
+    pub ggml_type: GgmlType,
+}
+
+/// The types the `qtype` mixture gives the original model's `attn_v` tensors in `attn_layers`,
+/// for a slim file that keeps only those: what llama.cpp's quantizer (`llama-quant.cpp`,
+/// `llama_tensor_get_type_impl`) chooses for attn_v depends, in q3_k_m, q4_k_s, q4_k_m and
+/// q5_k_m, on the tensor's index among the file's attn_v tensors and on their count. In a
+/// file with attention blocks skipped both shift, and the kept layers would get other types
+/// than the same layers of the original (in q4_k_m on 30 layers with four skipped, 12 of the 26
+/// swap between 6-bit and 4-bit), so the slim file's quantization noise would differ from the
+/// original's for no reason. Replicates those rules for the original's layer count (index = layer,
+/// as every layer of a Llama or Qwen2 model has attention), with the 70B bump that follows
+/// them; other presets do not depend on the index and get no overrides.
+pub fn original_attn_v_types(
+    qtype: QuantType,
+    arch: &Arch,
+    attn_layers: &[usize],
+) -> Vec<TypeOverride> {
+    if !matches!(
+        qtype,
+        QuantType::Q3KM | QuantType::Q4KS | QuantType::Q4KM | QuantType::Q5KM
+    ) {
+        return Vec::new();
+    }
+    let n = arch.n_layer as i64;
+    let use_more_bits = |i: i64| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
+    // llama.cpp's model type 70B: Llama with grouped-query attention or Qwen2, at 80 layers
+    let is_70b =
+        arch.n_layer == 80 && (arch.family == Family::Qwen2 || arch.n_head != arch.n_head_kv);
+    attn_layers
+        .iter()
+        .map(|&layer| {
+            let i = layer as i64;
+            let mut t = match qtype {
+                QuantType::Q3KM if i < 2 => GgmlType::Q5_K,
+                QuantType::Q3KM => GgmlType::Q4_K,
+                QuantType::Q4KS if i < 4 => GgmlType::Q5_K,
+                QuantType::Q4KM | QuantType::Q5KM if use_more_bits(i) => GgmlType::Q6_K,
+                QuantType::Q5KM => GgmlType::Q5_K,
+                _ => GgmlType::Q4_K,
+            };
+            if is_70b && matches!(t, GgmlType::Q3_K | GgmlType::Q4_K) {
+                t = GgmlType::Q5_K;
+            }
+            TypeOverride {
+                tensor: format!("blk.{layer}.attn_v.weight"),
+                ggml_type: t,
+            }
+        })
+        .collect()
+}
+
 /// Quantizes `input` (a GGUF) to `qtype` at `output`, through a temporary file that is renamed
 /// when llama.cpp has finished. Quantized inputs are allowed (requantized). With `imatrix` the
 /// quantizer weights each column's rounding error by its importance (`llama-quantize
-/// --imatrix`); it is checked against `input`'s tensors first.
+/// --imatrix`); it is checked against `input`'s tensors first. `overrides` give tensors their
+/// own types (then fitted to their shape as llama.cpp does for every type).
 pub fn quantize_file(
     input: &Path,
     output: &Path,
@@ -91,6 +153,7 @@ pub fn quantize_file(
     threads: usize,
     force: bool,
     imatrix: Option<&Imatrix>,
+    overrides: &[TypeOverride],
 ) -> Result<(), QuantizeError> {
     check_overwrite(output, force)?;
     require_imatrix(qtype, imatrix.is_some())?;
@@ -122,6 +185,28 @@ pub fn quantize_file(
         data: std::ptr::null(),
         size: 0,
     });
+    // the overrides as llama.cpp reads them: (pattern, type) rows ending in a null pattern; each
+    // pattern is a regular expression matching the one tensor's whole name
+    let patterns: Vec<(CString, GgmlType)> = overrides
+        .iter()
+        .filter_map(|o| {
+            let pattern = format!("^{}$", o.tensor.replace('.', "\\."));
+            Some((CString::new(pattern).ok()?, o.ggml_type))
+        })
+        .collect();
+    let mut type_rows: Vec<llama_cpp_sys_2::llama_model_tensor_override> = patterns
+        .iter()
+        .map(
+            |(pattern, t)| llama_cpp_sys_2::llama_model_tensor_override {
+                pattern: pattern.as_ptr(),
+                type_: t.id() as _,
+            },
+        )
+        .collect();
+    type_rows.push(llama_cpp_sys_2::llama_model_tensor_override {
+        pattern: std::ptr::null(),
+        type_: 0,
+    });
     crate::llamacpp::backend();
     let tmp = temp_path_for(output);
     register_temp(&tmp);
@@ -130,7 +215,8 @@ pub fn quantize_file(
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call; the params
     // struct comes from llama.cpp's own defaults with plain fields changed; the importance
     // matrix rows point into `entries`, which outlives the call, and end in a null name as
-    // llama.cpp reads them.
+    // llama.cpp reads them; the override rows likewise point into `patterns` and end in a null
+    // pattern.
     let code = unsafe {
         let mut params = llama_cpp_sys_2::llama_model_quantize_default_params();
         params.ftype = qtype.ftype_id() as _;
@@ -138,6 +224,9 @@ pub fn quantize_file(
         params.allow_requantize = true;
         if imatrix.is_some() {
             params.imatrix = rows.as_ptr();
+        }
+        if !overrides.is_empty() {
+            params.tt_overrides = type_rows.as_ptr();
         }
         llama_cpp_sys_2::llama_model_quantize(cin.as_ptr(), cout.as_ptr(), &params)
     };
@@ -158,4 +247,63 @@ pub fn quantize_file(
     }
     unregister_temp(&tmp);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::tests::tiny_arch;
+
+    fn types(qtype: QuantType, arch: &Arch, layers: &[usize]) -> Vec<&'static str> {
+        original_attn_v_types(qtype, arch, layers)
+            .iter()
+            .map(|o| o.ggml_type.name())
+            .collect()
+    }
+
+    #[test]
+    fn attn_v_types_follow_the_original_layer_count() {
+        let arch = Arch {
+            n_layer: 30,
+            ..tiny_arch()
+        };
+        // llama.cpp's q4_k_m on SmolLM2's 30 layers (read from a file it wrote): 6 bits in
+        // layers 0-2, every third from 5 and the last four
+        let all: Vec<usize> = (0..30).collect();
+        let more: Vec<usize> = (0..30)
+            .filter(|&l| types(QuantType::Q4KM, &arch, &all)[l] == "q6_K")
+            .collect();
+        assert_eq!(
+            more,
+            vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+        );
+        // a kept layer gets its own type, not the one of its index among the kept
+        let kept = [0, 1, 2, 3, 4, 5, 8, 9, 10, 11];
+        let overrides = original_attn_v_types(QuantType::Q4KM, &arch, &kept);
+        assert_eq!(overrides[6].tensor, "blk.8.attn_v.weight");
+        assert_eq!(types(QuantType::Q4KM, &arch, &kept)[6], "q6_K");
+        assert_eq!(types(QuantType::Q5KM, &arch, &[7, 8]), ["q5_K", "q6_K"]);
+        assert_eq!(types(QuantType::Q3KM, &arch, &[1, 2]), ["q5_K", "q4_K"]);
+        assert_eq!(types(QuantType::Q4KS, &arch, &[3, 4]), ["q5_K", "q4_K"]);
+        // presets whose attn_v type does not depend on the index get no overrides
+        for q in [
+            QuantType::Q4_0,
+            QuantType::Q8_0,
+            QuantType::Q2K,
+            QuantType::Q6K,
+        ] {
+            assert!(original_attn_v_types(q, &arch, &all).is_empty());
+        }
+        // 70B (80 layers, grouped-query attention): 4-bit attn_v becomes 5-bit
+        let big = Arch {
+            n_layer: 80,
+            ..tiny_arch()
+        };
+        assert_eq!(types(QuantType::Q4KM, &big, &[10, 12]), ["q5_K", "q6_K"]);
+        let mha = Arch {
+            n_head_kv: big.n_head,
+            ..big
+        };
+        assert_eq!(types(QuantType::Q4KM, &mha, &[10, 12]), ["q4_K", "q6_K"]);
+    }
 }

@@ -357,6 +357,47 @@ fn exported_deci_file_has_the_slim_layout_and_loads_also_quantized() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// q4_k_m gives attn_v more bits in some layers, chosen by the tensor's index among the file's
+/// attn_v tensors and their count (llama.cpp's `use_more_bits`), which both shift when blocks
+/// are skipped: every tensor the slim file keeps gets the type it has in the original's q4_k_m
+/// file, and the original's attn_v types are not all one (so the check can fail).
+#[test]
+fn kept_tensors_are_quantized_as_in_the_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = Tiny {
+        n_layer: 8,
+        ..Tiny::llama()
+    };
+    let hf = write_tiny(dir.path(), &tiny);
+    let ck = Checkpoint::open(&hf).unwrap();
+    let plan = plan_for(&ck, &[2, 5], 3);
+    let plan_path = dir.path().join("plan.json");
+    plan.save(&plan_path, false).unwrap();
+    let slim = dir.path().join("slim.gguf");
+    export(&hf, &plan_path, &slim, "q4_k_m");
+    let original = dir.path().join("original.gguf");
+    let o = hopscotch(&["convert", s(&hf), "-o", s(&original), "--type", "q4_k_m"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (
+        GgufFile::open(&original).unwrap(),
+        GgufFile::open(&slim).unwrap(),
+    );
+    let type_in = |f: &GgufFile, name: &str| f.tensor(name).map(|t| t.ggml_type);
+    let mut compared = 0;
+    for t in b.tensors() {
+        if let Some(ty) = type_in(&a, &t.name) {
+            assert_eq!(t.ggml_type, ty, "{}", t.name);
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, b.tensors().len());
+    let v_types: std::collections::BTreeSet<_> = (0..tiny.n_layer)
+        .filter_map(|l| type_in(&a, &format!("blk.{l}.attn_v.weight")))
+        .map(|t| t.name())
+        .collect();
+    assert!(v_types.len() > 1, "{v_types:?}");
+}
+
 /// A linear stand-in exports as deci's "linear attention": heads but no KV heads, only
 /// `attn_norm` and an `n_embd x n_embd` `attn_output`; llama.cpp loads and runs it, `inspect`
 /// names it, and a stand-in for a block that is not skipped is refused.

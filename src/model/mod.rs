@@ -478,7 +478,7 @@ impl Scales {
     }
 
     /// Trains the linear stand-ins too: training passes track their weights, and the returned
-    /// variables (one per stand-in, in the order they were given) go to an optimizer. Without
+    /// variables (one per stand-in, in layer order) go to an optimizer. Without
     /// this call the stand-ins are constants of the graph.
     pub fn train_linear(&mut self) -> Vec<Var> {
         self.train_linear = true;

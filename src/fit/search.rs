@@ -409,7 +409,7 @@ impl FitOptions {
                 return bad(
                     "linear-lr",
                     lr.to_string(),
-                    "given only with --linear-attention",
+                    "to come with --linear-attention (it trains the stand-ins)",
                 );
             }
             if !positive_lr(lr) {

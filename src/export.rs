@@ -150,9 +150,9 @@ pub fn export(
     let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
     let interleave = slim || ck.arch.family == Family::Llama;
     // the kept attention blocks get the types the original's would, whatever their new index
-    let attn_layers: Vec<usize> = (0..n_layer).filter(|&l| !skip[l]).collect();
     let overrides = if slim {
-        original_attn_v_types(qtype, &ck.arch, &attn_layers)
+        let kept: Vec<usize> = (0..n_layer).filter(|&l| !skip[l]).collect();
+        original_attn_v_types(qtype, &ck.arch, &kept)
     } else {
         Vec::new()
     };

@@ -208,6 +208,15 @@ pub struct FitSettings {
     pub loss_tokens: String,
 }
 
+impl FitSettings {
+    /// Whether the plan learned from documents of a final training beyond the fit documents
+    /// (the scalars' training or the stand-ins' least squares), as
+    /// [`crate::fit::search::FitOptions::uses_final_docs`] decides it.
+    pub fn uses_final_docs(&self) -> bool {
+        self.train_scales || self.linear_attention
+    }
+}
+
 fn default_loss_tokens() -> String {
     "targets".into()
 }

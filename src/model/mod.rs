@@ -761,8 +761,7 @@ impl Model {
         if let Some(g) = &values.gains {
             g.check_shape(self.arch.n_layer, self.arch.n_embd)?;
         }
-        LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)
-            .map_err(ModelError::from)?;
+        LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)?;
         Scales::new(values, self.dtype, &self.device)
     }
 

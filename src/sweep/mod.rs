@@ -768,8 +768,7 @@ fn plan_is_current(
     plan.model == *model
         && plan.task.sha256 == task.data.sha256
         && plan.fit_doc_ids == task.fit_ids
-        && (plan.final_doc_ids == task.final_ids
-            || !(plan.settings.train_scales || plan.settings.linear_attention))
+        && (plan.final_doc_ids == task.final_ids || !plan.settings.uses_final_docs())
         && plan.skipped_blocks.len() == k
         && plan.settings
             == FitSettings {

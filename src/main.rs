@@ -410,6 +410,11 @@ struct FitArgs {
     /// 0.5). Without it they stay at their least-squares fit.
     #[arg(long, value_name = "LR")]
     linear_lr: Option<f64>,
+    /// With --linear-attention: fit the chosen blocks' stand-ins again after the search, one
+    /// after another in layer order, each on the stream the stand-ins before it leave, so each
+    /// also corrects what those left wrong. Costs a forward pass per chosen block.
+    #[arg(long)]
+    linear_sequential: bool,
     /// What a trained candidate is scored by: the mean of its training steps' losses (the
     /// paper's), or the loss over all fit batches at the scalars it was trained to.
     #[arg(long, value_enum, default_value = "mean-train")]
@@ -455,6 +460,7 @@ impl FitArgs {
             channel_gains: self.channel_gains,
             linear_attention: self.linear_attention,
             linear_lr: self.linear_lr,
+            linear_sequential: self.linear_sequential,
             candidate_score: match self.candidate_score {
                 CandidateScoreArg::MeanTrain => ScoreBy::MeanTrain,
                 CandidateScoreArg::Trained => ScoreBy::Trained,

@@ -88,6 +88,7 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
             channel_gains: false,
             linear_attention: false,
             linear_lr: None,
+            linear_sequential: false,
             candidate_score: None,
             screen: None,
             screen_batches: 0,

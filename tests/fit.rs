@@ -353,6 +353,76 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     );
 }
 
+/// `--linear-sequential`: a stand-in search resumed into it keeps its rounds, keeps the first
+/// replaced block's stand-in and refits the later one; without stand-ins it is refused.
+#[test]
+fn a_stand_in_search_resumes_into_sequential_stand_ins() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let base: Vec<&str> =
+        "--skip 2 --fit-docs 4 --batch-size 2 --shortlist 2 --final-steps 0 --linear-attention"
+            .split(' ')
+            .collect();
+    let first = dir.path().join("independent.json");
+    ok(fit(dir.path(), &model, &task, &first, &base));
+    let first = Plan::load(&first).unwrap();
+    assert!(!first.settings.linear_sequential);
+
+    let seq = dir.path().join("sequential.json");
+    let report = fit_resumed(
+        dir.path(),
+        &model,
+        &task,
+        &first,
+        &seq,
+        &[&base[..], &["--linear-sequential"]].concat(),
+    );
+    assert_eq!(report["resumed_rounds"], 2);
+    let seq = Plan::load(&seq).unwrap();
+    assert!(seq.settings.linear_sequential);
+    assert_eq!(seq.rounds, first.rounds);
+    let stand_in = |plan: &Plan, layer: usize| {
+        plan.scales
+            .linear
+            .iter()
+            .find(|a| a.layer == layer)
+            .unwrap()
+            .weight
+            .clone()
+    };
+    let mut layers = seq.skipped_blocks.clone();
+    layers.sort_unstable();
+    let max_diff = |l| {
+        stand_in(&seq, l)
+            .iter()
+            .zip(stand_in(&first, l))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+    assert!(
+        max_diff(layers[0]) < 1e-4,
+        "the first reads the original's stream"
+    );
+    assert!(
+        max_diff(layers[1]) > 1e-3,
+        "the second reads the slim stream"
+    );
+
+    let bad = dir.path().join("bad.json");
+    fails(
+        fit(
+            dir.path(),
+            &model,
+            &task,
+            &bad,
+            &["--skip", "2", "--linear-sequential"],
+        ),
+        &bad,
+        "linear-sequential",
+    );
+}
+
 #[test]
 fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     let dir = tempfile::tempdir().unwrap();

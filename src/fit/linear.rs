@@ -18,7 +18,7 @@
 use candle_core::{DType, Tensor};
 
 use crate::fit::scales::TrainBatch;
-use crate::model::{LinearAttention, Model, ModelError, ScaleValues, WeightInput};
+use crate::model::{LinearAttention, Model, ModelError, ScaleValues, SkipMask, WeightInput};
 
 /// The ridge of the least-squares fit, relative to the mean diagonal of `HᵀH` (the mean
 /// squared entry of the normed stream): small enough not to bias well-determined directions,
@@ -121,17 +121,106 @@ pub fn fit(
             .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })?
             .to_dtype(DType::F32)?;
         // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
-        let target = wo.matmul(cross)?;
-        let gram: Vec<f64> = to_f64(gram)?;
-        let target: Vec<f64> = to_f64(&target)?;
-        let weight = solve_ridge(&gram, &target, d, RIDGE)
-            .map_err(|row| LinearError::Singular { layer: l, row })?;
-        out.push(LinearAttention {
-            layer: l,
-            weight: weight.into_iter().map(|v| v as f32).collect(),
-        });
+        out.push(solve_layer(l, gram, &wo.matmul(cross)?, d)?);
     }
     Ok(out)
+}
+
+/// Fits the stand-ins of `layers` one after another, in layer order, each on the stream the
+/// slim model gives it: the stream entering layer `l` with every chosen layer before `l`
+/// already replaced by its fitted stand-in (every scalar 1), and as target what the original
+/// model's stream is after layer `l`'s attention block. A stand-in so also corrects what the
+/// replaced blocks before it left wrong, as far as a linear map of its input can (the
+/// layer-by-layer error correction of sequential post-training compression). The first
+/// replaced layer sees the original stream, so its stand-in is [`fit`]'s.
+///
+/// `W` minimises `Σ ||W h' - (x1 - x')||² + λ ||W||²`, `x'` the slim stream entering the layer,
+/// `h'` its normed form and `x1` the original stream after the attention block. Costs one
+/// forward pass of the original model and one of the slim model, carried from one chosen
+/// layer to the next.
+pub fn fit_sequential(
+    model: &Model,
+    batches: &[TrainBatch],
+    lengths: &[Vec<usize>],
+    layers: &[usize],
+) -> Result<Vec<LinearAttention>, LinearError> {
+    let n_layer = model.arch().n_layer;
+    let d = model.arch().n_embd;
+    if let Some(&layer) = layers.iter().find(|&&l| l >= n_layer) {
+        return Err(LinearError::NoSuchLayer { layer, n_layer });
+    }
+    let mut order = layers.to_vec();
+    order.sort_unstable();
+    order.dedup();
+    // per batch: the real-token mask, and per chosen layer the original stream after attention
+    let mut masks = Vec::with_capacity(batches.len());
+    let mut targets: Vec<Vec<Tensor>> = Vec::with_capacity(batches.len());
+    for (batch, lens) in batches.iter().zip(lengths) {
+        let mask = batch.real_token_mask(lens, model.dtype())?;
+        let around = model.attention_residuals_no_grad(&batch.input_ids)?;
+        targets.push(order.iter().map(|&l| around[l].1.clone()).collect());
+        masks.push(mask);
+    }
+    let skip = SkipMask::from_layers(n_layer, &order)?;
+    let mut fitted: Vec<LinearAttention> = Vec::with_capacity(order.len());
+    // each batch's slim stream entering layer `at`, carried forward from one chosen layer to
+    // the next (`None`: not started)
+    let mut streams: Vec<Option<Tensor>> = vec![None; batches.len()];
+    let mut at = 0;
+    for (i, &l) in order.iter().enumerate() {
+        let values = ScaleValues {
+            linear: fitted.clone(),
+            ..ScaleValues::ones(n_layer)
+        };
+        let scales = model.scales(&values)?;
+        let (mut gram, mut cross) = (None, None);
+        for (j, batch) in batches.iter().enumerate() {
+            let x = model.advance_no_grad(
+                &batch.input_ids,
+                streams[j].as_ref(),
+                at,
+                l,
+                &scales,
+                skip.as_slice(),
+            )?;
+            let h = model
+                .attn_norm_no_grad(l, &x)
+                .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })??
+                .broadcast_mul(&masks[j])?
+                .to_dtype(DType::F32)?;
+            let a = (&targets[j][i] - &x)?
+                .broadcast_mul(&masks[j])?
+                .to_dtype(DType::F32)?;
+            add(&mut gram, h.t()?.matmul(&h)?)?;
+            add(&mut cross, a.t()?.matmul(&h)?)?;
+            streams[j] = Some(x);
+        }
+        let (Some(gram), Some(cross)) = (gram, cross) else {
+            return Err(LinearError::Singular { layer: l, row: 0 });
+        };
+        fitted.push(solve_layer(l, &gram, &cross, d)?);
+        at = l;
+    }
+    // in the order asked for
+    Ok(layers
+        .iter()
+        .filter_map(|&l| fitted.iter().find(|a| a.layer == l).cloned())
+        .collect())
+}
+
+/// Layer `l`'s stand-in from `HᵀH` (`d x d`) and `AᵀH` (`d x d`).
+fn solve_layer(
+    l: usize,
+    gram: &Tensor,
+    target: &Tensor,
+    d: usize,
+) -> Result<LinearAttention, LinearError> {
+    let weight = solve_ridge(&to_f64(gram)?, &to_f64(target)?, d, RIDGE)
+        .map_err(|row| LinearError::Singular { layer: l, row })?;
+    Ok(LinearAttention {
+        layer: l,
+        weight: weight.into_iter().map(|v| v as f32).collect(),
+    })
 }
 
 fn to_f64(t: &Tensor) -> candle_core::Result<Vec<f64>> {

@@ -188,6 +188,10 @@ pub struct FitSettings {
     /// stayed at their least-squares fit (and plans from before the option).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub linear_lr: Option<f64>,
+    /// Whether the final choice's stand-ins were fitted one after another, each on the stream
+    /// the ones before it leave (plans from before the option: no, each on the original's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub linear_sequential: bool,
     /// What trained candidates were scored by, when not the mean of their training losses
     /// (`trained`: the loss at the trained scalars).
     #[serde(default, skip_serializing_if = "Option::is_none")]

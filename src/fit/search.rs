@@ -324,6 +324,10 @@ pub struct FitOptions {
     /// With linear stand-ins: the final training also trains them, end to end on the objective,
     /// at this learning rate (`None`: they stay at their least-squares fit).
     pub linear_lr: Option<f64>,
+    /// With linear stand-ins: the final choice's stand-ins are fitted again one after another
+    /// ([`linear::fit_sequential`]), each on the stream the stand-ins before it leave, so each
+    /// also corrects what those left wrong (the search still uses the independent fits).
+    pub linear_sequential: bool,
     /// Teacher tokens kept per position for the KL objective.
     pub teacher_top_k: usize,
     /// Which positions the loss covers.
@@ -355,6 +359,7 @@ impl Default for FitOptions {
             channel_gains: false,
             linear_attention: false,
             linear_lr: None,
+            linear_sequential: false,
             teacher_top_k: DEFAULT_TEACHER_TOP_K,
             loss_tokens: LossTokens::All,
         }
@@ -415,6 +420,13 @@ impl FitOptions {
             if !positive_lr(lr) {
                 return bad("linear-lr", lr.to_string(), "a positive number");
             }
+        }
+        if self.linear_sequential && !self.linear_attention {
+            return bad(
+                "linear-sequential",
+                "set".into(),
+                "to come with --linear-attention (it refits the stand-ins)",
+            );
         }
         if self.shortlist == 0 {
             return bad("shortlist", "0".into(), "at least 1 candidate");
@@ -492,6 +504,7 @@ impl FitOptions {
             linear_lr: self.linear_lr.filter(|_| {
                 self.linear_attention && self.resolved_final_steps(n_final_batches) > 0
             }),
+            linear_sequential: self.linear_attention && self.linear_sequential,
             // recorded only when it is not the paper's score, so older plans read as before
             candidate_score: (self.train_scales && self.candidate_score != ScoreBy::MeanTrain)
                 .then(|| self.candidate_score.name().to_string()),
@@ -1141,7 +1154,15 @@ pub fn train_final(
     let skip = SkipMask::from_layers(n_layer, skipped)?;
     // the chosen blocks' stand-ins, in the order the blocks were chosen
     let mut ones = ScaleValues::ones(n_layer);
-    ones.linear = if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
+    ones.linear = if options.linear_attention && options.linear_sequential && !skipped.is_empty() {
+        let started = Instant::now();
+        let fitted = linear::fit_sequential(model, input.batches, input.lengths, skipped)?;
+        progress.note(&format!(
+            "stand-ins of blocks {skipped:?} fitted again one after another in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ));
+        fitted
+    } else if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
         linear::fit(model, input.batches, input.lengths, skipped)?
     } else {
         skipped
@@ -1717,6 +1738,7 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
         final_lr: plan.settings.final_lr,
         channel_gains: plan.settings.channel_gains,
         linear_lr: plan.settings.linear_lr,
+        linear_sequential: plan.settings.linear_sequential,
         ..old.settings
     }) != plan.settings
     {
@@ -2205,6 +2227,99 @@ mod tests {
         assert_eq!(with[2], without[2]);
         let live = |v: &[f32]| v[0] + v[1] + v[3];
         assert!(live(&with) < live(&without), "{with:?} vs {without:?}");
+    }
+
+    #[test]
+    fn sequential_stand_ins_bring_the_stream_closer_to_the_original() {
+        let (model, batches, lengths, _) = layered_setup(5, 4);
+        let d = model.arch().n_embd;
+        let layers = [2, 1];
+        let independent = linear::fit(&model, &batches, &lengths, &layers).unwrap();
+        let sequential = linear::fit_sequential(&model, &batches, &lengths, &layers).unwrap();
+        // in the order asked for; the first replaced layer sees the original stream
+        assert_eq!(
+            sequential.iter().map(|a| a.layer).collect::<Vec<_>>(),
+            [2, 1]
+        );
+        let worst = sequential[1]
+            .weight
+            .iter()
+            .zip(&independent[1].weight)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "layer 1 differs by {worst}");
+        // layer 2's stand-in reads the stream that layer 1's stand-in left: the stream after
+        // layer 2's attention block ends closer to the original's
+        let skip = SkipMask::from_layers(5, &[1, 2]).unwrap();
+        let error_after_layer_2 = |stand_ins: &[LinearAttention]| -> f64 {
+            let values = ScaleValues {
+                linear: stand_ins.to_vec(),
+                ..ScaleValues::ones(5)
+            };
+            let scales = model.scales(&values).unwrap();
+            let w = Tensor::from_vec(
+                stand_ins
+                    .iter()
+                    .find(|a| a.layer == 2)
+                    .unwrap()
+                    .weight
+                    .clone(),
+                (d, d),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let mut sum = 0.0;
+            for (batch, lens) in batches.iter().zip(&lengths) {
+                let mask = batch.real_token_mask(lens, DType::F32).unwrap();
+                let original = &model.attention_residuals_no_grad(&batch.input_ids).unwrap()[2].1;
+                let x = model
+                    .residuals_no_grad(&batch.input_ids, &scales, skip.as_slice())
+                    .unwrap()
+                    .swap_remove(2);
+                let h = model.attn_norm_no_grad(2, &x).unwrap().unwrap();
+                let x1 = (&x + h.matmul(&w.t().unwrap()).unwrap()).unwrap();
+                let diff = (x1 - original).unwrap().broadcast_mul(&mask).unwrap();
+                sum += diff
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64;
+            }
+            sum
+        };
+        let (seq, ind) = (
+            error_after_layer_2(&sequential),
+            error_after_layer_2(&independent),
+        );
+        assert!(
+            seq < 0.9 * ind,
+            "sequential {seq} against independent {ind}"
+        );
+        // the final training starts from the sequential fit when asked to, and the plan says so
+        let input = search_input(&model, &batches, &lengths);
+        let refit = FitOptions {
+            linear_attention: true,
+            linear_sequential: true,
+            final_steps: Some(0),
+            ..options(2)
+        };
+        let (done, _) = train_final(&input, &refit, &layers, &Progress::hidden()).unwrap();
+        assert_eq!(done.scales.linear, sequential);
+        assert!(refit.settings(2, 2).linear_sequential);
+        let without = FitOptions {
+            linear_attention: false,
+            ..refit
+        };
+        assert!(!without.settings(2, 2).linear_sequential);
+        assert!(matches!(
+            without.validate(),
+            Err(SearchError::Setting {
+                name: "linear-sequential",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -740,6 +740,13 @@ impl Model {
         self.layers.get(l).map(|layer| &layer.o.weight)
     }
 
+    /// `RMSNorm` with layer `l`'s `attn_norm` of a residual stream `x` `(n, n_embd)`: what the
+    /// layer's attention (or its linear stand-in) reads. `None` past the last layer.
+    pub fn attn_norm_no_grad(&self, l: usize, x: &Tensor) -> Option<Result<Tensor, ModelError>> {
+        let layer = self.layers.get(l)?;
+        Some(ops::rms_norm(x, &layer.attn_norm, self.arch.rms_norm_eps).map_err(ModelError::from))
+    }
+
     /// The architecture.
     pub fn arch(&self) -> &Arch {
         &self.arch
@@ -818,7 +825,8 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let (b, t) = self.check_inputs(input_ids, scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
-        self.run_layers(x, 0, b, t, scales, skip, &mut |_, _, _| Ok(()), None)
+        let n = self.arch.n_layer;
+        self.run_layers(x, 0, n, b, t, scales, skip, &mut |_, _, _| Ok(()), None)
     }
 
     /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
@@ -837,6 +845,7 @@ impl Model {
         self.run_layers(
             x,
             0,
+            self.arch.n_layer,
             b,
             t,
             &scales,
@@ -867,6 +876,7 @@ impl Model {
         self.run_layers(
             x,
             0,
+            self.arch.n_layer,
             b,
             t,
             &scales,
@@ -904,6 +914,54 @@ impl Model {
         self.run_layers(
             residual.clone(),
             from,
+            self.arch.n_layer,
+            b,
+            t,
+            &scales,
+            skip,
+            &mut |_, _, _| Ok(()),
+            None,
+        )
+    }
+
+    /// The residual stream entering layer `until`, `(b * t, n_embd)`, running layers
+    /// `from..until` without a graph on `residual`, the stream entering layer `from` for the same
+    /// token ids `(b, t)`; `None` for `residual` starts from the token embeddings (`from` 0).
+    /// Lets a caller carry the stream forward a few layers at a time.
+    #[allow(clippy::too_many_arguments)]
+    pub fn advance_no_grad(
+        &self,
+        input_ids: &Tensor,
+        residual: Option<&Tensor>,
+        from: usize,
+        until: usize,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        let scales = scales.tensors(false);
+        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
+        let x = match residual {
+            None if from == 0 => self.embed(input_ids, b, t)?,
+            Some(r) if r.dims() == [b * t, self.arch.n_embd] => r.clone(),
+            _ => {
+                return Err(input_error(
+                    "residual",
+                    residual.unwrap_or(input_ids),
+                    "(b * t, n_embd), entering layer `from` (or none from layer 0)",
+                ))
+            }
+        };
+        if from > until || until >= self.arch.n_layer {
+            return Err(input_error(
+                "residual",
+                &x,
+                "layers from..until within the model, until before the last layer's end",
+            ));
+        }
+        self.run_layers(
+            x,
+            from,
+            until,
             b,
             t,
             &scales,
@@ -927,7 +985,18 @@ impl Model {
         let scales = scales.tensors(false);
         let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
         let x = self.embed(input_ids, b, t)?;
-        self.run_layers(x, 0, b, t, &scales, skip, &mut |_, _, _| Ok(()), Some(tap))?;
+        let n = self.arch.n_layer;
+        self.run_layers(
+            x,
+            0,
+            n,
+            b,
+            t,
+            &scales,
+            skip,
+            &mut |_, _, _| Ok(()),
+            Some(tap),
+        )?;
         Ok(())
     }
 
@@ -996,7 +1065,9 @@ impl Model {
             .reshape((b * t, self.arch.n_embd))?)
     }
 
-    /// Runs layers `from..` on the residual `x` and the final norm; `observe(l, x, x1)` sees the
+    /// Runs layers `from..until` on the residual `x` and, when `until` is past the last layer,
+    /// the final norm (else it returns the stream entering `until`, `(b * t, n_embd)`);
+    /// `observe(l, x, x1)` sees the
     /// stream entering each layer `l` and the stream after its attention block (`x` itself when
     /// the block is skipped).
     #[allow(clippy::too_many_arguments)]
@@ -1004,6 +1075,7 @@ impl Model {
         &self,
         mut x: Tensor,
         from: usize,
+        until: usize,
         b: usize,
         t: usize,
         scales: &ScaleTensors,
@@ -1023,7 +1095,7 @@ impl Model {
         };
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
-        for (l, layer) in self.layers.iter().enumerate().skip(from) {
+        for (l, layer) in self.layers.iter().enumerate().take(until).skip(from) {
             let stand_in = scales.linear.get(l).and_then(Option::as_ref);
             let branch = match (skip[l], stand_in) {
                 (true, None) => None,
@@ -1066,6 +1138,9 @@ impl Model {
             let mlp = gained(layer.down.forward(&act)?, 1, l)?;
             x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
                 + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;
+        }
+        if until < self.arch.n_layer {
+            return Ok(x);
         }
         let x = ops::rms_norm(&x, &self.output_norm, eps)?;
         if let Some(tap) = tap.as_mut() {

@@ -346,6 +346,37 @@ fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
             .unwrap();
         assert_eq!(diff, 0.0, "from layer {from}");
     }
+    // carried forward a few layers at a time, the stream is the one the whole pass has there
+    let mut carried: Option<Tensor> = None;
+    let mut at = 0;
+    for until in [1, 1, arch.n_layer - 1] {
+        let x = model
+            .advance_no_grad(&ids, carried.as_ref(), at, until, &scales, base.as_slice())
+            .unwrap();
+        let diff = (&x - &residuals[until])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "entering layer {until}");
+        (carried, at) = (Some(x), until);
+    }
+    assert!(model
+        .advance_no_grad(&ids, None, 1, 2, &scales, base.as_slice())
+        .is_err());
+    assert!(model
+        .advance_no_grad(
+            &ids,
+            carried.as_ref(),
+            at,
+            arch.n_layer,
+            &scales,
+            base.as_slice()
+        )
+        .is_err());
     // a residual of the wrong shape or a layer past the model is refused
     assert!(model
         .forward_hidden_from_no_grad(&ids, &residuals[0], arch.n_layer, &scales, base.as_slice())

@@ -74,11 +74,7 @@ pub fn fit(
     lengths: &[Vec<usize>],
     layers: &[usize],
 ) -> Result<Vec<LinearAttention>, LinearError> {
-    let n_layer = model.arch().n_layer;
-    let d = model.arch().n_embd;
-    if let Some(&layer) = layers.iter().find(|&&l| l >= n_layer) {
-        return Err(LinearError::NoSuchLayer { layer, n_layer });
-    }
+    let (n_layer, d) = model_size(model, layers)?;
     let mut sums: Vec<Sums> = (0..n_layer)
         .map(|_| Sums {
             gram: None,
@@ -144,11 +140,7 @@ pub fn fit_sequential(
     lengths: &[Vec<usize>],
     layers: &[usize],
 ) -> Result<Vec<LinearAttention>, LinearError> {
-    let n_layer = model.arch().n_layer;
-    let d = model.arch().n_embd;
-    if let Some(&layer) = layers.iter().find(|&&l| l >= n_layer) {
-        return Err(LinearError::NoSuchLayer { layer, n_layer });
-    }
+    let (n_layer, d) = model_size(model, layers)?;
     let mut order = layers.to_vec();
     order.sort_unstable();
     order.dedup();
@@ -221,6 +213,15 @@ fn solve_layer(
         layer: l,
         weight: weight.into_iter().map(|v| v as f32).collect(),
     })
+}
+
+/// The model's layer count and width, once every layer asked for is one of its layers.
+fn model_size(model: &Model, layers: &[usize]) -> Result<(usize, usize), LinearError> {
+    let n_layer = model.arch().n_layer;
+    match layers.iter().find(|&&l| l >= n_layer) {
+        Some(&layer) => Err(LinearError::NoSuchLayer { layer, n_layer }),
+        None => Ok((n_layer, model.arch().n_embd)),
+    }
 }
 
 fn to_f64(t: &Tensor) -> candle_core::Result<Vec<f64>> {

@@ -336,15 +336,7 @@ fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
         let cached = model
             .forward_hidden_from_no_grad(&ids, residual, from, &scales, skip.as_slice())
             .unwrap();
-        let diff = (whole - cached)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(diff, 0.0, "from layer {from}");
+        assert_eq!(max_abs_diff(&whole, &cached), 0.0, "from layer {from}");
     }
     // carried forward a few layers at a time, the stream is the one the whole pass has there
     let mut carried: Option<Tensor> = None;
@@ -353,14 +345,7 @@ fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
         let x = model
             .advance_no_grad(&ids, carried.as_ref(), at, until, &scales, base.as_slice())
             .unwrap();
-        let diff = (&x - &residuals[until])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&x, &residuals[until]);
         assert_eq!(diff, 0.0, "entering layer {until}");
         (carried, at) = (Some(x), until);
     }

@@ -412,7 +412,8 @@ struct FitArgs {
     linear_lr: Option<f64>,
     /// With --linear-attention: fit the chosen blocks' stand-ins again after the search, one
     /// after another in layer order, each on the stream the stand-ins before it leave, so each
-    /// also corrects what those left wrong. Costs a forward pass per chosen block.
+    /// also corrects what those left wrong. Costs about two forward passes over the final
+    /// training's documents.
     #[arg(long)]
     linear_sequential: bool,
     /// What a trained candidate is scored by: the mean of its training steps' losses (the

@@ -132,8 +132,8 @@ pub fn fit(
 ///
 /// `W` minimises `Σ ||W h' - (x1 - x')||² + λ ||W||²`, `x'` the slim stream entering the layer,
 /// `h'` its normed form and `x1` the original stream after the attention block. Costs one
-/// forward pass of the original model and one of the slim model, carried from one chosen
-/// layer to the next.
+/// forward pass of the original model, and of the slim model the layers from the first chosen
+/// one to the last, carried from one chosen layer to the next.
 pub fn fit_sequential(
     model: &Model,
     batches: &[TrainBatch],
@@ -144,21 +144,24 @@ pub fn fit_sequential(
     let mut order = layers.to_vec();
     order.sort_unstable();
     order.dedup();
-    // per batch: the real-token mask, and per chosen layer the original stream after attention
+    let Some(&first) = order.first() else {
+        return Ok(Vec::new());
+    };
+    // per batch: the real-token mask, per chosen layer the original stream after attention,
+    // and the slim stream entering layer `at`, carried forward from one chosen layer to the
+    // next; up to the first chosen layer the slim model is the original
     let mut masks = Vec::with_capacity(batches.len());
     let mut targets: Vec<Vec<Tensor>> = Vec::with_capacity(batches.len());
+    let mut streams = Vec::with_capacity(batches.len());
     for (batch, lens) in batches.iter().zip(lengths) {
-        let mask = batch.real_token_mask(lens, model.dtype())?;
+        masks.push(batch.real_token_mask(lens, model.dtype())?);
         let around = model.attention_residuals_no_grad(&batch.input_ids)?;
         targets.push(order.iter().map(|&l| around[l].1.clone()).collect());
-        masks.push(mask);
+        streams.push(around[first].0.clone());
     }
     let skip = SkipMask::from_layers(n_layer, &order)?;
     let mut fitted: Vec<LinearAttention> = Vec::with_capacity(order.len());
-    // each batch's slim stream entering layer `at`, carried forward from one chosen layer to
-    // the next (`None`: not started)
-    let mut streams: Vec<Option<Tensor>> = vec![None; batches.len()];
-    let mut at = 0;
+    let mut at = first;
     for (i, &l) in order.iter().enumerate() {
         let values = ScaleValues {
             linear: fitted.clone(),
@@ -169,15 +172,14 @@ pub fn fit_sequential(
         for (j, batch) in batches.iter().enumerate() {
             let x = model.advance_no_grad(
                 &batch.input_ids,
-                streams[j].as_ref(),
+                &streams[j],
                 at,
                 l,
                 &scales,
                 skip.as_slice(),
             )?;
             let h = model
-                .attn_norm_no_grad(l, &x)
-                .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })??
+                .attn_norm_no_grad(l, &x)?
                 .broadcast_mul(&masks[j])?
                 .to_dtype(DType::F32)?;
             let a = (&targets[j][i] - &x)?
@@ -185,7 +187,7 @@ pub fn fit_sequential(
                 .to_dtype(DType::F32)?;
             add(&mut gram, h.t()?.matmul(&h)?)?;
             add(&mut cross, a.t()?.matmul(&h)?)?;
-            streams[j] = Some(x);
+            streams[j] = x;
         }
         let (Some(gram), Some(cross)) = (gram, cross) else {
             return Err(LinearError::Singular { layer: l, row: 0 });

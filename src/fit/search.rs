@@ -2276,7 +2276,7 @@ mod tests {
                     .residuals_no_grad(&batch.input_ids, &scales, skip.as_slice())
                     .unwrap()
                     .swap_remove(2);
-                let h = model.attn_norm_no_grad(2, &x).unwrap().unwrap();
+                let h = model.attn_norm_no_grad(2, &x).unwrap();
                 let x1 = (&x + h.matmul(&w.t().unwrap()).unwrap()).unwrap();
                 let diff = (x1 - original).unwrap().broadcast_mul(&mask).unwrap();
                 sum += diff

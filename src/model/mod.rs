@@ -741,10 +741,13 @@ impl Model {
     }
 
     /// `RMSNorm` with layer `l`'s `attn_norm` of a residual stream `x` `(n, n_embd)`: what the
-    /// layer's attention (or its linear stand-in) reads. `None` past the last layer.
-    pub fn attn_norm_no_grad(&self, l: usize, x: &Tensor) -> Option<Result<Tensor, ModelError>> {
-        let layer = self.layers.get(l)?;
-        Some(ops::rms_norm(x, &layer.attn_norm, self.arch.rms_norm_eps).map_err(ModelError::from))
+    /// layer's attention (or its linear stand-in) reads.
+    pub fn attn_norm_no_grad(&self, l: usize, x: &Tensor) -> Result<Tensor, ModelError> {
+        let layer = self.layers.get(l).ok_or(ModelError::NoSuchLayer {
+            layer: l,
+            n_layer: self.arch.n_layer,
+        })?;
+        Ok(ops::rms_norm(x, &layer.attn_norm, self.arch.rms_norm_eps)?)
     }
 
     /// The architecture.
@@ -926,13 +929,13 @@ impl Model {
 
     /// The residual stream entering layer `until`, `(b * t, n_embd)`, running layers
     /// `from..until` without a graph on `residual`, the stream entering layer `from` for the same
-    /// token ids `(b, t)`; `None` for `residual` starts from the token embeddings (`from` 0).
-    /// Lets a caller carry the stream forward a few layers at a time.
+    /// token ids `(b, t)` (as [`Model::residuals_no_grad`] gives it). Lets a caller carry the
+    /// stream forward a few layers at a time.
     #[allow(clippy::too_many_arguments)]
     pub fn advance_no_grad(
         &self,
         input_ids: &Tensor,
-        residual: Option<&Tensor>,
+        residual: &Tensor,
         from: usize,
         until: usize,
         scales: &Scales,
@@ -940,26 +943,18 @@ impl Model {
     ) -> Result<Tensor, ModelError> {
         let scales = scales.tensors(false);
         let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
-        let x = match residual {
-            None if from == 0 => self.embed(input_ids, b, t)?,
-            Some(r) if r.dims() == [b * t, self.arch.n_embd] => r.clone(),
-            _ => {
-                return Err(input_error(
-                    "residual",
-                    residual.unwrap_or(input_ids),
-                    "(b * t, n_embd), entering layer `from` (or none from layer 0)",
-                ))
-            }
-        };
-        if from > until || until >= self.arch.n_layer {
+        if from > until
+            || until >= self.arch.n_layer
+            || residual.dims() != [b * t, self.arch.n_embd]
+        {
             return Err(input_error(
                 "residual",
-                &x,
-                "layers from..until within the model, until before the last layer's end",
+                residual,
+                "(b * t, n_embd), entering layer `from`, with from <= until < n_layer",
             ));
         }
         self.run_layers(
-            x,
+            residual.clone(),
             from,
             until,
             b,

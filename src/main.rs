@@ -198,11 +198,12 @@ enum Command {
         choice: ChoiceArgs,
         #[command(flatten)]
         fit: FitArgs,
-        /// Threads for the model (candle's CPU pool). Its workers busy-wait for each other, so
-        /// on a shared machine one thread is fastest: SmolLM2-135M on 2 busy cores trained at
-        /// 52 tokens/s with 1 thread, 17 with 2; raise it on a machine of your own.
-        #[arg(long, default_value_t = 1)]
-        threads: usize,
+        /// Threads (default: all cores). The screening, the losses, the teacher and the
+        /// stand-ins run their candidates or batches side by side, one per thread; a training
+        /// runs its matrix products on all of them. The plan is the same at any count, and so is
+        /// the memory: the trainings still run one at a time.
+        #[arg(long)]
+        threads: Option<usize>,
         /// Overwrite an existing plan.
         #[arg(long)]
         force: bool,
@@ -309,17 +310,15 @@ struct EvalArgs {
     /// Context of one evaluation decode, in tokens.
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
-    /// Threads for the fits (candle) and llama.cpp.
+    /// Threads for the fits (see `fit --threads`) and llama.cpp.
     #[arg(long, default_value_t = 2)]
     threads: usize,
 }
 
 impl EvalArgs {
-    /// Sets candle's (rayon's) thread count to the threads asked for (at least 1) and returns it.
+    /// Gives the fits the threads asked for (at least 1, see [`set_fit_threads`]) and returns it.
     fn set_threads(&self) -> usize {
-        let threads = self.threads.max(1);
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-        threads
+        set_fit_threads(self.threads)
     }
 }
 
@@ -540,6 +539,16 @@ impl From<ScreenArg> for Screen {
     }
 }
 
+/// Gives a fit `threads` threads (at least 1) and returns the count: rayon's pool runs that
+/// many pieces of the fit side by side, each with candle at one thread per operation
+/// (`hopscotch::fit::parallel`). Read by candle and rayon when they first run, so set before.
+fn set_fit_threads(threads: usize) -> usize {
+    let threads = threads.max(1);
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    threads
+}
+
 fn threads_or_all(t: Option<usize>) -> usize {
     t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
@@ -563,6 +572,7 @@ fn read_imatrix(path: Option<&std::path::Path>) -> Result<Option<hopscotch::imat
 }
 
 fn main() {
+    malloc_settings();
     // An interrupt removes the temporary files of outputs being written, then exits.
     let _ = ctrlc::set_handler(|| {
         hopscotch::output::remove_temps();
@@ -572,6 +582,29 @@ fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {}", chain(&e));
         std::process::exit(1);
+    }
+}
+
+/// glibc's allocator set for a fit's tensors: one heap for every thread, and freed tensors
+/// kept in it for the next ones instead of being handed back to the kernel.
+///
+/// By default glibc gives each thread that allocates a heap of its own, which keeps what that
+/// thread frees for its own later allocations, and maps big blocks (a tensor of megabytes) from
+/// the kernel and unmaps them when freed, so every training step faults in gigabytes of fresh
+/// zeroed pages. Measured on SmolLM2-135M (the fit of `scripts/bench-threads.sh`, 2 cores):
+/// with a heap per thread, 1 thread peaked at 10.7 GB RSS (the work runs on a rayon thread, the
+/// rest on the main one) against 6.2 GB with one heap; with one heap and glibc's mapping, 2
+/// threads took 243 s, 88 s of it in the kernel; with these settings 167 s, 13 s in the kernel,
+/// and the same 6.3 GB peak.
+fn malloc_settings() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes the allocator's settings, before any thread is started; a
+    // setting this glibc refuses leaves its default.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // -1: never trim (mallopt(3))
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
     }
 }
 
@@ -848,8 +881,7 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             json,
         } => {
-            // candle's CPU backend reads the thread count from this variable.
-            std::env::set_var("RAYON_NUM_THREADS", t.max(1).to_string());
+            set_fit_threads(threads_or_all(t));
             let request = hopscotch::fit::search::FitRequest {
                 model,
                 task,

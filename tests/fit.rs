@@ -485,6 +485,61 @@ fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     );
 }
 
+/// The pieces a fit runs side by side (candidates, batches) are combined in their order, so the
+/// thread count changes nothing in the plan, with every screening and with stand-ins.
+#[test]
+fn a_fit_gives_the_same_plan_at_any_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let runs: [&[&str]; 4] = [
+        &["--shortlist", "2", "--final-steps", "3"],
+        &[
+            "--screen",
+            "short-train",
+            "--shortlist",
+            "2",
+            "--screen-batches",
+            "3",
+        ],
+        &[
+            "--screen",
+            "gradient",
+            "--shortlist",
+            "2",
+            "--screen-batches",
+            "3",
+        ],
+        &[
+            "--shortlist",
+            "2",
+            "--final-docs",
+            "12",
+            "--final-steps",
+            "2",
+            "--linear-attention",
+            "--linear-sequential",
+        ],
+    ];
+    for (i, args) in runs.iter().enumerate() {
+        let mut plans = Vec::new();
+        for threads in ["1", "3"] {
+            let out = dir.path().join(format!("run{i}-threads{threads}.json"));
+            let all = [
+                &["--skip", "2", "--batch-size", "2", "--threads", threads],
+                *args,
+            ]
+            .concat();
+            ok(fit(dir.path(), &model, &task, &out, &all));
+            plans.push(std::fs::read(&out).unwrap());
+        }
+        assert!(
+            plans[0] == plans[1],
+            "{args:?}: the plans differ at 1 and 3 threads"
+        );
+    }
+}
+
 #[test]
 fn prompts_only_tasks_train_on_generated_answers() {
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::parallel;
 use super::progress::Progress;
 use super::scales::{FitError, Objective, TrainBatch};
 use super::search::{FitOptions, LossTokens, SearchError};
@@ -266,14 +267,22 @@ fn sequences_and_masks(rows: &[&task::Example]) -> (Vec<Vec<u32>>, Vec<Vec<bool>
 fn attach_teachers(
     batches: &mut [TrainBatch],
     progress: &Progress,
-    attach: impl Fn(TrainBatch) -> Result<TrainBatch, FitError>,
+    attach: impl Fn(TrainBatch) -> Result<TrainBatch, FitError> + Sync + Send,
 ) -> Result<(), SearchError> {
     let bar = progress.bar(batches.len(), "teacher");
-    for b in batches.iter_mut() {
-        *b = attach(b.clone())?;
+    let device = match batches.first() {
+        Some(b) => b.input_ids.device().clone(),
+        None => return Ok(()),
+    };
+    let attached = parallel::map(&device, batches.len(), |i| {
+        let b = attach(batches[i].clone());
         bar.inc(1);
-    }
+        b
+    })?;
     bar.finish_and_clear();
+    for (b, a) in batches.iter_mut().zip(attached) {
+        *b = a;
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::fit::parallel;
 use crate::fit::scales::TrainBatch;
 use crate::model::{LinearAttention, Model, ModelError, ScaleValues, SkipMask, WeightInput};
 
@@ -84,30 +85,53 @@ pub fn fit(
     let wanted: Vec<bool> = (0..n_layer).map(|l| layers.contains(&l)).collect();
     let scales = model.scales(&ScaleValues::ones(n_layer))?;
     let skip = vec![false; n_layer];
-    for (batch, lens) in batches.iter().zip(lengths) {
-        let mask = batch.real_token_mask(lens, model.dtype())?;
+    // One batch's `HᵀH` and `(heads)ᵀH` per wanted layer.
+    let batch_sums = |j: usize| -> Result<Vec<Sums>, LinearError> {
+        let mask = batches[j].real_token_mask(&lengths[j], model.dtype())?;
+        let mut out: Vec<Sums> = (0..n_layer)
+            .map(|_| Sums {
+                gram: None,
+                cross: None,
+            })
+            .collect();
         let mut h_of_layer: Option<Tensor> = None;
-        model.weight_inputs_no_grad(&batch.input_ids, &scales, &skip, &mut |input, x| {
+        model.weight_inputs_no_grad(&batches[j].input_ids, &scales, &skip, &mut |input, x| {
             match input {
                 WeightInput::Qkv(l) if wanted[l] => {
                     let h = x.broadcast_mul(&mask)?.to_dtype(DType::F32)?;
-                    add(&mut sums[l].gram, h.t()?.matmul(&h)?)?;
+                    out[l].gram = Some(h.t()?.matmul(&h)?);
                     h_of_layer = Some(h);
                 }
                 WeightInput::AttnOutput(l) if wanted[l] => {
                     // q/k/v's input came just before the heads
                     if let Some(h) = h_of_layer.take() {
                         let heads = x.to_dtype(DType::F32)?;
-                        add(&mut sums[l].cross, heads.t()?.matmul(&h)?)?;
+                        out[l].cross = Some(heads.t()?.matmul(&h)?);
                     }
                 }
                 _ => {}
             }
             Ok(())
         })?;
+        Ok(out)
+    };
+    // a few batches side by side, their sums added in batch order
+    let at_once = rayon::current_num_threads().max(1);
+    for start in (0..batches.len().min(lengths.len())).step_by(at_once) {
+        let n = at_once.min(batches.len().min(lengths.len()) - start);
+        for batch in parallel::map(model.device(), n, |i| batch_sums(start + i))? {
+            for (sum, b) in sums.iter_mut().zip(batch) {
+                if let Some(g) = b.gram {
+                    add(&mut sum.gram, g)?;
+                }
+                if let Some(c) = b.cross {
+                    add(&mut sum.cross, c)?;
+                }
+            }
+        }
     }
-    let mut out = Vec::with_capacity(layers.len());
-    for &l in layers {
+    parallel::map(model.device(), layers.len(), |i| {
+        let l = layers[i];
         let Sums { gram, cross } = &sums[l];
         let (Some(gram), Some(cross)) = (gram, cross) else {
             return Err(LinearError::Singular { layer: l, row: 0 });
@@ -117,9 +141,8 @@ pub fn fit(
             .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })?
             .to_dtype(DType::F32)?;
         // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
-        out.push(solve_layer(l, gram, &wo.matmul(cross)?, d)?);
-    }
-    Ok(out)
+        solve_layer(l, gram, &wo.matmul(cross)?, d)
+    })
 }
 
 /// Fits the stand-ins of `layers` one after another, in layer order, each on the stream the
@@ -150,14 +173,20 @@ pub fn fit_sequential(
     // per batch: the real-token mask, per chosen layer the original stream after attention,
     // and the slim stream entering layer `at`, carried forward from one chosen layer to the
     // next; up to the first chosen layer the slim model is the original
-    let mut masks = Vec::with_capacity(batches.len());
-    let mut targets: Vec<Vec<Tensor>> = Vec::with_capacity(batches.len());
-    let mut streams = Vec::with_capacity(batches.len());
-    for (batch, lens) in batches.iter().zip(lengths) {
-        masks.push(batch.real_token_mask(lens, model.dtype())?);
-        let around = model.attention_residuals_no_grad(&batch.input_ids)?;
-        targets.push(order.iter().map(|&l| around[l].1.clone()).collect());
-        streams.push(around[first].0.clone());
+    let n_batches = batches.len().min(lengths.len());
+    let prepared = parallel::map(model.device(), n_batches, |j| {
+        let mask = batches[j].real_token_mask(&lengths[j], model.dtype())?;
+        let around = model.attention_residuals_no_grad(&batches[j].input_ids)?;
+        let targets: Vec<Tensor> = order.iter().map(|&l| around[l].1.clone()).collect();
+        Ok::<_, LinearError>((mask, targets, around[first].0.clone()))
+    })?;
+    let mut masks = Vec::with_capacity(n_batches);
+    let mut targets: Vec<Vec<Tensor>> = Vec::with_capacity(n_batches);
+    let mut streams = Vec::with_capacity(n_batches);
+    for (mask, target, stream) in prepared {
+        masks.push(mask);
+        targets.push(target);
+        streams.push(stream);
     }
     let skip = SkipMask::from_layers(n_layer, &order)?;
     let mut fitted: Vec<LinearAttention> = Vec::with_capacity(order.len());
@@ -168,10 +197,9 @@ pub fn fit_sequential(
             ..ScaleValues::ones(n_layer)
         };
         let scales = model.scales(&values)?;
-        let (mut gram, mut cross) = (None, None);
-        for (j, batch) in batches.iter().enumerate() {
+        let advanced = parallel::map(model.device(), n_batches, |j| {
             let x = model.advance_no_grad(
-                &batch.input_ids,
+                &batches[j].input_ids,
                 &streams[j],
                 at,
                 l,
@@ -185,8 +213,13 @@ pub fn fit_sequential(
             let a = (&targets[j][i] - &x)?
                 .broadcast_mul(&masks[j])?
                 .to_dtype(DType::F32)?;
-            add(&mut gram, h.t()?.matmul(&h)?)?;
-            add(&mut cross, a.t()?.matmul(&h)?)?;
+            Ok::<_, LinearError>((h.t()?.matmul(&h)?, a.t()?.matmul(&h)?, x))
+        })?;
+        // added in batch order, as one after another would
+        let (mut gram, mut cross) = (None, None);
+        for (j, (g, c, x)) in advanced.into_iter().enumerate() {
+            add(&mut gram, g)?;
+            add(&mut cross, c)?;
             streams[j] = x;
         }
         let (Some(gram), Some(cross)) = (gram, cross) else {

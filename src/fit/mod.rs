@@ -4,10 +4,12 @@
 //! mean training loss, the inner step of the paper's greedy, re-scored search; [`data`] turns a
 //! task into batches; [`linear`] fits linear stand-ins for skipped blocks by least squares
 //! (`--linear-attention`); [`search`] runs the rounds, the baselines and the whole
-//! `hopscotch fit`; [`plan`] is what a fit writes.
+//! `hopscotch fit`; [`plan`] is what a fit writes; [`parallel`] spreads the independent pieces
+//! of work over the CPU's threads.
 
 pub mod data;
 pub mod linear;
+pub mod parallel;
 pub mod plan;
 pub mod progress;
 pub mod scales;

@@ -25,6 +25,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use crate::fit::parallel;
 use crate::model::{Model, ModelError, ScaleValues, Scales};
 
 /// Teacher tokens kept per position unless the caller asks otherwise: for instruction-tuned
@@ -625,11 +626,11 @@ pub fn eval_loss(
 ) -> Result<f32, FitError> {
     check_batches(batches, objective)?;
     let scales = model.scales(scales)?;
-    let mut total = 0.0f64;
-    for index in 0..batches.len() {
+    let losses = parallel::map(model.device(), batches.len(), |index| {
         let loss = batch_loss(model, batches, index, &scales, skip, objective, false)?;
-        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    }
+        Ok::<_, FitError>(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+    })?;
+    let total = losses.iter().fold(0.0f64, |sum, loss| sum + loss);
     Ok((total / batches.len() as f64) as f32)
 }
 

@@ -56,6 +56,7 @@ use serde::Serialize;
 
 use super::data;
 use super::linear::{self, LinearError};
+use super::parallel;
 use super::plan::{CandidateScore, FitSettings, ModelFingerprint, Plan, PlanError, Round, TaskRef};
 use super::progress::Progress;
 use super::scales::{
@@ -659,11 +660,19 @@ impl<'a> Searcher<'a> {
         self.input.model.arch().n_layer
     }
 
+    /// Counts `steps` training steps that took `seconds` of wall time.
+    fn count(&mut self, steps: usize, seconds: f64) {
+        self.stats.steps += steps;
+        self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
+        self.stats.seconds += seconds;
+    }
+
     /// Trains `init` (scalars 1, and channel gains 1 when they are trained) for `steps`, with a
-    /// step bar.
+    /// step bar; the caller counts the steps ([`Searcher::count`]), as trainings may run side by
+    /// side.
     #[allow(clippy::too_many_arguments)]
     fn train(
-        &mut self,
+        &self,
         batches: &[TrainBatch],
         skip: &[bool],
         init: &ScaleValues,
@@ -674,7 +683,6 @@ impl<'a> Searcher<'a> {
         label: &str,
     ) -> Result<scales::TrainResult, SearchError> {
         let bar = self.progress.bar(steps, label);
-        let started = Instant::now();
         let mut sum = 0.0f64;
         let result = train_scales_from(
             self.input.model,
@@ -693,16 +701,23 @@ impl<'a> Searcher<'a> {
             },
         );
         bar.finish_and_clear();
-        self.stats.steps += steps;
-        self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
-        self.stats.seconds += started.elapsed().as_secs_f64();
         Ok(result?)
+    }
+
+    /// The training steps [`Searcher::score`] takes per candidate.
+    fn score_steps(&self) -> usize {
+        if self.options.train_scales {
+            self.options
+                .resolved_candidate_steps(self.input.batches.len())
+        } else {
+            0
+        }
     }
 
     /// A candidate's score and the scalars trained: by `candidate_score`, the mean training loss
     /// over `candidate_steps` from scalars 1 or the loss over all fit batches at the trained
     /// scalars; with training off, the loss over all fit batches at scalars 1.
-    fn score(&mut self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
+    fn score(&self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
         let ones = self.input.base();
         if !self.options.train_scales {
             let loss = eval_loss(
@@ -714,9 +729,7 @@ impl<'a> Searcher<'a> {
             )?;
             return Ok((loss, ones));
         }
-        let steps = self
-            .options
-            .resolved_candidate_steps(self.input.batches.len());
+        let steps = self.score_steps();
         let result = self.train(
             self.input.batches,
             skip,
@@ -766,7 +779,9 @@ impl<'a> Searcher<'a> {
                 let chosen: Vec<usize> = rounds.iter().map(|r| r.chosen).collect();
                 let skip = SkipMask::from_layers(n_layer, &chosen)?;
                 let seed = derive_seed(options.seed, last as u64 + 1);
+                let started = Instant::now();
                 warm = self.score(skip.as_slice(), seed)?.1;
+                self.count(self.score_steps(), started.elapsed().as_secs_f64());
             }
         }
         let round_bar = self.progress.bar(options.skip, "rounds");
@@ -811,6 +826,8 @@ impl<'a> Searcher<'a> {
                     .collect(),
                 None => to_screen.clone(),
             };
+            // One candidate after another: a training holds the activations of every layer
+            // for its backward pass, so trainings side by side would multiply the memory.
             let bar = self.progress.bar(shortlist.len(), "train");
             let mut trained = Vec::with_capacity(shortlist.len());
             let mut trained_scales = Vec::with_capacity(shortlist.len());
@@ -819,7 +836,9 @@ impl<'a> Searcher<'a> {
                 let mut skip_layers = chosen.clone();
                 skip_layers.push(layer);
                 let skip = SkipMask::from_layers(n_layer, &skip_layers)?;
+                let started = Instant::now();
                 let (score, scales) = self.score(skip.as_slice(), seed)?;
+                self.count(self.score_steps(), started.elapsed().as_secs_f64());
                 trained.push(score);
                 trained_scales.push(scales);
                 if best.is_none_or(|(_, b)| score.total_cmp(&b).is_lt()) {
@@ -969,7 +988,8 @@ pub fn screen_candidates(
             for (index, batch) in batches.iter().enumerate() {
                 let residuals =
                     model.residuals_no_grad(&batch.input_ids, &vars, base.as_slice())?;
-                for (c, &layer) in candidates.iter().enumerate() {
+                let losses = parallel::map(model.device(), candidates.len(), |c| {
+                    let layer = candidates[c];
                     let hidden = model.forward_hidden_from_no_grad(
                         &batch.input_ids,
                         &residuals[layer],
@@ -978,17 +998,20 @@ pub fn screen_candidates(
                         masks[c].as_slice(),
                     )?;
                     let loss = scales::hidden_loss(model, batch, index, &hidden, objective)?;
-                    totals[c] += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                    if index + 1 == batches.len() {
-                        tick();
-                    }
+                    Ok::<_, SearchError>(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+                })?;
+                for (total, loss) in totals.iter_mut().zip(losses) {
+                    *total += loss;
                 }
+            }
+            for _ in candidates {
+                tick();
             }
             out.extend(totals.iter().map(|t| (t / batches.len() as f64) as f32));
         }
         Screen::ShortTrain => {
-            for &layer in candidates {
-                let skip = mask(layer)?;
+            let scores = parallel::map(model.device(), candidates.len(), |c| {
+                let skip = mask(candidates[c])?;
                 let scales = if options.train_scales {
                     scales::train_scales_from(
                         model,
@@ -1006,21 +1029,23 @@ pub fn screen_candidates(
                 } else {
                     ones.clone()
                 };
-                out.push(eval_loss(
+                Ok::<_, SearchError>(eval_loss(
                     model,
                     batches,
                     skip.as_slice(),
                     &scales,
                     objective,
-                )?);
+                )?)
+            })?;
+            for score in scores {
+                out.push(score);
                 tick();
             }
         }
         Screen::Gradient => {
             let skip = SkipMask::from_layers(n_layer, chosen)?;
             let vars = model.scales(&ones)?;
-            let mut grad = vec![0f64; n_layer];
-            for index in 0..batches.len() {
+            let per_batch = parallel::map(model.device(), batches.len(), |index| {
                 let loss = scales::batch_loss(
                     model,
                     batches,
@@ -1031,13 +1056,15 @@ pub fn screen_candidates(
                     true,
                 )?;
                 let grads = loss.backward()?;
-                if let Some(g) = grads.get(vars.b_att.as_tensor()) {
-                    for (acc, v) in grad
-                        .iter_mut()
-                        .zip(g.to_dtype(DType::F64)?.to_vec1::<f64>()?)
-                    {
-                        *acc += v / batches.len() as f64;
-                    }
+                Ok::<_, SearchError>(match grads.get(vars.b_att.as_tensor()) {
+                    Some(g) => Some(g.to_dtype(DType::F64)?.to_vec1::<f64>()?),
+                    None => None,
+                })
+            })?;
+            let mut grad = vec![0f64; n_layer];
+            for g in per_batch.into_iter().flatten() {
+                for (acc, v) in grad.iter_mut().zip(g) {
+                    *acc += v / batches.len() as f64;
                 }
             }
             for &layer in candidates {
@@ -1189,6 +1216,7 @@ pub fn train_final(
         ones.clone()
     };
     let (scales, loss_history) = if steps > 0 {
+        let started = Instant::now();
         let r = searcher.train(
             input.batches,
             skip.as_slice(),
@@ -1199,6 +1227,7 @@ pub fn train_final(
             derive_seed(options.seed, FINAL_STREAM),
             "final",
         )?;
+        searcher.count(steps, started.elapsed().as_secs_f64());
         (r.scales, r.loss_history)
     } else {
         (ones.clone(), Vec::new())

@@ -541,8 +541,10 @@ impl From<ScreenArg> for Screen {
 
 /// Gives a fit `threads` threads (at least 1) and returns the count: rayon's pool runs that
 /// many pieces of the fit side by side, each with candle at one thread per operation
-/// (`hopscotch::fit::parallel`). Read by candle and rayon when they first run, so set before.
+/// (`hopscotch::fit::parallel`), and sets the allocator for it ([`malloc_settings`]). Read by
+/// candle, rayon and glibc when they first run, so set before.
 fn set_fit_threads(threads: usize) -> usize {
+    malloc_settings();
     let threads = threads.max(1);
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", "1");
@@ -572,7 +574,6 @@ fn read_imatrix(path: Option<&std::path::Path>) -> Result<Option<hopscotch::imat
 }
 
 fn main() {
-    malloc_settings();
     // An interrupt removes the temporary files of outputs being written, then exits.
     let _ = ctrlc::set_handler(|| {
         hopscotch::output::remove_temps();
@@ -598,8 +599,8 @@ fn main() {
 /// and the same 6.3 GB peak.
 fn malloc_settings() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` only changes the allocator's settings, before any thread is started; a
-    // setting this glibc refuses leaves its default.
+    // SAFETY: `mallopt` only changes the allocator's settings, before the fit's threads start
+    // (only the interrupt handler's waits); a setting this glibc refuses leaves its default.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);

@@ -269,11 +269,10 @@ fn attach_teachers(
     progress: &Progress,
     attach: impl Fn(TrainBatch) -> Result<TrainBatch, FitError> + Sync + Send,
 ) -> Result<(), SearchError> {
-    let bar = progress.bar(batches.len(), "teacher");
-    let device = match batches.first() {
-        Some(b) => b.input_ids.device().clone(),
-        None => return Ok(()),
+    let Some(device) = batches.first().map(|b| b.input_ids.device().clone()) else {
+        return Ok(());
     };
+    let bar = progress.bar(batches.len(), "teacher");
     let attached = parallel::map(&device, batches.len(), |i| {
         let b = attach(batches[i].clone());
         bar.inc(1);

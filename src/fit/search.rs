@@ -660,8 +660,12 @@ impl<'a> Searcher<'a> {
         self.input.model.arch().n_layer
     }
 
-    /// Counts `steps` training steps that took `seconds` of wall time.
+    /// Counts `steps` training steps that took `seconds` of wall time (nothing when no step was
+    /// taken: a score without training is not a training).
     fn count(&mut self, steps: usize, seconds: f64) {
+        if steps == 0 {
+            return;
+        }
         self.stats.steps += steps;
         self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
         self.stats.seconds += seconds;

@@ -200,8 +200,8 @@ enum Command {
         fit: FitArgs,
         /// Threads (default: all cores). The screening, the losses, the teacher and the
         /// stand-ins run their candidates or batches side by side, one per thread; a training
-        /// runs its matrix products on all of them. The plan is the same at any count, and so is
-        /// the memory: the trainings still run one at a time.
+        /// runs its matrix products on all of them. The plan is the same at any count, and
+        /// the memory nearly so: the trainings still run one at a time.
         #[arg(long)]
         threads: Option<usize>,
         /// Overwrite an existing plan.

@@ -660,23 +660,11 @@ impl<'a> Searcher<'a> {
         self.input.model.arch().n_layer
     }
 
-    /// Counts `steps` training steps that took `seconds` of wall time (nothing when no step was
-    /// taken: a score without training is not a training).
-    fn count(&mut self, steps: usize, seconds: f64) {
-        if steps == 0 {
-            return;
-        }
-        self.stats.steps += steps;
-        self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
-        self.stats.seconds += seconds;
-    }
-
     /// Trains `init` (scalars 1, and channel gains 1 when they are trained) for `steps`, with a
-    /// step bar; the caller counts the steps ([`Searcher::count`]), as trainings may run side by
-    /// side.
+    /// step bar.
     #[allow(clippy::too_many_arguments)]
     fn train(
-        &self,
+        &mut self,
         batches: &[TrainBatch],
         skip: &[bool],
         init: &ScaleValues,
@@ -687,6 +675,7 @@ impl<'a> Searcher<'a> {
         label: &str,
     ) -> Result<scales::TrainResult, SearchError> {
         let bar = self.progress.bar(steps, label);
+        let started = Instant::now();
         let mut sum = 0.0f64;
         let result = train_scales_from(
             self.input.model,
@@ -705,23 +694,16 @@ impl<'a> Searcher<'a> {
             },
         );
         bar.finish_and_clear();
+        self.stats.steps += steps;
+        self.stats.tokens += (steps as f64 * self.tokens_per_batch).round() as usize;
+        self.stats.seconds += started.elapsed().as_secs_f64();
         Ok(result?)
-    }
-
-    /// The training steps [`Searcher::score`] takes per candidate.
-    fn score_steps(&self) -> usize {
-        if self.options.train_scales {
-            self.options
-                .resolved_candidate_steps(self.input.batches.len())
-        } else {
-            0
-        }
     }
 
     /// A candidate's score and the scalars trained: by `candidate_score`, the mean training loss
     /// over `candidate_steps` from scalars 1 or the loss over all fit batches at the trained
     /// scalars; with training off, the loss over all fit batches at scalars 1.
-    fn score(&self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
+    fn score(&mut self, skip: &[bool], seed: u64) -> Result<(f32, ScaleValues), SearchError> {
         let ones = self.input.base();
         if !self.options.train_scales {
             let loss = eval_loss(
@@ -733,7 +715,9 @@ impl<'a> Searcher<'a> {
             )?;
             return Ok((loss, ones));
         }
-        let steps = self.score_steps();
+        let steps = self
+            .options
+            .resolved_candidate_steps(self.input.batches.len());
         let result = self.train(
             self.input.batches,
             skip,
@@ -783,9 +767,7 @@ impl<'a> Searcher<'a> {
                 let chosen: Vec<usize> = rounds.iter().map(|r| r.chosen).collect();
                 let skip = SkipMask::from_layers(n_layer, &chosen)?;
                 let seed = derive_seed(options.seed, last as u64 + 1);
-                let started = Instant::now();
                 warm = self.score(skip.as_slice(), seed)?.1;
-                self.count(self.score_steps(), started.elapsed().as_secs_f64());
             }
         }
         let round_bar = self.progress.bar(options.skip, "rounds");
@@ -830,8 +812,6 @@ impl<'a> Searcher<'a> {
                     .collect(),
                 None => to_screen.clone(),
             };
-            // One candidate after another: a training holds the activations of every layer
-            // for its backward pass, so trainings side by side would multiply the memory.
             let bar = self.progress.bar(shortlist.len(), "train");
             let mut trained = Vec::with_capacity(shortlist.len());
             let mut trained_scales = Vec::with_capacity(shortlist.len());
@@ -840,9 +820,7 @@ impl<'a> Searcher<'a> {
                 let mut skip_layers = chosen.clone();
                 skip_layers.push(layer);
                 let skip = SkipMask::from_layers(n_layer, &skip_layers)?;
-                let started = Instant::now();
                 let (score, scales) = self.score(skip.as_slice(), seed)?;
-                self.count(self.score_steps(), started.elapsed().as_secs_f64());
                 trained.push(score);
                 trained_scales.push(scales);
                 if best.is_none_or(|(_, b)| score.total_cmp(&b).is_lt()) {
@@ -1013,9 +991,11 @@ pub fn screen_candidates(
             }
             out.extend(totals.iter().map(|t| (t / batches.len() as f64) as f32));
         }
+        // These train or take gradients: one candidate or batch after another, as a training
+        // holds the activations of every layer for its backward pass.
         Screen::ShortTrain => {
-            let scores = parallel::map(model.device(), candidates.len(), |c| {
-                let skip = mask(candidates[c])?;
+            for &layer in candidates {
+                let skip = mask(layer)?;
                 let scales = if options.train_scales {
                     scales::train_scales_from(
                         model,
@@ -1033,23 +1013,21 @@ pub fn screen_candidates(
                 } else {
                     ones.clone()
                 };
-                Ok::<_, SearchError>(eval_loss(
+                out.push(eval_loss(
                     model,
                     batches,
                     skip.as_slice(),
                     &scales,
                     objective,
-                )?)
-            })?;
-            for score in scores {
-                out.push(score);
+                )?);
                 tick();
             }
         }
         Screen::Gradient => {
             let skip = SkipMask::from_layers(n_layer, chosen)?;
             let vars = model.scales(&ones)?;
-            let per_batch = parallel::map(model.device(), batches.len(), |index| {
+            let mut grad = vec![0f64; n_layer];
+            for index in 0..batches.len() {
                 let loss = scales::batch_loss(
                     model,
                     batches,
@@ -1060,15 +1038,13 @@ pub fn screen_candidates(
                     true,
                 )?;
                 let grads = loss.backward()?;
-                Ok::<_, SearchError>(match grads.get(vars.b_att.as_tensor()) {
-                    Some(g) => Some(g.to_dtype(DType::F64)?.to_vec1::<f64>()?),
-                    None => None,
-                })
-            })?;
-            let mut grad = vec![0f64; n_layer];
-            for g in per_batch.into_iter().flatten() {
-                for (acc, v) in grad.iter_mut().zip(g) {
-                    *acc += v / batches.len() as f64;
+                if let Some(g) = grads.get(vars.b_att.as_tensor()) {
+                    for (acc, v) in grad
+                        .iter_mut()
+                        .zip(g.to_dtype(DType::F64)?.to_vec1::<f64>()?)
+                    {
+                        *acc += v / batches.len() as f64;
+                    }
                 }
             }
             for &layer in candidates {
@@ -1220,7 +1196,6 @@ pub fn train_final(
         ones.clone()
     };
     let (scales, loss_history) = if steps > 0 {
-        let started = Instant::now();
         let r = searcher.train(
             input.batches,
             skip.as_slice(),
@@ -1231,7 +1206,6 @@ pub fn train_final(
             derive_seed(options.seed, FINAL_STREAM),
             "final",
         )?;
-        searcher.count(steps, started.elapsed().as_secs_f64());
         (r.scales, r.loss_history)
     } else {
         (ones.clone(), Vec::new())

@@ -35,12 +35,8 @@
 # rest) at the screened run's own seconds per step, against the screened run's wall time.
 set -euo pipefail
 
-here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/.." && pwd)"
-cache="${HOPSCOTCH_CACHE:-$HOME/.cache/hopscotch}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-model="${BENCH_MODEL:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-task="${BENCH_TASK:-$cache/tasks/arc_easy.jsonl.gz}"
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 skip="${BENCH_SKIP:-4}"
 docs="${BENCH_FIT_DOCS:-12}"
 batch="${BENCH_BATCH:-4}"
@@ -51,22 +47,7 @@ screens="${BENCH_SCREENS:-skip-loss}"
 first_screen="${screens%% *}"
 extra="${BENCH_EXTRA:-}"
 out="${BENCH_OUT:-$cache/bench/fit}"
-mkdir -p "$out"
-
-say() { printf '\n== %s\n' "$*" >&2; }
-
-if [ ! -x /usr/bin/time ]; then
-    say "installing GNU time"
-    apt-get update -qq && apt-get install -y -qq time >/dev/null
-fi
-[ -f "$model" ] || "$here/fetch-model.sh"
-[ -f "$task" ] || "$here/fetch-tasks.sh"
-
-say "building"
-(cd "$repo" && cargo build --release --quiet)
-# A copy, so that builds during the benchmark do not change the binary between runs.
-bin="$out/hopscotch"
-cp "$CARGO_TARGET_DIR/release/hopscotch" "$bin"
+bench_setup "$out"
 
 common=(--task "$task" --skip "$skip" --fit-docs "$docs" --batch-size "$batch"
     --max-seq-len "$seq" --threads "$threads" --loss-tokens "$loss_tokens" --force --json)

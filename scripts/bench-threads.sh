@@ -16,30 +16,12 @@
 # Run it with nothing else on the machine: other jobs change wall times.
 set -euo pipefail
 
-here="$(cd "$(dirname "$0")" && pwd)"
-repo="$(cd "$here/.." && pwd)"
-cache="${HOPSCOTCH_CACHE:-$HOME/.cache/hopscotch}"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
-model="${BENCH_MODEL:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
-task="${BENCH_TASK:-$cache/tasks/arc_easy.jsonl.gz}"
+# shellcheck source=scripts/bench-lib.sh
+source "$(dirname "$0")/bench-lib.sh"
 threads="${BENCH_THREADS:-$(nproc)}"
 read -r -a args <<< "${BENCH_ARGS:---skip 1 --fit-docs 32 --final-docs 32 --final-steps 4}"
 out="${BENCH_OUT:-$cache/bench/threads}"
-mkdir -p "$out"
-
-say() { printf '\n== %s\n' "$*" >&2; }
-
-if [ ! -x /usr/bin/time ]; then
-    say "installing GNU time"
-    apt-get update -qq && apt-get install -y -qq time >/dev/null
-fi
-[ -f "$model" ] || "$here/fetch-model.sh"
-[ -f "$task" ] || "$here/fetch-tasks.sh"
-
-say "building"
-(cd "$repo" && cargo build --release --quiet)
-bin="$out/hopscotch"
-cp "$CARGO_TARGET_DIR/release/hopscotch" "$bin"
+bench_setup "$out"
 
 for t in 1 "$threads"; do
     say "$t thread(s): fit $model --task $task ${args[*]} --threads $t"

@@ -54,9 +54,30 @@ pub enum LinearError {
 }
 
 /// Per layer, the running sums `HᵀH` (`d x d`) and `(heads)ᵀH` (`q_dim x d`).
+#[derive(Default)]
 struct Sums {
     gram: Option<Tensor>,
     cross: Option<Tensor>,
+}
+
+impl Sums {
+    /// One empty pair per layer.
+    fn per_layer(n_layer: usize) -> Vec<Sums> {
+        std::iter::repeat_with(Sums::default)
+            .take(n_layer)
+            .collect()
+    }
+
+    /// Adds another batch's sums, where it has them.
+    fn add(&mut self, other: Sums) -> candle_core::Result<()> {
+        if let Some(g) = other.gram {
+            add(&mut self.gram, g)?;
+        }
+        if let Some(c) = other.cross {
+            add(&mut self.cross, c)?;
+        }
+        Ok(())
+    }
 }
 
 fn add(slot: &mut Option<Tensor>, x: Tensor) -> candle_core::Result<()> {
@@ -76,24 +97,14 @@ pub fn fit(
     layers: &[usize],
 ) -> Result<Vec<LinearAttention>, LinearError> {
     let (n_layer, d) = model_size(model, layers)?;
-    let mut sums: Vec<Sums> = (0..n_layer)
-        .map(|_| Sums {
-            gram: None,
-            cross: None,
-        })
-        .collect();
+    let mut sums = Sums::per_layer(n_layer);
     let wanted: Vec<bool> = (0..n_layer).map(|l| layers.contains(&l)).collect();
     let scales = model.scales(&ScaleValues::ones(n_layer))?;
     let skip = vec![false; n_layer];
     // One batch's `HᵀH` and `(heads)ᵀH` per wanted layer.
     let batch_sums = |j: usize| -> Result<Vec<Sums>, LinearError> {
         let mask = batches[j].real_token_mask(&lengths[j], model.dtype())?;
-        let mut out: Vec<Sums> = (0..n_layer)
-            .map(|_| Sums {
-                gram: None,
-                cross: None,
-            })
-            .collect();
+        let mut out = Sums::per_layer(n_layer);
         let mut h_of_layer: Option<Tensor> = None;
         model.weight_inputs_no_grad(&batches[j].input_ids, &scales, &skip, &mut |input, x| {
             match input {
@@ -116,17 +127,13 @@ pub fn fit(
         Ok(out)
     };
     // a few batches side by side, their sums added in batch order
+    let n_batches = batches.len().min(lengths.len());
     let at_once = rayon::current_num_threads().max(1);
-    for start in (0..batches.len().min(lengths.len())).step_by(at_once) {
-        let n = at_once.min(batches.len().min(lengths.len()) - start);
+    for start in (0..n_batches).step_by(at_once) {
+        let n = at_once.min(n_batches - start);
         for batch in parallel::map(model.device(), n, |i| batch_sums(start + i))? {
             for (sum, b) in sums.iter_mut().zip(batch) {
-                if let Some(g) = b.gram {
-                    add(&mut sum.gram, g)?;
-                }
-                if let Some(c) = b.cross {
-                    add(&mut sum.cross, c)?;
-                }
+                sum.add(b)?;
             }
         }
     }

@@ -19,6 +19,7 @@
 //! distributions coarsened to those `k` tokens and one "everything else" bin: a lower bound on
 //! the full KL that equals it when the teacher's leftover mass is zero.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
@@ -269,6 +270,37 @@ pub enum Teacher {
     },
 }
 
+impl Teacher {
+    /// The teacher of `len` consecutive target positions from `start`.
+    fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+        Ok(match self {
+            Teacher::Full { log_probs } => Teacher::Full {
+                log_probs: log_probs.narrow(0, start, len)?,
+            },
+            Teacher::TopK {
+                ids,
+                log_probs,
+                tail_prob,
+                tail_log_prob,
+            } => Teacher::TopK {
+                ids: ids.narrow(0, start, len)?,
+                log_probs: log_probs.narrow(0, start, len)?,
+                tail_prob: tail_prob.narrow(0, start, len)?,
+                tail_log_prob: tail_log_prob.narrow(0, start, len)?,
+            },
+        })
+    }
+}
+
+/// A part of a [`TrainBatch`] ([`TrainBatch::parts`]) and the weight of its loss in the batch's.
+#[derive(Debug, Clone)]
+pub(crate) struct Part {
+    /// The part's rows as a batch of their own.
+    pub batch: TrainBatch,
+    /// Its loss times this, summed over the parts, is the batch's loss.
+    pub weight: f64,
+}
+
 /// One training batch: right-padded token ids and the positions whose next token is a target.
 #[derive(Debug, Clone)]
 pub struct TrainBatch {
@@ -420,6 +452,102 @@ impl TrainBatch {
     /// Number of target positions.
     pub fn n_targets(&self) -> usize {
         self.targets.elem_count()
+    }
+
+    /// The batch cut into parts whose losses, each times its weight, add up to the batch's
+    /// loss under `objective`: one row per part, or one doc's rows under [`Objective::Choice`]
+    /// (its loss needs all of a doc's choices). Each part keeps its rows' tokens up to the last
+    /// position that predicts a target: the model is causal, so the padding and the tokens after
+    /// it change no target's prediction. A training step runs the parts side by side and adds
+    /// their gradients (`train_scales_from`).
+    pub(crate) fn parts(&self, objective: Objective) -> Result<Vec<Part>, FitError> {
+        let (rows, t) = self.input_ids.dims2()?;
+        let positions = self.target_positions.to_vec1::<u32>()?;
+        // Targets are listed row by row (`from_sequences`): each row's are one run of them.
+        let mut row_targets = vec![0..0; rows];
+        for (k, &p) in positions.iter().enumerate() {
+            let row = p as usize / t;
+            let run = row_targets.get_mut(row).ok_or(FitError::BatchTensor {
+                name: "target_positions",
+                expected: format!("flat positions below {}", rows * t),
+                found: vec![positions.len()],
+                dtype: DType::U32,
+            })?;
+            if run.start == run.end {
+                *run = k..k + 1;
+            } else if run.end == k {
+                run.end = k + 1;
+            } else {
+                return Err(FitError::BatchTensor {
+                    name: "target_positions",
+                    expected: "targets listed row by row".into(),
+                    found: vec![positions.len()],
+                    dtype: DType::U32,
+                });
+            }
+        }
+        let groups: Vec<usize> = match (objective, &self.choices) {
+            (Objective::Choice, Some(g)) => g.choices_per_doc.clone(),
+            _ => vec![1; rows],
+        };
+        let docs = groups.len();
+        let n = positions.len();
+        let mut parts = Vec::with_capacity(groups.len());
+        let mut first_row = 0;
+        for &count in &groups {
+            let part_rows = first_row..first_row + count;
+            first_row += count;
+            let runs = &row_targets[part_rows.clone()];
+            let Some(k0) = runs.iter().find(|r| r.start < r.end).map(|r| r.start) else {
+                continue;
+            };
+            let k1 = runs
+                .iter()
+                .rev()
+                .find(|r| r.start < r.end)
+                .map_or(k0, |r| r.end);
+            let len = positions[k0..k1]
+                .iter()
+                .map(|&p| p as usize % t + 1)
+                .max()
+                .unwrap_or(1);
+            let local: Vec<u32> = positions[k0..k1]
+                .iter()
+                .map(|&p| ((p as usize / t - part_rows.start) * len + p as usize % t) as u32)
+                .collect();
+            let device = self.input_ids.device();
+            let mut part = TrainBatch::new(
+                self.input_ids
+                    .narrow(0, part_rows.start, count)?
+                    .narrow(1, 0, len)?,
+                Tensor::from_vec(local, k1 - k0, device)?,
+                self.targets.narrow(0, k0, k1 - k0)?,
+            )?;
+            part.teacher = self
+                .teacher
+                .as_ref()
+                .map(|teacher| teacher.narrow(k0, k1 - k0))
+                .transpose()?;
+            if let (Objective::Choice, Some(g)) = (objective, &self.choices) {
+                let per_row: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+                let mut choices = ChoiceGroups::new(&per_row, &[count], device)?;
+                choices.teacher_log_probs = g
+                    .teacher_log_probs
+                    .as_ref()
+                    .map(|l| l.narrow(0, part_rows.start, count))
+                    .transpose()?;
+                part.choices = Some(choices);
+            }
+            let weight = match objective {
+                Objective::Choice => 1.0 / docs as f64,
+                Objective::Kl | Objective::Ce => (k1 - k0) as f64 / n as f64,
+            };
+            parts.push(Part {
+                batch: part,
+                weight,
+            });
+        }
+        Ok(parts)
     }
 
     /// Attaches the original model's next-token distribution at the target positions (all
@@ -583,11 +711,22 @@ pub fn train_scales_from(
         )
     };
     let mut scales = model.scales(init)?;
+    let linear_vars = match linear_lr {
+        Some(_) => scales.train_linear(),
+        None => Vec::new(),
+    };
     let mut linear_optimizer = match linear_lr {
-        Some(lr) => Some(adam(scales.train_linear(), lr)?),
+        Some(lr) => Some(adam(linear_vars.clone(), lr)?),
         None => None,
     };
-    let mut optimizer = adam(scales.vars(), lr)?;
+    let mut vars = scales.vars();
+    let mut optimizer = adam(vars.clone(), lr)?;
+    // Every variable a step's gradients are taken for.
+    vars.extend(linear_vars);
+    let parts = batches
+        .iter()
+        .map(|b| b.parts(objective))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut order: Vec<usize> = (0..batches.len()).collect();
     let mut loss_history = Vec::with_capacity(steps);
@@ -596,12 +735,12 @@ pub fn train_scales_from(
             order.shuffle(&mut rng);
         }
         let index = order[step % batches.len()];
-        let loss = batch_loss(model, batches, index, &scales, skip, objective, true)?;
-        let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let (value, grads) =
+            part_gradients(model, &parts[index], index, &scales, skip, objective, &vars)?;
+        let value = value as f32;
         if !value.is_finite() {
             return Err(FitError::NonFiniteLoss { step, loss: value });
         }
-        let grads = loss.backward()?;
         optimizer.step(&grads)?;
         if let Some(o) = linear_optimizer.as_mut() {
             o.step(&grads)?;
@@ -613,6 +752,48 @@ pub fn train_scales_from(
         scales: scales.values()?,
         loss_history,
     })
+}
+
+/// One training step's loss and gradients: `parts`' weighted losses and the gradients of `vars`,
+/// each part's forward and backward pass on a thread of its own (at most one part per thread in
+/// flight, so memory is that of the parts in flight, not of the whole batch), added in the parts'
+/// order so that the sums do not depend on the thread count.
+fn part_gradients(
+    model: &Model,
+    parts: &[Part],
+    index: usize,
+    scales: &Scales,
+    skip: &[bool],
+    objective: Objective,
+    vars: &[Var],
+) -> Result<(f64, GradStore), FitError> {
+    let per_part = parallel::map(model.device(), parts.len(), |i| {
+        let part = &parts[i];
+        let hidden = model.forward_hidden(&part.batch.input_ids, scales, skip)?;
+        let loss = (hidden_loss(model, &part.batch, index, &hidden, objective)? * part.weight)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let grads = loss.backward()?;
+        let of_vars: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
+        Ok::<_, FitError>((value, of_vars))
+    })?;
+    let mut value = 0.0;
+    let mut sums: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for (part_value, grads) in per_part {
+        value += part_value;
+        for (sum, grad) in sums.iter_mut().zip(grads) {
+            *sum = match (sum.take(), grad) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+        }
+    }
+    let mut store = GradStore::default();
+    for (var, sum) in vars.iter().zip(sums) {
+        if let Some(sum) = sum {
+            store.insert(var, sum);
+        }
+    }
+    Ok((value, store))
 }
 
 /// The mean over `batches` of each batch's loss (itself a mean over its targets) with the given
@@ -1033,6 +1214,120 @@ mod tests {
             "choice KL {before} skipped, {after} trained"
         );
         assert_eq!(result.scales.b_att[1], 1.0);
+    }
+
+    /// The gradients of `vars` after a backward pass from `loss`.
+    fn grads_of(loss: &Tensor, vars: &[Var]) -> Vec<Vec<f32>> {
+        let grads = loss.backward().unwrap();
+        vars.iter()
+            .map(|v| {
+                let g = grads.get(v).expect("every variable gets a gradient");
+                g.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_trained_in_parts_has_the_whole_batchs_loss_and_gradients() {
+        let arch = tiny_arch();
+        let model = Model::load(&random_source(&arch, 26), &Device::Cpu).unwrap();
+        let ids = random_ids(&arch, 1, 40, 9)
+            .to_vec2::<u32>()
+            .unwrap()
+            .remove(0);
+        // rows of different lengths (padding), one whose targets stop before its end (the part
+        // is cut after its last target) and one without targets (no part)
+        let lengths = [7, 12, 4, 9];
+        let mut take = ids.into_iter();
+        let seqs: Vec<Vec<u32>> = lengths
+            .iter()
+            .map(|&n| take.by_ref().take(n).collect())
+            .collect();
+        let masks: Vec<Vec<bool>> = vec![
+            (0..7).map(|j| j >= 2).collect(),
+            (0..12).map(|j| (3..8).contains(&j)).collect(),
+            vec![false; 4],
+            (0..9).map(|j| j % 2 == 1).collect(),
+        ];
+        let plain = TrainBatch::from_sequences(&seqs, &masks, 0, &Device::Cpu).unwrap();
+        let (cseqs, cmasks, choices) = choice_data(&arch, 8);
+        let choice = TrainBatch::from_choice_sequences(&cseqs, &cmasks, &choices, 0, &Device::Cpu)
+            .unwrap()
+            .with_choice_teacher(&model)
+            .unwrap();
+        let cases = [
+            (
+                "kl top-k",
+                plain.clone().with_teacher(&model, 5).unwrap(),
+                Objective::Kl,
+            ),
+            (
+                "kl full",
+                plain.clone().with_teacher(&model, usize::MAX).unwrap(),
+                Objective::Kl,
+            ),
+            ("ce", plain, Objective::Ce),
+            ("choice", choice, Objective::Choice),
+        ];
+        let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+        let mut values = ScaleValues::ones_with_gains(arch.n_layer, arch.n_embd);
+        values.b_att[2] = 1.3;
+        values.s_mlp[0] = 0.8;
+        let scales = model.scales(&values).unwrap();
+        let vars = scales.vars();
+        for (name, batch, objective) in cases {
+            let parts = batch.parts(objective).unwrap();
+            let expected_parts = match objective {
+                Objective::Choice => choices.len(),
+                _ => 3,
+            };
+            assert_eq!(parts.len(), expected_parts, "{name}");
+            let batches = std::slice::from_ref(&batch);
+            let loss = batch_loss(
+                &model,
+                batches,
+                0,
+                &scales,
+                skip.as_slice(),
+                objective,
+                true,
+            )
+            .unwrap();
+            let whole = loss.to_scalar::<f32>().unwrap() as f64;
+            let whole_grads = grads_of(&loss, &vars);
+            let (value, store) = part_gradients(
+                &model,
+                &parts,
+                0,
+                &scales,
+                skip.as_slice(),
+                objective,
+                &vars,
+            )
+            .unwrap();
+            assert!(whole > 1e-3, "{name}: a loss to compare ({whole})");
+            assert!(
+                (value - whole).abs() < 1e-5 * whole.max(1.0),
+                "{name}: {value} against {whole}"
+            );
+            for (v, expected) in vars.iter().zip(&whole_grads) {
+                let got = store
+                    .get(v)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                assert_eq!(got.len(), expected.len());
+                let scale = expected.iter().fold(1e-3f32, |m, g| m.max(g.abs()));
+                for (g, e) in got.iter().zip(expected) {
+                    assert!(
+                        (g - e).abs() < 1e-4 * scale,
+                        "{name}: gradient {g} against {e}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -199,9 +199,9 @@ enum Command {
         #[command(flatten)]
         fit: FitArgs,
         /// Threads (default: all cores). The screening, the losses, the teacher and the
-        /// stand-ins run their candidates or batches side by side, one per thread; a training
-        /// runs its matrix products on all of them. The plan is the same at any count, and
-        /// the memory nearly so: the trainings still run one at a time.
+        /// stand-ins run their candidates or batches side by side, one per thread, and a
+        /// training step its batch's sequences. The plan is the same at any count; memory grows
+        /// a little with it (one sequence's training per thread).
         #[arg(long)]
         threads: Option<usize>,
         /// Overwrite an existing plan.

@@ -1,5 +1,5 @@
-//! The fit's independent pieces of work (candidates of a round, batches of a forward pass) run
-//! side by side on rayon's pool, one piece per thread.
+//! The fit's independent pieces of work (candidates of a round, batches of a forward pass, the
+//! sequences of a training step) run side by side on rayon's pool, one piece per thread.
 //!
 //! A fit of a small model is many small matrix products, too small for candle to split well:
 //! its own CPU pool makes its workers spin at a barrier after every operation, which on a

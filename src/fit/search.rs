@@ -992,7 +992,8 @@ pub fn screen_candidates(
             out.extend(totals.iter().map(|t| (t / batches.len() as f64) as f32));
         }
         // These train or take gradients: one candidate or batch after another, as a training
-        // holds the activations of every layer for its backward pass.
+        // holds the activations of every layer for its backward pass (a training step runs its
+        // own sequences side by side, one per thread).
         Screen::ShortTrain => {
             for &layer in candidates {
                 let skip = mask(layer)?;

@@ -758,7 +758,7 @@ pub fn train_scales_from(
 /// each part's forward and backward pass on a thread of its own (at most one part per thread in
 /// flight, so memory is that of the parts in flight, not of the whole batch), added in the parts'
 /// order so that the sums do not depend on the thread count.
-fn part_gradients(
+pub(crate) fn part_gradients(
     model: &Model,
     parts: &[Part],
     index: usize,
@@ -808,7 +808,9 @@ pub fn eval_loss(
     check_batches(batches, objective)?;
     let scales = model.scales(scales)?;
     let losses = parallel::map(model.device(), batches.len(), |index| {
-        let loss = batch_loss(model, batches, index, &scales, skip, objective, false)?;
+        let batch = &batches[index];
+        let hidden = model.forward_hidden_no_grad(&batch.input_ids, &scales, skip)?;
+        let loss = hidden_loss(model, batch, index, &hidden, objective)?;
         Ok::<_, FitError>(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?)
     })?;
     let total = losses.iter().fold(0.0f64, |sum, loss| sum + loss);
@@ -839,25 +841,6 @@ pub(crate) fn check_batches(batches: &[TrainBatch], objective: Objective) -> Res
         }
     }
     Ok(())
-}
-
-/// The scalar loss of `batches[index]`, with a graph back to `scales` when `grad`.
-pub(crate) fn batch_loss(
-    model: &Model,
-    batches: &[TrainBatch],
-    index: usize,
-    scales: &Scales,
-    skip: &[bool],
-    objective: Objective,
-    grad: bool,
-) -> Result<Tensor, FitError> {
-    let batch = &batches[index];
-    let hidden = if grad {
-        model.forward_hidden(&batch.input_ids, scales, skip)?
-    } else {
-        model.forward_hidden_no_grad(&batch.input_ids, scales, skip)?
-    };
-    hidden_loss(model, batch, index, &hidden, objective)
 }
 
 /// The scalar loss of `batch` (index `index` in its list, for errors) from the model's final
@@ -1282,17 +1265,10 @@ mod tests {
                 _ => 3,
             };
             assert_eq!(parts.len(), expected_parts, "{name}");
-            let batches = std::slice::from_ref(&batch);
-            let loss = batch_loss(
-                &model,
-                batches,
-                0,
-                &scales,
-                skip.as_slice(),
-                objective,
-                true,
-            )
-            .unwrap();
+            let hidden = model
+                .forward_hidden(&batch.input_ids, &scales, skip.as_slice())
+                .unwrap();
+            let loss = hidden_loss(&model, &batch, 0, &hidden, objective).unwrap();
             let whole = loss.to_scalar::<f32>().unwrap() as f64;
             let whole_grads = grads_of(&loss, &vars);
             let (value, store) = part_gradients(

@@ -1028,17 +1028,17 @@ pub fn screen_candidates(
             let skip = SkipMask::from_layers(n_layer, chosen)?;
             let vars = model.scales(&ones)?;
             let mut grad = vec![0f64; n_layer];
-            for index in 0..batches.len() {
-                let loss = scales::batch_loss(
+            let b_att = [vars.b_att.clone()];
+            for (index, batch) in batches.iter().enumerate() {
+                let (_, grads) = scales::part_gradients(
                     model,
-                    batches,
+                    &batch.parts(objective)?,
                     index,
                     &vars,
                     skip.as_slice(),
                     objective,
-                    true,
+                    &b_att,
                 )?;
-                let grads = loss.backward()?;
                 if let Some(g) = grads.get(vars.b_att.as_tensor()) {
                     for (acc, v) in grad
                         .iter_mut()

@@ -459,8 +459,15 @@ impl TrainBatch {
     /// (its loss needs all of a doc's choices). Each part keeps its rows' tokens up to the last
     /// position that predicts a target: the model is causal, so the padding and the tokens after
     /// it change no target's prediction. A training step runs the parts side by side and adds
-    /// their gradients (`train_scales_from`).
+    /// their gradients (`train_scales_from`). Off the CPU the batch is one part: a GPU would run
+    /// the parts one after another, and runs the whole batch at once faster.
     pub(crate) fn parts(&self, objective: Objective) -> Result<Vec<Part>, FitError> {
+        if !self.input_ids.device().is_cpu() {
+            return Ok(vec![Part {
+                batch: self.clone(),
+                weight: 1.0,
+            }]);
+        }
         let (rows, t) = self.input_ids.dims2()?;
         let positions = self.target_positions.to_vec1::<u32>()?;
         // Targets are listed row by row (`from_sequences`): each row's are one run of them.
@@ -755,9 +762,9 @@ pub fn train_scales_from(
 }
 
 /// One training step's loss and gradients: `parts`' weighted losses and the gradients of `vars`,
-/// each part's forward and backward pass on a thread of its own (at most one part per thread in
-/// flight, so memory is that of the parts in flight, not of the whole batch), added in the parts'
-/// order so that the sums do not depend on the thread count.
+/// each part's forward and backward pass on a thread of its own (so memory holds the parts in
+/// flight, about one per thread, not the whole batch), added in the parts' order so that the
+/// sums do not depend on the thread count.
 pub(crate) fn part_gradients(
     model: &Model,
     parts: &[Part],

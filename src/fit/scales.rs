@@ -722,10 +722,9 @@ pub fn train_scales_from(
         Some(_) => scales.train_linear(),
         None => Vec::new(),
     };
-    let mut linear_optimizer = match linear_lr {
-        Some(lr) => Some(adam(linear_vars.clone(), lr)?),
-        None => None,
-    };
+    let mut linear_optimizer = linear_lr
+        .map(|lr| adam(linear_vars.clone(), lr))
+        .transpose()?;
     let mut vars = scales.vars();
     let mut optimizer = adam(vars.clone(), lr)?;
     // Every variable a step's gradients are taken for.

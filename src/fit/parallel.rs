@@ -6,7 +6,8 @@
 //! shared machine costs more than the second thread gains. So `hopscotch fit --threads N`
 //! gives candle one thread per operation (`CANDLE_NUM_THREADS=1`) and rayon `N` threads
 //! (`RAYON_NUM_THREADS=N`), and the fit hands rayon whole pieces of work: each runs the
-//! operations of one candidate or one batch from start to end on one thread. The pieces'
+//! operations of one candidate, one batch or one training sequence from start to end on one
+//! thread. The pieces'
 //! results are combined in their order, so a fit gives bit-identical results at any thread
 //! count. On a GPU the pieces run one after another (the device serialises them anyway).
 

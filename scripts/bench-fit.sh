@@ -2,8 +2,8 @@
 # Benchmark (not a test): `hopscotch fit --exhaustive` (the paper's loop: every candidate trained
 # every round) against the default screened search, on the real SmolLM2-135M-Instruct with a
 # real task, same settings for both. Reports wall time and peak RSS (/usr/bin/time -v), the
-# blocks each chooses, the final loss of each, the training step's tokens/s, and how well each
-# screening signal ranks the candidates compared with the exhaustive trained scores (Spearman
+# blocks each chooses, the final loss of each, the training step's tokens/s, and how well the
+# screening ranks the candidates compared with the exhaustive trained scores (Spearman
 # rank correlation per round, and whether the exhaustive winner made the shortlist), for the
 # rounds where the screened run had chosen the same blocks so far.
 #
@@ -20,11 +20,6 @@
 #        BENCH_BATCH       batch size (default 4)
 #        BENCH_SEQ         max sequence length (default 64)
 #        BENCH_THREADS     threads (default 1)
-#        BENCH_LOSS_TOKENS --loss-tokens of every run (default targets: how the README's figures
-#                          were measured, before `all` became the fit's default)
-#        BENCH_SCREENS     screening signals of the screened runs, space-separated; the first is
-#                          the default mode (default "skip-loss"); one more run screens every
-#                          candidate every round (`--rescreen 0`) with the first signal
 #        BENCH_EXTRA       further arguments for every run (e.g. "--final-steps 8")
 #        BENCH_OUT         folder for plans and logs (default $HOPSCOTCH_CACHE/bench/fit)
 #        BENCH_SUMMARY_ONLY=1  only print the summary of the runs already in BENCH_OUT
@@ -42,15 +37,12 @@ docs="${BENCH_FIT_DOCS:-12}"
 batch="${BENCH_BATCH:-4}"
 seq="${BENCH_SEQ:-64}"
 threads="${BENCH_THREADS:-1}"
-loss_tokens="${BENCH_LOSS_TOKENS:-targets}"
-screens="${BENCH_SCREENS:-skip-loss}"
-first_screen="${screens%% *}"
 extra="${BENCH_EXTRA:-}"
 out="${BENCH_OUT:-$cache/bench/fit}"
 bench_setup "$out"
 
 common=(--task "$task" --skip "$skip" --fit-docs "$docs" --batch-size "$batch"
-    --max-seq-len "$seq" --threads "$threads" --loss-tokens "$loss_tokens" --force --json)
+    --max-seq-len "$seq" --threads "$threads" --force --json)
 # shellcheck disable=SC2206
 common+=($extra)
 
@@ -64,14 +56,12 @@ run() { # name, extra args...
 
 if [ -z "${BENCH_SUMMARY_ONLY:-}" ]; then
     run exhaustive --exhaustive
-    for s in $screens; do
-        run "screen-$s" --screen "$s"
-    done
-    run "screen-$first_screen-every" --screen "$first_screen" --rescreen 0
+    run screened
+    run screened-every --rescreen 0
 fi
 
 say "summary"
-python3 - "$out" exhaustive $(for s in $screens; do echo "screen-$s"; done) "screen-$first_screen-every" <<'EOF'
+python3 - "$out" exhaustive screened screened-every <<'EOF'
 import json, re, sys
 
 out, names = sys.argv[1], sys.argv[2:]

@@ -223,3 +223,25 @@ pub fn permute_rope_rows(data: &[u8], row_bytes: usize, n_head: usize, to_gguf: 
     }
     out
 }
+
+/// 3 layers, width 64, 4 query heads sharing 2 key/value heads of 16, MLP 128, vocabulary 97.
+#[cfg(test)]
+pub(crate) fn tiny_arch() -> Arch {
+    Arch {
+        family: Family::Llama,
+        hf_architecture: "LlamaForCausalLM".into(),
+        n_layer: 3,
+        n_embd: 64,
+        n_ff: 128,
+        n_head: 4,
+        n_head_kv: 2,
+        head_dim: 16,
+        vocab_size: 97,
+        context_length: 256,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        tie_word_embeddings: false,
+        attn_bias: false,
+    }
+}

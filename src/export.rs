@@ -19,19 +19,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::arch::{permute_rope_rows, Family};
-use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::convert::{
-    checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job, rope_heads,
-    write_gguf, write_typed, ConvertError, FloatType, TensorJob, WriteSummary,
-};
-use crate::fit::plan::{Plan, PlanError};
+use crate::checkpoint::Checkpoint;
 use crate::fold::{fold_values, Fold, FoldError};
 use crate::gguf::consts::{arch_key, QuantType};
+use crate::gguf::imatrix::Imatrix;
 use crate::gguf::vocab::Vocab;
 use crate::gguf::Value;
-use crate::imatrix::Imatrix;
 use crate::output::{check_overwrite, AtomicFile, OutputError};
+use crate::plan::{Plan, PlanError};
 use crate::quantize::original_attn_v_types;
+use crate::write::{
+    checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job, rope_heads,
+    write_gguf, write_typed, FloatType, TensorJob, WriteError, WriteSummary,
+};
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
 /// many entries.
@@ -66,7 +66,7 @@ pub enum ExportError {
     },
     /// Writing the GGUF (or quantizing it) failed.
     #[error(transparent)]
-    Convert(#[from] ConvertError),
+    Write(#[from] WriteError),
     /// The Modelfile could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
@@ -102,6 +102,34 @@ pub struct ExportSummary {
     pub residual_range: (f64, f64),
     /// The chat template as translated for Ollama, if it could be.
     pub chat_template: Option<ChatTemplate>,
+}
+
+impl std::fmt::Display for ExportSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let skipped = if self.skipped_blocks.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:?}", self.skipped_blocks)
+        };
+        writeln!(
+            f,
+            "wrote {} ({}, {} of {} attention blocks skipped: {skipped})",
+            self.gguf,
+            self.gguf_arch,
+            self.skipped_blocks.len(),
+            self.n_layer,
+        )?;
+        write!(
+            f,
+            "wrote {} (chat template: {}); residual scale of the folded stream {:.3}..{:.3}",
+            self.modelfile.display(),
+            self.chat_template
+                .as_ref()
+                .map_or("not translated", |t| t.name()),
+            self.residual_range.0,
+            self.residual_range.1
+        )
+    }
 }
 
 /// Exports `ck` slimmed by `plan` (read from `plan_path`, named in messages) to `target` as
@@ -299,12 +327,7 @@ pub fn folded_jobs<'a>(
                         ck.f32_values(e)?
                     }
                 };
-                fold_values(fold, &name, &mut values).map_err(|message| {
-                    CheckpointError::Invalid {
-                        path: ck.display_path(),
-                        message: format!("tensor {name}: {message}"),
-                    }
-                })?;
+                fold_values(fold, &name, &mut values);
                 let bytes = encode_f32(&values, dtype);
                 Ok(match rope_heads(&ck.arch, &name) {
                     Some(n_head) if interleave_rope => {

@@ -18,10 +18,6 @@
 //! `b / c_next`. The final norm removes the last `c` (its weight takes `sign(c)`), so the LM head,
 //! and the token embedding it may share, stay as they are.
 //!
-//! Channel gains ([`ChannelGains`]) multiply a branch's output channel by channel before `b`, so
-//! each gain multiplies one output row of `attn_output` (and its bias) or `ffn_down`, on top of
-//! the layer's scalar multiplier: as exact as the scalars.
-//!
 //! A skipped block's linear stand-in ([`LinearAttention`]) is a branch like attention: its
 //! matrix becomes the layer's `attn_output.weight` (`n_embd x n_embd`), folded as `attn_output`
 //! is, and the layer keeps `attn_norm`; llama.cpp's `deci` runs it as "linear attention".
@@ -32,7 +28,7 @@
 
 use crate::arch::Arch;
 use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
-use crate::model::{ChannelGains, LinearAttention, ScaleValues, StandInError};
+use crate::plan::{LinearAttention, ScaleValues, StandInError};
 
 /// Errors folding a plan's scalars.
 #[derive(Debug, thiserror::Error)]
@@ -46,32 +42,6 @@ pub enum FoldError {
         expected: usize,
         /// The vector's length.
         found: usize,
-    },
-    /// A channel gain table is not one row of `n_embd` per layer.
-    #[error("channel gains {name} are {rows} rows with one of {width}, the model has {n_layer} layers of width {n_embd}")]
-    GainsShape {
-        /// `att` or `mlp`.
-        name: &'static str,
-        /// Rows given.
-        rows: usize,
-        /// The length of the first row that is not `n_embd` long (or of the first row).
-        width: usize,
-        /// The number of layers.
-        n_layer: usize,
-        /// The hidden width.
-        n_embd: usize,
-    },
-    /// A channel gain is NaN or infinite.
-    #[error("channel gain {name}[{layer}][{channel}] is {value}, not a finite number")]
-    GainNotFinite {
-        /// `att` or `mlp`.
-        name: &'static str,
-        /// Its layer.
-        layer: usize,
-        /// Its channel.
-        channel: usize,
-        /// Its value.
-        value: f32,
     },
     /// A linear stand-in is not for a skipped block, or not `n_embd x n_embd` finite numbers.
     #[error(transparent)]
@@ -139,8 +109,6 @@ impl LayerFold {
 pub struct Fold {
     /// One entry per layer.
     pub layers: Vec<LayerFold>,
-    /// The channel gains, multiplying the output rows of `attn_output` and `ffn_down`.
-    pub gains: Option<ChannelGains>,
     /// The linear stand-ins of skipped blocks, which become their layers' `attn_output`.
     pub linear: Vec<LinearAttention>,
 }
@@ -159,7 +127,7 @@ fn sign(x: f64) -> f64 {
 
 impl Fold {
     /// The fold of `scales` with the attention blocks flagged in `skipped` left out, for a model
-    /// of width `n_embd` (the length of a channel gain row). The attention scalars and gains of a
+    /// of width `n_embd` (the size of a stand-in). The attention scalars of a
     /// skipped layer are ignored unless it has a linear stand-in; a stand-in for a layer that is
     /// not skipped is refused.
     pub fn new(
@@ -220,9 +188,6 @@ impl Fold {
         }
         // a layer's attention branch is gone when it is skipped without a stand-in
         let no_branch: Vec<bool> = (0..n_layer).map(|l| skipped[l] && !linear[l]).collect();
-        if let Some(gains) = &scales.gains {
-            check_gains(gains, n_layer, n_embd, &no_branch)?;
-        }
         let mut c = 1.0f64;
         let mut layers = Vec::with_capacity(n_layer);
         for (l, &attn_skipped) in skipped.iter().enumerate() {
@@ -251,7 +216,6 @@ impl Fold {
         }
         Ok(Fold {
             layers,
-            gains: scales.gains.clone(),
             linear: scales.linear.clone(),
         })
     }
@@ -270,28 +234,10 @@ impl Fold {
             .map(|a| a.weight.as_slice())
     }
 
-    /// Whether the fold changes tensor `name`'s values (a multiplier other than 1, or channel
-    /// gains); a kept tensor it does not change can be copied as stored.
+    /// Whether the fold changes tensor `name`'s values (a multiplier other than 1, or a
+    /// stand-in's weight); a kept tensor it does not change can be copied as stored.
     pub fn alters(&self, name: &str) -> bool {
-        self.tensor_scale(name) != 1.0
-            || self.row_gains(name).is_some()
-            || self.linear_weight(name).is_some()
-    }
-
-    /// The per-row multipliers of tensor `name` (GGUF name) on top of [`Fold::tensor_scale`]:
-    /// the channel gains of `attn_output` and `ffn_down` (weight and bias), `None` elsewhere
-    /// and without gains.
-    pub fn row_gains(&self, name: &str) -> Option<&[f32]> {
-        let gains = self.gains.as_ref()?;
-        let (l, suffix) = split_block(name)?;
-        let table = match suffix {
-            "attn_output.weight" | "attn_output.bias" if self.layers.get(l)?.has_attn_branch() => {
-                &gains.att
-            }
-            "ffn_down.weight" | "ffn_down.bias" => &gains.mlp,
-            _ => return None,
-        };
-        table.get(l).map(Vec::as_slice)
+        self.tensor_scale(name) != 1.0 || self.linear_weight(name).is_some()
     }
 
     /// The running factor of the stream entering the final norm.
@@ -357,40 +303,6 @@ impl Fold {
     }
 }
 
-/// Refuses gain tables of the wrong shape and non-finite gains (of layers whose branch is kept).
-fn check_gains(
-    gains: &ChannelGains,
-    n_layer: usize,
-    n_embd: usize,
-    skipped: &[bool],
-) -> Result<(), FoldError> {
-    for (name, rows) in gains.named() {
-        if let Some((n_rows, width)) = ChannelGains::table_misfit(rows, n_layer, n_embd) {
-            return Err(FoldError::GainsShape {
-                name,
-                rows: n_rows,
-                width,
-                n_layer,
-                n_embd,
-            });
-        }
-        for (layer, row) in rows.iter().enumerate() {
-            if name == "att" && skipped[layer] {
-                continue;
-            }
-            if let Some(channel) = row.iter().position(|g| !g.is_finite()) {
-                return Err(FoldError::GainNotFinite {
-                    name,
-                    layer,
-                    channel,
-                    value: row[channel],
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 /// `blk.N.rest` as `(N, rest)`.
 fn split_block(name: &str) -> Option<(usize, &str)> {
     let (index, rest) = name.strip_prefix("blk.")?.split_once('.')?;
@@ -406,38 +318,14 @@ pub fn scale_values(values: &mut [f32], scale: f64) {
     }
 }
 
-/// Multiplies a tensor's f32 values (row-major, `gains.len()` rows) by `scale` and each row by
-/// its gain; fails when the values do not split into that many rows.
-pub fn scale_rows(values: &mut [f32], scale: f64, gains: &[f32]) -> Result<(), String> {
-    if gains.is_empty() || !values.len().is_multiple_of(gains.len()) {
-        return Err(format!(
-            "{} values do not split into {} rows of channel gains",
-            values.len(),
-            gains.len()
-        ));
-    }
-    let row_len = values.len() / gains.len();
-    for (row, &g) in values.chunks_mut(row_len).zip(gains) {
-        let m = scale * g as f64;
-        for v in row {
-            *v = (*v as f64 * m) as f32;
-        }
-    }
-    Ok(())
-}
-
-/// A tensor's values after the fold: its multiplier and, for the output projections, the
-/// channel gains of its rows. `Ok(false)` when the values are left as they are.
-pub fn fold_values(fold: &Fold, name: &str, values: &mut [f32]) -> Result<bool, String> {
+/// A tensor's values after the fold: times its multiplier. `false` when the values are left as
+/// they are.
+pub fn fold_values(fold: &Fold, name: &str, values: &mut [f32]) -> bool {
     if !fold.alters(name) {
-        return Ok(false);
+        return false;
     }
-    let scale = fold.tensor_scale(name);
-    match fold.row_gains(name) {
-        Some(gains) => scale_rows(values, scale, gains)?,
-        None => scale_values(values, scale),
-    }
-    Ok(true)
+    scale_values(values, fold.tensor_scale(name));
+    true
 }
 
 /// A checkpoint's tensors with a fold applied, as f32 in Hugging Face layout. The tensors the
@@ -470,10 +358,7 @@ impl TensorSource for FoldedWeights<'_> {
             Some(w) => (vec![self.ck.arch.n_embd; 2], w.to_vec()),
             None => self.ck.tensor_f32(name)?,
         };
-        fold_values(self.fold, name, &mut values).map_err(|message| CheckpointError::Invalid {
-            path: format!("{} (folded)", self.ck.display_path()),
-            message: format!("tensor {name}: {message}"),
-        })?;
+        fold_values(self.fold, name, &mut values);
         Ok((shape, values))
     }
 }
@@ -488,7 +373,6 @@ mod tests {
             s_att: vec![s_att; n],
             b_mlp: vec![3.0; n],
             s_mlp: vec![s_mlp; n],
-            gains: None,
             linear: vec![],
         }
     }
@@ -521,57 +405,6 @@ mod tests {
         assert_eq!(f.tensor_scale("blk.1.attn_norm.weight"), -1.0);
         assert_eq!(f.tensor_scale("blk.1.ffn_norm.weight"), 1.0);
         assert_eq!(f.tensor_scale("output_norm.weight"), 1.0);
-    }
-
-    #[test]
-    fn channel_gains_multiply_the_output_rows_of_kept_branches() {
-        let mut s = scales(2, 0.5, 1.0);
-        s.gains = Some(ChannelGains {
-            att: vec![vec![2.0, 3.0], vec![f32::NAN, 0.0]],
-            mlp: vec![vec![1.0, 0.5], vec![4.0, 1.0]],
-        });
-        // layer 1's attention is skipped: its gains (NaN included) are never read
-        let f = Fold::new(2, 2, &[false, true], &s).unwrap();
-        assert_eq!(
-            f.row_gains("blk.0.attn_output.weight"),
-            Some(&[2.0, 3.0][..])
-        );
-        assert_eq!(f.row_gains("blk.0.attn_output.bias"), Some(&[2.0, 3.0][..]));
-        assert_eq!(f.row_gains("blk.1.attn_output.weight"), None);
-        assert_eq!(f.row_gains("blk.1.ffn_down.weight"), Some(&[4.0, 1.0][..]));
-        assert_eq!(f.row_gains("blk.0.ffn_up.weight"), None);
-        assert_eq!(f.row_gains("output_norm.weight"), None);
-        // attn_output of layer 0: b / c = 2 / 0.5 = 4, rows times 2 and 3
-        let mut w = vec![1.0f32, -1.0, 0.5, 2.0];
-        assert!(fold_values(&f, "blk.0.attn_output.weight", &mut w).unwrap());
-        assert_eq!(w, vec![8.0, -8.0, 6.0, 24.0]);
-        // a tensor the fold leaves alone
-        let mut v = vec![1.0f32, 2.0];
-        assert!(!fold_values(&f, "blk.0.ffn_up.weight", &mut v).unwrap());
-        assert_eq!(v, vec![1.0, 2.0]);
-        // values that do not split into rows
-        let mut odd = vec![1.0f32; 3];
-        assert!(fold_values(&f, "blk.1.ffn_down.weight", &mut odd).is_err());
-        // a NaN in a kept branch, and a table of the wrong shape
-        let mut bad = s.clone();
-        bad.gains.as_mut().unwrap().mlp[1][0] = f32::INFINITY;
-        assert!(matches!(
-            Fold::new(2, 2, &[false, true], &bad),
-            Err(FoldError::GainNotFinite {
-                name: "mlp",
-                layer: 1,
-                channel: 0,
-                ..
-            })
-        ));
-        assert!(matches!(
-            Fold::new(2, 3, &[false, true], &s),
-            Err(FoldError::GainsShape {
-                name: "att",
-                width: 2,
-                ..
-            })
-        ));
     }
 
     #[test]

@@ -82,13 +82,13 @@ pub enum InspectError {
     Checkpoint(#[from] CheckpointError),
     /// The importance matrix is malformed.
     #[error(transparent)]
-    Imatrix(Box<crate::imatrix::ImatrixError>),
+    Imatrix(Box<crate::gguf::imatrix::ImatrixFileError>),
 }
 
 /// Summarises an importance matrix (a GGUF whose `general.type` is `imatrix`).
 fn inspect_imatrix(path: &Path, f: &GgufFile) -> Result<Summary, InspectError> {
-    let im =
-        crate::imatrix::Imatrix::from_gguf(f).map_err(|e| InspectError::Imatrix(Box::new(e)))?;
+    let im = crate::gguf::imatrix::Imatrix::from_gguf(f)
+        .map_err(|e| InspectError::Imatrix(Box::new(e)))?;
     let blocks: std::collections::BTreeSet<&str> = im
         .entries
         .keys()

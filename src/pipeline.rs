@@ -7,20 +7,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::convert::ConvertError;
 use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
-use crate::fit::plan::{Plan, PlanError};
-use crate::fit::progress::Progress;
-use crate::fit::search::{fit, FitOptions, FitRequest, SearchError};
+use crate::fit::options::FitError;
+use crate::fit::session::{fit, FitRequest};
 use crate::gguf::consts::QuantType;
 use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
 use crate::output::{AtomicFile, OutputError};
+use crate::plan::FitSettings;
+use crate::plan::{Plan, PlanError};
+use crate::progress::Progress;
 use crate::quantize::{require_imatrix, QuantizeError};
 use crate::report::{kv_bytes_per_token, ModelFigures, Paired, RoundPoint, RunReport, Seconds};
 use crate::task::{self, DocBody, TaskError};
+use crate::write::WriteError;
 
 /// Errors of the pipeline, each from the stage that failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +37,7 @@ pub enum RunError {
     },
     /// The fit failed.
     #[error(transparent)]
-    Fit(#[from] Box<SearchError>),
+    Fit(#[from] Box<FitError>),
     /// Reading the plan back failed.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -47,7 +49,7 @@ pub enum RunError {
     Export(#[from] ExportError),
     /// Writing the original at the quant type failed.
     #[error(transparent)]
-    Convert(#[from] ConvertError),
+    Write(#[from] WriteError),
     /// Reading the task failed.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -88,7 +90,7 @@ pub struct RunRequest {
     /// Held-out documents to evaluate (all when `None`).
     pub limit: Option<usize>,
     /// Fit settings (`skip` is K).
-    pub fit: FitOptions,
+    pub fit: FitSettings,
     /// Replace existing outputs.
     pub force: bool,
     /// Threads for llama.cpp.

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use crate::arch::{Arch, Family};
 use crate::gguf::consts::QuantType;
+use crate::gguf::imatrix::{Imatrix, ImatrixFileError};
 use crate::gguf::types::GgmlType;
-use crate::imatrix::{Imatrix, ImatrixError};
 use crate::output::{check_overwrite, register_temp, temp_path_for, unregister_temp, OutputError};
 
 /// Errors from quantization.
@@ -36,7 +36,7 @@ pub enum QuantizeError {
     },
     /// The importance matrix does not fit the model.
     #[error(transparent)]
-    Imatrix(Box<ImatrixError>),
+    Imatrix(Box<ImatrixFileError>),
     /// llama.cpp's quantizer returned an error code.
     #[error("llama.cpp could not quantize {input} to {qtype} (error code {code})")]
     Failed {
@@ -57,8 +57,8 @@ pub enum QuantizeError {
     },
 }
 
-impl From<ImatrixError> for QuantizeError {
-    fn from(e: ImatrixError) -> Self {
+impl From<ImatrixFileError> for QuantizeError {
+    fn from(e: ImatrixFileError) -> Self {
         QuantizeError::Imatrix(Box::new(e))
     }
 }
@@ -252,7 +252,7 @@ pub fn quantize_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::tests::tiny_arch;
+    use crate::arch::tiny_arch;
 
     fn types(qtype: QuantType, arch: &Arch, layers: &[usize]) -> Vec<&'static str> {
         original_attn_v_types(qtype, arch, layers)

@@ -115,6 +115,21 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
 }
 
+impl std::fmt::Display for RunReport {
+    /// The side-by-side table and the paired figures.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.table())?;
+        write!(
+            f,
+            "answer agreement {:.2}%, accuracy difference {:+.2} points (paired 95% CI [{:+.2}, {:+.2}])",
+            self.paired.agreement * 100.0,
+            self.paired.accuracy_diff * 100.0,
+            self.paired.accuracy_diff_ci95[0] * 100.0,
+            self.paired.accuracy_diff_ci95[1] * 100.0
+        )
+    }
+}
+
 impl RunReport {
     /// The side-by-side table (markdown).
     pub fn table(&self) -> String {

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use common::{bin, candle_logits, llama_logits, max_abs_diff, sample_tokens, write_tiny, Tiny};
 use hopscotch::checkpoint::Checkpoint;
-use hopscotch::model::ScaleValues;
+use hopscotch::plan::ScaleValues;
 
 fn convert(hf: &Path, out: &Path, ty: &str) {
     let o = Command::new(bin())

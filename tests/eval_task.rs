@@ -14,9 +14,10 @@ use hopscotch::eval::task::{
     choice_chars, evaluate, evaluate_with, pair_with_reference, select_docs, wilson_ci95,
     DecodeOptions, Selection, TaskReport, MIN_CACHED_PREFIX,
 };
-use hopscotch::fit::plan::Plan;
 use hopscotch::llamacpp::{LoadedModel, SharedPrefix};
-use hopscotch::model::{Model, ScaleValues};
+use hopscotch::model::Model;
+use hopscotch::plan::Plan;
+use hopscotch::plan::ScaleValues;
 use serde_json::{json, Value};
 
 /// Largest difference allowed between llama.cpp's and candle's summed log-likelihoods of an f32

@@ -10,11 +10,11 @@ use std::process::Command;
 use common::{bin, candle_logits, llama_logits, max_abs_diff, sample_tokens, write_tiny, Tiny};
 use hopscotch::arch::Arch;
 use hopscotch::checkpoint::{Checkpoint, CheckpointError, TensorSource};
-use hopscotch::fit::plan::{FitSettings, ModelFingerprint, Plan, TaskRef};
 use hopscotch::fold::{Fold, FoldedWeights};
 use hopscotch::gguf::reader::GgufFile;
 use hopscotch::llamacpp::LoadedModel;
-use hopscotch::model::{ChannelGains, LinearAttention, ScaleValues};
+use hopscotch::plan::{FitSettings, LossTokens, ModelFingerprint, Plan, TaskRef};
+use hopscotch::plan::{LinearAttention, ScaleValues};
 use rand::{Rng, SeedableRng};
 
 fn hopscotch(args: &[&str]) -> std::process::Output {
@@ -49,7 +49,6 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
         s_att: draw(true),
         b_mlp: draw(false),
         s_mlp: draw(false),
-        gains: None,
         linear: vec![],
     };
     Plan {
@@ -70,31 +69,20 @@ fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
         final_loss_untrained: None,
         attn_importance: None,
         settings: FitSettings {
-            method: "hopscotch".into(),
-            objective: "kl".into(),
             skip: skipped.len(),
             fit_docs: 0,
-            final_docs: None,
-            candidate_steps: 0,
-            final_steps: 0,
-            lr: 1e-2,
-            final_lr: 3e-3,
+            candidate_steps: Some(0),
+            final_steps: Some(0),
             batch_size: 1,
             max_seq_len: 64,
             seed,
             exhaustive: true,
             shortlist: 0,
-            train_scales: true,
-            channel_gains: false,
-            linear_attention: false,
-            linear_lr: None,
-            linear_sequential: false,
-            candidate_score: None,
-            screen: None,
             screen_batches: 0,
             rescreen: 0,
             teacher_top_k: 0,
-            loss_tokens: "targets".into(),
+            loss_tokens: LossTokens::Targets,
+            ..FitSettings::default()
         },
     }
 }
@@ -148,22 +136,6 @@ fn export(hf: &Path, plan: &Path, out: &Path, ty: &str) {
 const FOLD_BOUND: f32 = 1e-4;
 const LLAMA_CPP_EXTRA: f32 = 2e-4;
 
-/// Channel gains drawn uniformly from 0.7..1.3 (those of skipped attention blocks too: never
-/// read).
-fn gains_for(ck: &Checkpoint, seed: u64) -> ChannelGains {
-    let (n, d) = (ck.arch.n_layer, ck.arch.n_embd);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut table = || -> Vec<Vec<f32>> {
-        (0..n)
-            .map(|_| (0..d).map(|_| rng.gen_range(0.7..1.3)).collect())
-            .collect()
-    };
-    ChannelGains {
-        att: table(),
-        mlp: table(),
-    }
-}
-
 /// Linear stand-ins for `layers`, entries drawn uniformly from -0.2..0.2, with the layers'
 /// attention scalars drawn as a kept block's are (the fit trains them).
 fn add_stand_ins(ck: &Checkpoint, plan: &mut Plan, layers: &[usize], seed: u64) {
@@ -180,16 +152,9 @@ fn add_stand_ins(ck: &Checkpoint, plan: &mut Plan, layers: &[usize], seed: u64) 
 }
 
 /// The fold of a plan with `skipped` blocks (`linear` of them with stand-ins), `negative`: one
-/// negative `s_mlp`, `gains`: channel gains: candle with the scalars against candle on the
+/// negative `s_mlp`: candle with the scalars against candle on the
 /// folded weights and against llama.cpp on the exported f32 file.
-fn check_fold(
-    tiny: Tiny,
-    skipped: &[usize],
-    linear: &[usize],
-    negative: bool,
-    gains: bool,
-    expect_arch: &str,
-) {
+fn check_fold(tiny: Tiny, skipped: &[usize], linear: &[usize], negative: bool, expect_arch: &str) {
     let dir = tempfile::tempdir().unwrap();
     let hf = write_tiny(dir.path(), &tiny);
     let ck = Checkpoint::open(&hf).unwrap();
@@ -197,9 +162,6 @@ fn check_fold(
     if negative {
         // a sign flip of the stream: exact through the norms' sign
         plan.scales.s_mlp[2] = -0.8;
-    }
-    if gains {
-        plan.scales.gains = Some(gains_for(&ck, 11));
     }
     add_stand_ins(&ck, &mut plan, linear, 17);
     let skip = plan.skip_mask();
@@ -235,10 +197,9 @@ fn check_fold(
     let unfolded = candle_logits(&ck, &ScaleValues::ones(n), &skip, &toks);
     let (d_scalars, _) = max_abs_diff(&gated, &unfolded);
     eprintln!(
-        "{} skip {skipped:?}{}{}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
+        "{} skip {skipped:?}{}{}: max |logit| {scale:.2}; folded candle {d_fold:.2e} ({:.1e} relative), llama.cpp {d_cpp:.2e} (the scalars themselves move logits by {d_scalars:.2}; c in {:.3}..{:.3})",
         tiny.arch,
         if negative { " with a negative s_mlp" } else { "" },
-        if gains { " with channel gains" } else { "" },
         if linear.is_empty() {
             String::new()
         } else {
@@ -265,25 +226,25 @@ fn check_fold(
 
 #[test]
 fn folded_llama_matches_the_model_with_scalars() {
-    check_fold(Tiny::llama(), &[1, 3], &[], false, false, "deci");
-    check_fold(Tiny::llama(), &[2], &[], true, false, "deci");
-    check_fold(Tiny::llama(), &[], &[], false, false, "llama");
-    check_fold(Tiny::llama(), &[1, 3], &[], true, true, "deci");
+    check_fold(Tiny::llama(), &[1, 3], &[], false, "deci");
+    check_fold(Tiny::llama(), &[2], &[], true, "deci");
+    check_fold(Tiny::llama(), &[], &[], false, "llama");
+    check_fold(Tiny::llama(), &[1, 3], &[], true, "deci");
 }
 
 #[test]
 fn folded_linear_stand_ins_match_the_model_with_them() {
     // deci's "linear attention" in llama.cpp: a layer with heads and no KV heads
-    check_fold(Tiny::llama(), &[1, 3], &[3], false, false, "deci");
-    check_fold(Tiny::llama(), &[1, 2], &[1, 2], true, true, "deci");
-    check_fold(Tiny::qwen2(), &[2], &[2], false, true, "deci");
+    check_fold(Tiny::llama(), &[1, 3], &[3], false, "deci");
+    check_fold(Tiny::llama(), &[1, 2], &[1, 2], true, "deci");
+    check_fold(Tiny::qwen2(), &[2], &[2], false, "deci");
 }
 
 #[test]
 fn folded_qwen2_matches_the_model_with_scalars() {
-    check_fold(Tiny::qwen2(), &[1, 3], &[], false, false, "deci");
-    check_fold(Tiny::qwen2(), &[], &[], true, false, "qwen2");
-    check_fold(Tiny::qwen2(), &[2], &[], false, true, "deci");
+    check_fold(Tiny::qwen2(), &[1, 3], &[], false, "deci");
+    check_fold(Tiny::qwen2(), &[], &[], true, "qwen2");
+    check_fold(Tiny::qwen2(), &[2], &[], false, "deci");
 }
 
 fn arr(f: &GgufFile, key: &str) -> Vec<i64> {
@@ -498,7 +459,7 @@ fn low_bit_types_quantize_with_the_slim_models_importance_matrix() {
         said.contains("8 of the documents are beyond the plan's own"),
         "{said}"
     );
-    let im = hopscotch::imatrix::Imatrix::read(&im_path).unwrap();
+    let im = hopscotch::gguf::imatrix::Imatrix::read(&im_path).unwrap();
     // 4 layers x 7 matrices, none for the skipped attention, none for the tied LM head
     assert_eq!(im.entries.len(), 4 * 7 - 4, "{:?}", im.entries.keys());
     assert!(!im.entries.contains_key("blk.2.attn_output.weight"));
@@ -628,12 +589,15 @@ fn bad_plans_fail_cleanly_without_output() {
     zero.scales.s_mlp[1] = 0.0;
     let zero = write_plan("zero.json", &zero);
     check(&zero, "s_mlp[1] is 0");
-    let mut short = plan_for(&ck, &[2], 1);
-    let mut gains = gains_for(&ck, 3);
-    gains.mlp[1].pop();
-    short.scales.gains = Some(gains);
-    let short = write_plan("short-gains.json", &short);
-    check(&short, "scales.gains.mlp[1] has");
+    // a plan with channel gains, a retired option, is refused rather than exported without them
+    let mut gained = serde_json::to_value(plan_for(&ck, &[2], 1)).unwrap();
+    gained["scales"]["gains"] = serde_json::json!({"att": [[1.0]], "mlp": [[1.0]]});
+    let gained_path = dir.path().join("gains.json");
+    std::fs::write(&gained_path, gained.to_string()).unwrap();
+    check(
+        &gained_path,
+        "scales.gains comes from an option hopscotch no longer has",
+    );
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "{\"skipped_blocks\": [1]}").unwrap();
     check(&garbage, "not a valid plan");
@@ -725,12 +689,12 @@ fn real_smollm2_exports_to_deci_and_evaluates() {
 }
 
 /// Manual check of the fold on the real SmolLM2-135M-Instruct Q4_1 GGUF: candle with the plan's
-/// scalars and channel gains against llama.cpp on the folded f32 `deci` export, logits at every
+/// scalars and stand-ins against llama.cpp on the folded f32 `deci` export, logits at every
 /// position of a sentence. The plan is `HOPSCOTCH_PLAN` when set (a fitted plan of this model),
-/// else blocks [5, 6, 7, 26] with scalars 1 and gains drawn from 0.7..1.3.
+/// else blocks [5, 6, 7, 26] skipped, 7 and 26 with random stand-ins, other scalars 1.
 #[test]
 #[ignore = "manual: needs the real model (scripts/fetch-model.sh)"]
-fn real_smollm2_fold_with_channel_gains_matches_candle() {
+fn real_smollm2_fold_with_stand_ins_matches_candle() {
     let model = common::real_model();
     let ck = Checkpoint::open(&model).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -740,11 +704,9 @@ fn real_smollm2_fold_with_channel_gains_matches_candle() {
             let mut plan = plan_for(&ck, &[5, 6, 7, 26], 0);
             // scalars at 1: random residual scalars over 30 layers move the running factor far
             // enough for RMSNorm's epsilon to show (4e-2 of 30 in logits); fitted plans keep it
-            // near 1 (the K=8 plan with gains: 2e-4)
-            plan.scales = ScaleValues {
-                gains: Some(gains_for(&ck, 1)),
-                ..ScaleValues::ones(ck.arch.n_layer)
-            };
+            // near 1
+            plan.scales = ScaleValues::ones(ck.arch.n_layer);
+            add_stand_ins(&ck, &mut plan, &[7, 26], 1);
             let p = dir.path().join("plan.json");
             plan.save(&p, false).unwrap();
             p

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{bin, facts, write_choice_task, write_safetensors, write_tiny, Dtype, Tiny};
-use hopscotch::fit::plan::Plan;
+use hopscotch::plan::{LossTokens, Plan};
 
 /// The layer whose attention output projection is zeroed in [`dead_block_model`].
 const DEAD: usize = 2;
@@ -102,7 +102,7 @@ fn fit_resumed(
     args: &[&str],
 ) -> serde_json::Value {
     partial
-        .save(&hopscotch::fit::search::partial_path(out), false)
+        .save(&hopscotch::fit::session::partial_path(out), false)
         .unwrap();
     let run = ok(fit(
         dir,
@@ -192,8 +192,8 @@ fn the_choice_objective_skips_the_block_that_adds_nothing_first() {
         &["--skip", "2", "--objective", "choice", "--final-steps", "4"],
     ));
     let plan = Plan::load(&out).unwrap();
-    assert_eq!(plan.settings.objective, "choice");
-    assert_eq!(plan.settings.loss_tokens, "targets");
+    assert_eq!(plan.settings.objective.name(), "choice");
+    assert_eq!(plan.settings.loss_tokens, LossTokens::Targets);
     assert_eq!(plan.skipped_blocks.len(), 2);
     assert_eq!(plan.skipped_blocks[0], DEAD, "{:?}", plan.rounds);
     // not quite 0: Adam moves every scalar by about the learning rate
@@ -236,24 +236,14 @@ fn trained_scales_lower_the_loss_of_the_plan() {
         trained < 0.99 * untrained,
         "trained {trained}, untrained {untrained}"
     );
-    assert_ne!(plan.scales, hopscotch::model::ScaleValues::ones(4));
+    assert_ne!(plan.scales, hopscotch::plan::ScaleValues::ones(4));
     assert_eq!(plan.final_loss_history.len(), 40);
-    assert!(plan.scales.gains.is_none() && !plan.settings.channel_gains);
 
-    // The same blocks with channel gains trained too: a lower loss, a plan that exports.
-    let gained = dir.path().join("gained.json");
-    trained_fit(&gained, &["--channel-gains"]);
-    let with_gains = Plan::load(&gained).unwrap();
-    assert_eq!(with_gains.skipped_blocks, plan.skipped_blocks);
-    assert!(with_gains.settings.channel_gains);
-    let gains = with_gains.scales.gains.as_ref().expect("channel gains");
-    assert_eq!((gains.att.len(), gains.mlp[0].len()), (4, 64));
-    let loss = with_gains.final_loss.unwrap();
-    assert!(loss < trained, "with gains {loss}, scalars only {trained}");
-    let slim = dir.path().join("gained.gguf");
+    // a plan with trained scalars exports
+    let slim = dir.path().join("trained.gguf");
     let o = Command::new(bin())
         .args(["export".as_ref(), model.as_os_str(), "--plan".as_ref()])
-        .args([gained.as_os_str(), "-o".as_ref(), slim.as_os_str()])
+        .args([out.as_os_str(), "-o".as_ref(), slim.as_os_str()])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -267,7 +257,7 @@ fn trained_scales_lower_the_loss_of_the_plan() {
         &["--skip", "2", "--method", "random", "--no-scales"],
     ));
     let plan = Plan::load(&none).unwrap();
-    assert_eq!(plan.scales, hopscotch::model::ScaleValues::ones(4));
+    assert_eq!(plan.scales, hopscotch::plan::ScaleValues::ones(4));
     assert_eq!(plan.final_loss, plan.final_loss_untrained);
     assert!(plan.final_loss_history.is_empty());
 }
@@ -288,7 +278,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     assert_eq!(short.settings.final_docs, None);
     assert_eq!(
         short.settings.final_steps,
-        4 * 2,
+        Some(4 * 2),
         "4 epochs of the 2 fit batches"
     );
 
@@ -326,7 +316,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     assert_eq!(long.settings.final_docs, Some(12));
     assert_eq!(
         long.settings.final_steps,
-        4 * 6,
+        Some(4 * 6),
         "4 epochs of the 6 final batches"
     );
     assert_eq!(long.final_loss_history.len(), 24);
@@ -350,76 +340,6 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
         run(&bad, &[&base[..], &["--final-docs", "3"]].concat()),
         &bad,
         "final-docs",
-    );
-}
-
-/// `--linear-sequential`: a stand-in search resumed into it keeps its rounds, keeps the first
-/// replaced block's stand-in and refits the later one; without stand-ins it is refused.
-#[test]
-fn a_stand_in_search_resumes_into_sequential_stand_ins() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = write_tiny(dir.path(), &Tiny::llama());
-    let task = text_task(dir.path());
-    let base: Vec<&str> =
-        "--skip 2 --fit-docs 4 --batch-size 2 --shortlist 2 --final-steps 0 --linear-attention"
-            .split(' ')
-            .collect();
-    let first = dir.path().join("independent.json");
-    ok(fit(dir.path(), &model, &task, &first, &base));
-    let first = Plan::load(&first).unwrap();
-    assert!(!first.settings.linear_sequential);
-
-    let seq = dir.path().join("sequential.json");
-    let report = fit_resumed(
-        dir.path(),
-        &model,
-        &task,
-        &first,
-        &seq,
-        &[&base[..], &["--linear-sequential"]].concat(),
-    );
-    assert_eq!(report["resumed_rounds"], 2);
-    let seq = Plan::load(&seq).unwrap();
-    assert!(seq.settings.linear_sequential);
-    assert_eq!(seq.rounds, first.rounds);
-    let stand_in = |plan: &Plan, layer: usize| {
-        plan.scales
-            .linear
-            .iter()
-            .find(|a| a.layer == layer)
-            .unwrap()
-            .weight
-            .clone()
-    };
-    let mut layers = seq.skipped_blocks.clone();
-    layers.sort_unstable();
-    let max_diff = |l| {
-        stand_in(&seq, l)
-            .iter()
-            .zip(stand_in(&first, l))
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-    };
-    assert!(
-        max_diff(layers[0]) < 1e-4,
-        "the first reads the original's stream"
-    );
-    assert!(
-        max_diff(layers[1]) > 1e-3,
-        "the second reads the slim stream"
-    );
-
-    let bad = dir.path().join("bad.json");
-    fails(
-        fit(
-            dir.path(),
-            &model,
-            &task,
-            &bad,
-            &["--skip", "2", "--linear-sequential"],
-        ),
-        &bad,
-        "linear-sequential",
     );
 }
 
@@ -450,7 +370,7 @@ fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     ok(fit(dir.path(), &model, &task, &b, &args));
     let first = std::fs::read(&a).unwrap();
     assert_eq!(first, std::fs::read(&b).unwrap());
-    assert!(!hopscotch::fit::search::partial_path(&a).exists());
+    assert!(!hopscotch::fit::session::partial_path(&a).exists());
     let report: serde_json::Value = serde_json::from_slice(&summary.stdout).unwrap();
     assert_eq!(report["rounds"].as_array().unwrap().len(), 3);
 
@@ -459,7 +379,7 @@ fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     let mut partial = Plan::load(&a).unwrap();
     partial.rounds.truncate(1);
     partial.skipped_blocks.truncate(1);
-    partial.scales = hopscotch::model::ScaleValues::ones(4);
+    partial.scales = hopscotch::plan::ScaleValues::ones(4);
     partial.final_loss_history.clear();
     partial.final_loss = None;
     partial.final_loss_untrained = None;
@@ -470,7 +390,7 @@ fn the_same_inputs_give_the_same_plan_and_resume_reaches_it() {
     // A partial plan from other settings is refused.
     let d = dir.path().join("d.json");
     partial
-        .save(&hopscotch::fit::search::partial_path(&d), false)
+        .save(&hopscotch::fit::session::partial_path(&d), false)
         .unwrap();
     fails(
         fit(
@@ -492,24 +412,9 @@ fn a_fit_gives_the_same_plan_at_any_thread_count() {
     let dir = tempfile::tempdir().unwrap();
     let model = write_tiny(dir.path(), &Tiny::llama());
     let task = text_task(dir.path());
-    let runs: [&[&str]; 4] = [
+    let runs: [&[&str]; 3] = [
         &["--shortlist", "2", "--final-steps", "3"],
-        &[
-            "--screen",
-            "short-train",
-            "--shortlist",
-            "2",
-            "--screen-batches",
-            "3",
-        ],
-        &[
-            "--screen",
-            "gradient",
-            "--shortlist",
-            "2",
-            "--screen-batches",
-            "3",
-        ],
+        &["--shortlist", "2", "--screen-batches", "3"],
         &[
             "--shortlist",
             "2",
@@ -518,7 +423,6 @@ fn a_fit_gives_the_same_plan_at_any_thread_count() {
             "--final-steps",
             "2",
             "--linear-attention",
-            "--linear-sequential",
         ],
     ];
     for (i, args) in runs.iter().enumerate() {

@@ -7,8 +7,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use hopscotch::checkpoint::Checkpoint;
-use hopscotch::fit::plan::Plan;
 use hopscotch::gguf::reader::GgufFile;
+use hopscotch::plan::Plan;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

@@ -148,8 +148,8 @@ fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
         md.contains("its own importance matrix from the 4 fit documents"),
         "{md}"
     );
-    let slim = hopscotch::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
-    let orig = hopscotch::imatrix::Imatrix::read(&out.join("original.imatrix.gguf")).unwrap();
+    let slim = hopscotch::gguf::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
+    let orig = hopscotch::gguf::imatrix::Imatrix::read(&out.join("original.imatrix.gguf")).unwrap();
     let layer = report["skipped_blocks"][0].as_u64().unwrap();
     let q = format!("blk.{layer}.attn_q.weight");
     assert!(orig.entries.contains_key(&q) && !slim.entries.contains_key(&q));
@@ -184,7 +184,7 @@ fn run_with_linear_stand_ins_exports_linear_attention_layers() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
     let layer = report["skipped_blocks"][0].as_u64().unwrap() as usize;
-    let plan = hopscotch::fit::plan::Plan::load(&out.join("plan.json")).unwrap();
+    let plan = hopscotch::plan::Plan::load(&out.join("plan.json")).unwrap();
     assert!(plan.settings.linear_attention);
     let stand_ins: Vec<usize> = plan.scales.linear.iter().map(|a| a.layer).collect();
     assert_eq!(stand_ins, vec![layer]);
@@ -215,7 +215,7 @@ fn run_with_linear_stand_ins_exports_linear_attention_layers() {
         .tensor(&format!("blk.{layer}.attn_output.weight"))
         .is_some());
     assert!(f.tensor(&format!("blk.{layer}.attn_q.weight")).is_none());
-    let slim = hopscotch::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
+    let slim = hopscotch::gguf::imatrix::Imatrix::read(&out.join("slim.imatrix.gguf")).unwrap();
     assert!(slim
         .entries
         .contains_key(&format!("blk.{layer}.attn_output.weight")));

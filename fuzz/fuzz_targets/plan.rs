@@ -1,10 +1,10 @@
-//! `hopscotch::fit::plan::Plan::load` on arbitrary bytes, written to one file per process first.
+//! `hopscotch::plan::Plan::load` on arbitrary bytes, written to one file per process first.
 #![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use hopscotch::fit::plan::Plan;
+use hopscotch::plan::Plan;
 use libfuzzer_sys::fuzz_target;
 
 fn input_path() -> &'static PathBuf {

@@ -59,6 +59,27 @@ pub struct PerplexityReport {
     pub windows: usize,
 }
 
+impl std::fmt::Display for PerplexityReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "tokens scored    {} ({} windows of {})",
+            self.tokens, self.windows, self.n_ctx
+        )?;
+        write!(f, "perplexity       {:.4}", self.perplexity)?;
+        if let (Some(kl), Some(top1), Some(rp)) =
+            (self.kl_mean, self.top1_agreement, self.reference_perplexity)
+        {
+            write!(
+                f,
+                "\nreference ppl    {rp:.4}\nKL mean          {kl:.6}\ntop-1 agreement  {:.2}%",
+                top1 * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Evaluates `model` on `text` in windows of `n_ctx` tokens (at most `max_windows` of them,
 /// all when `None`), against `reference` if given.
 pub fn perplexity(

@@ -3,9 +3,54 @@
 //! measured in turns ([`compare_prompt_speed`]), so that other work on the machine weighs on each
 //! alike, and each keeps its fastest turn.
 
+use std::fmt;
+use std::path::PathBuf;
 use std::time::Instant;
 
+use serde::Serialize;
+
 use crate::llamacpp::{LlamaError, LoadedModel};
+
+/// One file's prompt speed, as `hopscotch speed` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileSpeed {
+    /// The file.
+    pub model: PathBuf,
+    /// Its fastest turn's prompt tokens per second.
+    pub prompt_tokens_per_s: f64,
+}
+
+/// The files compared, in the order given.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct SpeedReport(pub Vec<FileSpeed>);
+
+impl SpeedReport {
+    /// `models` with their `speeds` ([`compare_prompt_speed`]'s figures, in the same order).
+    pub fn new(models: &[PathBuf], speeds: &[f64]) -> Self {
+        let rows = models.iter().zip(speeds);
+        SpeedReport(
+            rows.map(|(m, &s)| FileSpeed {
+                model: m.clone(),
+                prompt_tokens_per_s: s,
+            })
+            .collect(),
+        )
+    }
+}
+
+impl fmt::Display for SpeedReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, row) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            let speed = row.prompt_tokens_per_s;
+            write!(f, "{speed:>9.1} prompt tokens/s  {}", row.model.display())?;
+        }
+        Ok(())
+    }
+}
 
 /// Tokens per second of prompt processing over `windows` windows of `n_ctx` tokens of `tokens`
 /// (reused cyclically when short), after one untimed warm-up window.

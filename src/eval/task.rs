@@ -38,8 +38,8 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::perplexity::{same_vocab, EvalError};
-use crate::fit::plan::Plan;
 use crate::llamacpp::{log_softmax, Ctx, LlamaError, LoadedModel, SharedPrefix, MAX_SEQS};
+use crate::plan::Plan;
 use crate::task::{move_trailing_whitespace, Doc, DocBody, TaskData, TaskFormat};
 
 /// z of a two-sided 95% normal interval.
@@ -315,6 +315,77 @@ pub struct TaskReport {
     /// Per-doc scores, in the order scored (not serialized with the summary).
     #[serde(skip)]
     pub docs: Vec<DocScore>,
+}
+
+impl TaskReport {
+    /// The lines that name what was evaluated: `model` on `task`, the documents and requests.
+    pub fn heading(&self, model: &Path, task: &Path) -> String {
+        format!(
+            "model            {}\ntask             {}: {} docs ({} held out as fit docs), {} requests ({} truncated)",
+            model.display(),
+            task.display(),
+            self.n_docs,
+            self.excluded_docs,
+            self.n_requests,
+            self.truncated_requests
+        )
+    }
+}
+
+impl std::fmt::Display for TaskReport {
+    /// The figures after the model and task lines (which name the files): accuracy with its
+    /// interval, the decode, and the pairing against the reference when there is one.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = |x: f64| x * 100.0;
+        for (name, value, [lo, hi]) in [
+            ("accuracy", self.accuracy, self.accuracy_ci95),
+            ("acc_norm", self.acc_norm, self.acc_norm_ci95),
+        ] {
+            writeln!(
+                f,
+                "{name:<16} {:.2}% (95% CI {:.2}-{:.2}%, Wilson)",
+                pct(value),
+                pct(lo),
+                pct(hi)
+            )?;
+        }
+        write!(
+            f,
+            "prompt tokens    {} in decodes of up to {} ({:.0} tokens/s)",
+            self.prompt_tokens, self.n_ctx, self.prompt_tokens_per_s
+        )?;
+        if self.cached_prefix_tokens > 0 {
+            write!(
+                f,
+                "\nshared prefix    {} tokens decoded once per model, reused by {} of {} docs",
+                self.cached_prefix_tokens, self.cached_prefix_docs, self.n_docs
+            )?;
+        }
+        if let (Some(reference), Some(agreement), Some(diff), Some([lo, hi]), Some(kl)) = (
+            &self.reference,
+            self.agreement,
+            self.accuracy_diff,
+            self.accuracy_diff_ci95,
+            self.choice_kl_mean,
+        ) {
+            write!(
+                f,
+                "\nreference        accuracy {:.2}%, acc_norm {:.2}%",
+                pct(reference.accuracy),
+                pct(reference.acc_norm)
+            )?;
+            write!(f, "\nagreement        {:.2}%", pct(agreement))?;
+            write!(
+                f,
+                "\naccuracy diff    {:+.2} points (95% CI {:+.2} to {:+.2}, paired bootstrap)",
+                pct(diff),
+                pct(lo),
+                pct(hi)
+            )?;
+            write!(f, "\nchoice KL mean   {kl:.6}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Scores the selected docs of `task` with `model` (and `reference`, on the same tokens),

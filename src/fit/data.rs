@@ -10,13 +10,14 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use super::batch::{TrainBatch, TrainError};
+use super::options::FitError;
 use super::parallel;
-use super::progress::Progress;
-use super::scales::{FitError, Objective, TrainBatch};
-use super::search::{FitOptions, LossTokens, SearchError};
 use crate::checkpoint::Checkpoint;
-use crate::model::{Model, ScaleValues};
+use crate::model::Model;
 use crate::output::AtomicFile;
+use crate::plan::{FitSettings, Objective, ScaleValues};
+use crate::progress::Progress;
 use crate::task::{self, ChatTemplate, DocBody, TaskData, TaskFormat};
 
 /// Tokens generated per prompt for a prompts-only task: the paper's answers are short, and
@@ -50,7 +51,7 @@ impl FitData {
         batch_size: usize,
         pad_id: u32,
         device: &candle_core::Device,
-    ) -> Result<(Vec<TrainBatch>, Vec<Vec<usize>>), SearchError> {
+    ) -> Result<(Vec<TrainBatch>, Vec<Vec<usize>>), FitError> {
         let mut order: Vec<usize> = (0..examples.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(examples[i].tokens.len()));
         let mut batches = Vec::new();
@@ -73,7 +74,7 @@ impl FitData {
         batch_size: usize,
         pad_id: u32,
         device: &candle_core::Device,
-    ) -> Result<(Vec<TrainBatch>, Vec<Vec<usize>>), SearchError> {
+    ) -> Result<(Vec<TrainBatch>, Vec<Vec<usize>>), FitError> {
         let longest = |g: &Vec<task::Example>| g.iter().map(|e| e.tokens.len()).max();
         let mut order: Vec<usize> = (0..groups.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(longest(&groups[i])));
@@ -121,7 +122,7 @@ struct TextSetup {
 }
 
 impl TextSetup {
-    fn new(ck: &Checkpoint, format: TaskFormat) -> Result<Self, SearchError> {
+    fn new(ck: &Checkpoint, format: TaskFormat) -> Result<Self, FitError> {
         let vocab = &ck.vocab;
         let tokenizer = vocab.hf_tokenizer()?;
         let bos = if vocab.effective_add_bos() {
@@ -169,17 +170,17 @@ pub fn build(
     model: &Model,
     task_data: &TaskData,
     model_sha: &str,
-    options: &FitOptions,
+    options: &FitSettings,
     n_docs: usize,
     progress: &Progress,
-) -> Result<FitData, SearchError> {
+) -> Result<FitData, FitError> {
     let setup = TextSetup::new(ck, task_data.format)?;
     let (fit_idx, _) = task::split(&task_data.docs, n_docs, options.seed);
     let fit_doc_ids: Vec<String> = fit_idx
         .iter()
         .map(|&i| task_data.docs[i].id.clone())
         .collect();
-    let examples_error = |source| SearchError::Examples {
+    let examples_error = |source| FitError::Examples {
         path: task_data.path.clone(),
         error: Box::new(source),
     };
@@ -237,9 +238,7 @@ pub fn build(
         options.max_seq_len,
     )
     .map_err(examples_error)?;
-    if options.loss_tokens == LossTokens::All {
-        mark_all_tokens(&mut examples);
-    }
+    mark_all_tokens(&mut examples);
     let (mut batches, lengths) =
         FitData::from_examples(&examples, options.batch_size, setup.pad_id, model.device())?;
     if options.objective == Objective::Kl {
@@ -267,8 +266,8 @@ fn sequences_and_masks(rows: &[&task::Example]) -> (Vec<Vec<u32>>, Vec<Vec<bool>
 fn attach_teachers(
     batches: &mut [TrainBatch],
     progress: &Progress,
-    attach: impl Fn(TrainBatch) -> Result<TrainBatch, FitError> + Sync + Send,
-) -> Result<(), SearchError> {
+    attach: impl Fn(TrainBatch) -> Result<TrainBatch, TrainError> + Sync + Send,
+) -> Result<(), FitError> {
     let Some(device) = batches.first().map(|b| b.input_ids.device().clone()) else {
         return Ok(());
     };
@@ -342,9 +341,9 @@ fn cached_targets(
     data: &TaskData,
     idx: &[usize],
     model_sha: &str,
-    options: &FitOptions,
+    options: &FitSettings,
     progress: &Progress,
-) -> Result<Vec<String>, SearchError> {
+) -> Result<Vec<String>, FitError> {
     let short = |s: &str| s[..s.len().min(16)].to_string();
     let path = cache_dir().join("targets").join(format!(
         "{}-{}.json",
@@ -415,14 +414,14 @@ fn generate(
     setup: &TextSetup,
     task_path: &Path,
     prompts: &[(&str, &str)],
-    options: &FitOptions,
+    options: &FitSettings,
     progress: &Progress,
-) -> Result<Vec<String>, SearchError> {
+) -> Result<Vec<String>, FitError> {
     let n_layer = model.arch().n_layer;
     let ones = model.scales(&ScaleValues::ones(n_layer))?;
     let no_skip = vec![false; n_layer];
     let keep = options.max_seq_len.saturating_sub(MAX_NEW_TOKENS).max(1);
-    let examples_error = |source| SearchError::Examples {
+    let examples_error = |source| FitError::Examples {
         path: task_path.to_path_buf(),
         error: Box::new(source),
     };
@@ -483,14 +482,13 @@ fn generate(
             }
         }
         for g in generated {
-            let text =
-                setup
-                    .tokenizer
-                    .decode(&g, false)
-                    .map_err(|source| SearchError::Tokenizer {
-                        what: "decoding a generated answer".into(),
-                        error: source,
-                    })?;
+            let text = setup
+                .tokenizer
+                .decode(&g, false)
+                .map_err(|source| FitError::Tokenizer {
+                    what: "decoding a generated answer".into(),
+                    error: source,
+                })?;
             out.push(text);
         }
         bar.inc(chunk.len() as u64);

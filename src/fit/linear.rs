@@ -17,9 +17,10 @@
 
 use candle_core::{DType, Tensor};
 
+use crate::fit::batch::TrainBatch;
 use crate::fit::parallel;
-use crate::fit::scales::TrainBatch;
-use crate::model::{LinearAttention, Model, ModelError, ScaleValues, SkipMask, WeightInput};
+use crate::model::{Model, ModelError, WeightInput};
+use crate::plan::{LinearAttention, ScaleValues};
 
 /// The ridge of the least-squares fit, relative to the mean diagonal of `HᵀH` (the mean
 /// squared entry of the normed stream): small enough not to bias well-determined directions,
@@ -150,96 +151,6 @@ pub fn fit(
         // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
         solve_layer(l, gram, &wo.matmul(cross)?, d)
     })
-}
-
-/// Fits the stand-ins of `layers` one after another, in layer order, each on the stream the
-/// slim model gives it: the stream entering layer `l` with every chosen layer before `l`
-/// already replaced by its fitted stand-in (every scalar 1), and as target what the original
-/// model's stream is after layer `l`'s attention block. A stand-in so also corrects what the
-/// replaced blocks before it left wrong, as far as a linear map of its input can (the
-/// layer-by-layer error correction of sequential post-training compression). The first
-/// replaced layer sees the original stream, so its stand-in is [`fit`]'s.
-///
-/// `W` minimises `Σ ||W h' - (x1 - x')||² + λ ||W||²`, `x'` the slim stream entering the layer,
-/// `h'` its normed form and `x1` the original stream after the attention block. Costs one
-/// forward pass of the original model, and of the slim model the layers from the first chosen
-/// one to the last, carried from one chosen layer to the next.
-pub fn fit_sequential(
-    model: &Model,
-    batches: &[TrainBatch],
-    lengths: &[Vec<usize>],
-    layers: &[usize],
-) -> Result<Vec<LinearAttention>, LinearError> {
-    let (n_layer, d) = model_size(model, layers)?;
-    let mut order = layers.to_vec();
-    order.sort_unstable();
-    order.dedup();
-    let Some(&first) = order.first() else {
-        return Ok(Vec::new());
-    };
-    // per batch: the real-token mask, per chosen layer the original stream after attention,
-    // and the slim stream entering layer `at`, carried forward from one chosen layer to the
-    // next; up to the first chosen layer the slim model is the original
-    let n_batches = batches.len().min(lengths.len());
-    let prepared = parallel::map(model.device(), n_batches, |j| {
-        let mask = batches[j].real_token_mask(&lengths[j], model.dtype())?;
-        let around = model.attention_residuals_no_grad(&batches[j].input_ids)?;
-        let targets: Vec<Tensor> = order.iter().map(|&l| around[l].1.clone()).collect();
-        Ok::<_, LinearError>((mask, targets, around[first].0.clone()))
-    })?;
-    let mut masks = Vec::with_capacity(n_batches);
-    let mut targets: Vec<Vec<Tensor>> = Vec::with_capacity(n_batches);
-    let mut streams = Vec::with_capacity(n_batches);
-    for (mask, target, stream) in prepared {
-        masks.push(mask);
-        targets.push(target);
-        streams.push(stream);
-    }
-    let skip = SkipMask::from_layers(n_layer, &order)?;
-    let mut fitted: Vec<LinearAttention> = Vec::with_capacity(order.len());
-    let mut at = first;
-    for (i, &l) in order.iter().enumerate() {
-        let values = ScaleValues {
-            linear: fitted.clone(),
-            ..ScaleValues::ones(n_layer)
-        };
-        let scales = model.scales(&values)?;
-        let advanced = parallel::map(model.device(), n_batches, |j| {
-            let x = model.advance_no_grad(
-                &batches[j].input_ids,
-                &streams[j],
-                at,
-                l,
-                &scales,
-                skip.as_slice(),
-            )?;
-            let h = model
-                .attn_norm_no_grad(l, &x)?
-                .broadcast_mul(&masks[j])?
-                .to_dtype(DType::F32)?;
-            let a = (&targets[j][i] - &x)?
-                .broadcast_mul(&masks[j])?
-                .to_dtype(DType::F32)?;
-            Ok::<_, LinearError>((h.t()?.matmul(&h)?, a.t()?.matmul(&h)?, x))
-        })?;
-        // added in batch order, as one after another would
-        let (mut gram, mut cross) = (None, None);
-        for (j, (g, c, x)) in advanced.into_iter().enumerate() {
-            add(&mut gram, g)?;
-            add(&mut cross, c)?;
-            streams[j] = x;
-        }
-        let (Some(gram), Some(cross)) = (gram, cross) else {
-            return Err(LinearError::Singular { layer: l, row: 0 });
-        };
-        fitted.push(solve_layer(l, &gram, &cross, d)?);
-        at = l;
-    }
-    // in the order asked for
-    Ok(layers
-        .iter()
-        .filter_map(|&l| fitted.iter().find(|a| a.layer == l).cloned())
-        .collect())
 }
 
 /// Layer `l`'s stand-in from `HᵀH` (`d x d`) and `AᵀH` (`d x d`).

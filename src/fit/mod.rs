@@ -1,16 +1,20 @@
-//! The fit: train the Hopscotch scalars on task batches and choose the attention blocks to skip.
+//! The fit: choose the attention blocks to skip for a task and train the Hopscotch scalars,
+//! writing a [`crate::plan::Plan`].
 //!
-//! [`scales`] trains the four scalars per layer for a fixed skip mask and scores a mask by the
-//! mean training loss, the inner step of the paper's greedy, re-scored search; [`data`] turns a
-//! task into batches; [`linear`] fits linear stand-ins for skipped blocks by least squares
-//! (`--linear-attention`); [`search`] runs the rounds, the baselines and the whole
-//! `hopscotch fit`; [`plan`] is what a fit writes; [`parallel`] spreads the independent pieces
-//! of work over the CPU's threads.
+//! Data flows down this list: [`data`] turns a task's documents into [`batch`]es (the teacher
+//! attached); [`loss`] scores a batch under an objective; [`train`] runs Adam on the scalars;
+//! [`search`] runs the greedy rounds and the baselines; [`final_training`] trains the chosen
+//! blocks' scalars; [`session`] is a whole `hopscotch fit` (run, resume, report). [`linear`] fits
+//! the stand-ins of skipped blocks by least squares, [`options`] holds the fit's error,
+//! and [`parallel`] spreads independent pieces of work over the CPU's threads.
 
+pub mod batch;
 pub mod data;
+pub mod final_training;
 pub mod linear;
+pub mod loss;
+pub mod options;
 pub mod parallel;
-pub mod plan;
-pub mod progress;
-pub mod scales;
 pub mod search;
+pub mod session;
+pub mod train;

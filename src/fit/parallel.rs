@@ -14,6 +14,35 @@
 use candle_core::Device;
 use rayon::prelude::*;
 
+/// Gives the fits of this process `threads` threads (at least 1) and returns the count: rayon's
+/// pool runs that many pieces side by side, each with candle at one thread per operation, and
+/// glibc's allocator keeps one heap for them ([`malloc_settings`]). Candle, rayon and glibc read
+/// these when they first run, so call this before any fit work starts.
+pub fn set_threads(threads: usize) -> usize {
+    let threads = threads.max(1);
+    malloc_settings();
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    threads
+}
+
+/// glibc's allocator set for a fit's tensors: one heap for every thread, and freed tensors kept
+/// in it for the next ones instead of being handed back to the kernel (by default each thread
+/// keeps a heap of its own, and every training step faults in fresh zeroed pages; measured in
+/// docs/results.md, "Threads").
+fn malloc_settings() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes the allocator's settings, before the fit's threads start
+    // (only an interrupt handler's thread waits then); a setting this glibc refuses leaves its
+    // default.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // -1: never trim (mallopt(3))
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
+    }
+}
+
 /// `f(0), f(1), ..., f(n - 1)`, in that order, computed side by side on rayon's pool when
 /// `device` is the CPU and one after another otherwise; the first error (in rayon's order of
 /// finding it) is returned instead.

@@ -8,6 +8,7 @@ pub mod types;
 
 pub use types::GgmlType;
 pub mod consts;
+pub mod imatrix;
 pub mod reader;
 pub mod writer;
 

@@ -8,8 +8,6 @@
 //! out = b_mlp[l] * MLP(RMSNorm(x1)) + s_mlp[l] * x1
 //! ```
 //!
-//! With channel gains (beyond the paper, [`ChannelGains`]) each branch output is also multiplied
-//! channel by channel: `b_att[l] * (g_att[l] ⊙ Attn(RMSNorm(x)))`, and the same for the MLP.
 //! A skipped block may have a linear stand-in (beyond the paper, [`LinearAttention`]):
 //! `x1 = b_att[l] * (W[l] · RMSNorm(x)) + s_att[l] * x`, still without a KV cache.
 //!
@@ -26,11 +24,11 @@ pub mod ops;
 pub(crate) mod tests;
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 use crate::arch::{Arch, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
 use crate::gguf::consts::{blk_tensor, OUTPUT};
+use crate::plan::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, StandInError};
 
 /// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
 /// tensors come from.
@@ -74,18 +72,6 @@ pub enum ModelError {
         /// The vector's length.
         found: usize,
     },
-    /// A channel gain table is not `n_layer` rows of `n_embd`.
-    #[error("channel gains {name} have shape {found:?}, the model needs {n_layer} layers x {n_embd} channels")]
-    GainsShape {
-        /// `att` or `mlp`.
-        name: &'static str,
-        /// The number of layers.
-        n_layer: usize,
-        /// The hidden width.
-        n_embd: usize,
-        /// Rows, and the length of the first row that differs from `n_embd` (or of the first).
-        found: Vec<usize>,
-    },
     /// An input tensor has the wrong rank, shape or dtype, or is empty.
     #[error("input {name}: expected {expected}, found shape {found:?} of {dtype:?}")]
     Input {
@@ -123,292 +109,24 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
 }
 
-/// Which attention blocks are skipped: one flag per layer, `true` for skipped.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SkipMask(pub Vec<bool>);
-
-impl SkipMask {
-    /// No block skipped.
-    pub fn none(n_layer: usize) -> Self {
-        Self(vec![false; n_layer])
-    }
-
-    /// The listed layers skipped; fails on a layer index not below `n_layer`.
-    pub fn from_layers(n_layer: usize, layers: &[usize]) -> Result<Self, ModelError> {
-        let mut mask = vec![false; n_layer];
-        for &layer in layers {
-            *mask
-                .get_mut(layer)
-                .ok_or(ModelError::NoSuchLayer { layer, n_layer })? = true;
-        }
-        Ok(Self(mask))
-    }
-
-    /// The skipped layers, ascending.
-    pub fn skipped(&self) -> Vec<usize> {
-        (0..self.0.len()).filter(|&l| self.0[l]).collect()
-    }
-
-    /// The flags as a slice, as [`Model::forward_hidden`] takes them.
-    pub fn as_slice(&self) -> &[bool] {
-        &self.0
+impl From<NoSuchLayer> for ModelError {
+    fn from(NoSuchLayer { layer, n_layer }: NoSuchLayer) -> Self {
+        ModelError::NoSuchLayer { layer, n_layer }
     }
 }
 
-/// Per-channel gains on the attention and MLP outputs, one row of `n_embd` per layer, all 1.0 at
-/// the start: beyond the paper's four scalars, and folded as exactly (each gain multiplies one
-/// output row of `attn_output` or `ffn_down`). 2 x `n_layer` x `n_embd` trainable numbers
-/// instead of 4 x `n_layer`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ChannelGains {
-    /// Gain of each channel of the attention output, per layer.
-    pub att: Vec<Vec<f32>>,
-    /// Gain of each channel of the MLP output, per layer.
-    pub mlp: Vec<Vec<f32>>,
-}
-
-impl ChannelGains {
-    /// All gains 1.0.
-    pub fn ones(n_layer: usize, n_embd: usize) -> Self {
-        Self {
-            att: vec![vec![1.0; n_embd]; n_layer],
-            mlp: vec![vec![1.0; n_embd]; n_layer],
+impl From<ScalesLength> for ModelError {
+    fn from(e: ScalesLength) -> Self {
+        ModelError::ScalesLength {
+            name: e.name,
+            expected: e.expected,
+            found: e.found,
         }
-    }
-
-    /// The two tables with their names, `att` then `mlp`.
-    pub fn named(&self) -> [(&'static str, &[Vec<f32>]); 2] {
-        [("att", &self.att), ("mlp", &self.mlp)]
-    }
-
-    /// Fails unless both tables are `n_layer` rows of `n_embd`.
-    pub fn check_shape(&self, n_layer: usize, n_embd: usize) -> Result<(), ModelError> {
-        for (name, rows) in self.named() {
-            if let Some((rows, width)) = Self::table_misfit(rows, n_layer, n_embd) {
-                return Err(ModelError::GainsShape {
-                    name,
-                    n_layer,
-                    n_embd,
-                    found: vec![rows, width],
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// `None` when `table` is `n_layer` rows of `n_embd`; else its row count and the length of
-    /// its first row that is not `n_embd` long (of its first row when all are; 0 when empty).
-    pub fn table_misfit(
-        table: &[Vec<f32>],
-        n_layer: usize,
-        n_embd: usize,
-    ) -> Option<(usize, usize)> {
-        let bad_row = table.iter().find(|r| r.len() != n_embd);
-        (table.len() != n_layer || bad_row.is_some())
-            .then(|| (table.len(), bad_row.or(table.first()).map_or(0, Vec::len)))
-    }
-}
-
-/// A linear stand-in for a skipped attention block, as llama.cpp's `deci` runs it ("linear
-/// attention", a layer with heads but no KV heads, as in Nemotron-51B): the block's output becomes
-/// `W · RMSNorm(x)`, one `n_embd x n_embd` matrix per token, with no KV cache and no look at other
-/// positions. Beyond the paper: fitted by least squares to what the block it replaces computes
-/// (`crate::fit::linear`), and folded like `attn_output`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LinearAttention {
-    /// The layer whose attention block it stands in for.
-    pub layer: usize,
-    /// `W`, row-major `(n_embd out, n_embd in)`; in a plan, base64 of little-endian f32.
-    #[serde(with = "f32_base64")]
-    pub weight: Vec<f32>,
-}
-
-/// What is wrong with one linear stand-in.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("linear stand-in of layer {layer}: {message}")]
-pub struct StandInError {
-    /// Its layer.
-    pub layer: usize,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl LinearAttention {
-    /// Fails unless the stand-ins name distinct layers below `n_layer`, each with
-    /// `n_embd * n_embd` finite numbers.
-    pub fn check_all(
-        stand_ins: &[LinearAttention],
-        n_layer: usize,
-        n_embd: usize,
-    ) -> Result<(), StandInError> {
-        let mut seen = vec![false; n_layer];
-        for a in stand_ins {
-            let bad = |message: String| StandInError {
-                layer: a.layer,
-                message,
-            };
-            if a.layer >= n_layer {
-                return Err(bad(format!("the model has {n_layer} layers")));
-            }
-            if std::mem::replace(&mut seen[a.layer], true) {
-                return Err(bad("listed twice".into()));
-            }
-            if a.weight.len() != n_embd * n_embd {
-                return Err(bad(format!(
-                    "{} values, expected {n_embd} x {n_embd}",
-                    a.weight.len()
-                )));
-            }
-            if let Some(i) = a.weight.iter().position(|x| !x.is_finite()) {
-                return Err(bad(format!("value {i} is not finite")));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Serde for a `Vec<f32>` as one base64 string of its little-endian bytes (a 576 x 576 matrix
-/// takes 1.77 MB instead of about 3.5 MB of JSON numbers, and reads back bit for bit).
-mod f32_base64 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-    pub fn serialize<S: Serializer>(values: &[f32], s: S) -> Result<S::Ok, S::Error> {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        s.serialize_str(&encode(&bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = decode(&text).map_err(serde::de::Error::custom)?;
-        if bytes.len() % 4 != 0 {
-            return Err(serde::de::Error::custom(format!(
-                "{} bytes of base64 are not whole f32 values",
-                bytes.len()
-            )));
-        }
-        Ok(bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
-    }
-
-    pub(super) fn encode(bytes: &[u8]) -> String {
-        let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-        for chunk in bytes.chunks(3) {
-            let b = [
-                chunk[0],
-                *chunk.get(1).unwrap_or(&0),
-                *chunk.get(2).unwrap_or(&0),
-            ];
-            let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-            for i in 0..4 {
-                if i <= chunk.len() {
-                    out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-                } else {
-                    out.push('=');
-                }
-            }
-        }
-        out
-    }
-
-    pub(super) fn decode(text: &str) -> Result<Vec<u8>, String> {
-        let text = text.trim_end_matches('=');
-        let mut out = Vec::with_capacity(text.len() * 3 / 4);
-        let (mut acc, mut bits) = (0u32, 0u32);
-        for (i, c) in text.bytes().enumerate() {
-            let v = match c {
-                b'A'..=b'Z' => c - b'A',
-                b'a'..=b'z' => c - b'a' + 26,
-                b'0'..=b'9' => c - b'0' + 52,
-                b'+' => 62,
-                b'/' => 63,
-                _ => return Err(format!("character {i} ({:?}) is not base64", c as char)),
-            };
-            acc = (acc << 6) | u32::from(v);
-            bits += 6;
-            if bits >= 8 {
-                bits -= 8;
-                out.push((acc >> bits) as u8);
-                acc &= (1 << bits) - 1;
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// The four scalars per layer as plain numbers (the fit's result, the plan's content), the
-/// channel gains when they were trained and the linear stand-ins of skipped blocks when there
-/// are any.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScaleValues {
-    /// Weight of the attention output, per layer.
-    pub b_att: Vec<f32>,
-    /// Weight of the residual around attention, per layer.
-    pub s_att: Vec<f32>,
-    /// Weight of the MLP output, per layer.
-    pub b_mlp: Vec<f32>,
-    /// Weight of the residual around the MLP, per layer.
-    pub s_mlp: Vec<f32>,
-    /// Per-channel gains of the branch outputs (none: every gain 1).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gains: Option<ChannelGains>,
-    /// Linear stand-ins, used where their layer's attention block is skipped (none: a skipped
-    /// block adds nothing).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub linear: Vec<LinearAttention>,
-}
-
-impl ScaleValues {
-    /// All scalars 1.0, no channel gains: the original model.
-    pub fn ones(n_layer: usize) -> Self {
-        Self {
-            b_att: vec![1.0; n_layer],
-            s_att: vec![1.0; n_layer],
-            b_mlp: vec![1.0; n_layer],
-            s_mlp: vec![1.0; n_layer],
-            gains: None,
-            linear: Vec::new(),
-        }
-    }
-
-    /// All scalars and channel gains 1.0: the original model, with gains to train.
-    pub fn ones_with_gains(n_layer: usize, n_embd: usize) -> Self {
-        Self {
-            gains: Some(ChannelGains::ones(n_layer, n_embd)),
-            ..Self::ones(n_layer)
-        }
-    }
-
-    /// The four vectors with their names, in the order `b_att, s_att, b_mlp, s_mlp`.
-    pub fn named(&self) -> [(&'static str, &[f32]); 4] {
-        [
-            ("b_att", &self.b_att),
-            ("s_att", &self.s_att),
-            ("b_mlp", &self.b_mlp),
-            ("s_mlp", &self.s_mlp),
-        ]
-    }
-
-    /// Fails unless every vector has `n_layer` entries.
-    pub fn check_len(&self, n_layer: usize) -> Result<(), ModelError> {
-        for (name, v) in self.named() {
-            if v.len() != n_layer {
-                return Err(ModelError::ScalesLength {
-                    name,
-                    expected: n_layer,
-                    found: v.len(),
-                });
-            }
-        }
-        Ok(())
     }
 }
 
 /// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`, and the
-/// channel gains, each `[n_layer, n_embd]`, when there are any.
+/// linear stand-ins as constants of the graph.
 #[derive(Debug, Clone)]
 pub struct Scales {
     /// Weight of the attention output.
@@ -419,24 +137,18 @@ pub struct Scales {
     pub b_mlp: Var,
     /// Weight of the residual around the MLP.
     pub s_mlp: Var,
-    /// Channel gains of the attention and the MLP output.
-    pub gains: Option<[Var; 2]>,
-    /// The linear stand-ins as given (for [`Scales::values`] when they are not trained).
+    /// The linear stand-ins as given (for [`Scales::values`]).
     linear: Vec<LinearAttention>,
     /// Per layer, its stand-in's weight `(n_embd, n_embd)`.
-    linear_weights: Vec<Option<Var>>,
-    /// Whether a training pass tracks the stand-ins' weights ([`Scales::train_linear`]).
-    train_linear: bool,
+    linear_weights: Vec<Option<Tensor>>,
 }
 
-/// The scalars and gains as graph inputs of one forward pass.
-struct ScaleTensors {
+/// The scalars as graph inputs of one forward pass, with the stand-ins.
+struct ScaleTensors<'a> {
     /// `b_att, s_att, b_mlp, s_mlp`, each `[n_layer]`.
     scalars: [Tensor; 4],
-    /// Attention and MLP channel gains, each `[n_layer, n_embd]`.
-    gains: Option<[Tensor; 2]>,
-    /// Per layer, the weight of its linear stand-in, if it has one: tracked when it is trained.
-    linear: Vec<Option<Tensor>>,
+    /// Per layer, the weight of its linear stand-in, if it has one.
+    linear: &'a [Option<Tensor>],
 }
 
 impl Scales {
@@ -447,22 +159,12 @@ impl Scales {
             let t = Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype)?;
             Ok(Var::from_tensor(&t)?)
         };
-        let table = |rows: &[Vec<f32>]| -> Result<Var, ModelError> {
-            let width = rows.first().map_or(0, Vec::len);
-            let flat: Vec<f32> = rows.concat();
-            let t = Tensor::from_vec(flat, (rows.len(), width), device)?.to_dtype(dtype)?;
-            Ok(Var::from_tensor(&t)?)
-        };
-        let gains = match &values.gains {
-            Some(g) => Some([table(&g.att)?, table(&g.mlp)?]),
-            None => None,
-        };
         let mut linear_weights = vec![None; values.b_att.len()];
         for a in &values.linear {
             let width = (a.weight.len() as f64).sqrt() as usize;
             let w = Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?;
             if let Some(slot) = linear_weights.get_mut(a.layer) {
-                *slot = Some(Var::from_tensor(&w)?);
+                *slot = Some(w);
             }
         }
         Ok(Self {
@@ -470,31 +172,19 @@ impl Scales {
             s_att: var(&values.s_att)?,
             b_mlp: var(&values.b_mlp)?,
             s_mlp: var(&values.s_mlp)?,
-            gains,
             linear: values.linear.clone(),
             linear_weights,
-            train_linear: false,
         })
-    }
-
-    /// Trains the linear stand-ins too: training passes track their weights, and the returned
-    /// variables (one per stand-in, in layer order) go to an optimizer. Without
-    /// this call the stand-ins are constants of the graph.
-    pub fn train_linear(&mut self) -> Vec<Var> {
-        self.train_linear = true;
-        self.linear_weights.iter().flatten().cloned().collect()
     }
 
     /// The variables, for an optimizer.
     pub fn vars(&self) -> Vec<Var> {
-        let mut vars = vec![
+        vec![
             self.b_att.clone(),
             self.s_att.clone(),
             self.b_mlp.clone(),
             self.s_mlp.clone(),
-        ];
-        vars.extend(self.gains.iter().flatten().cloned());
-        vars
+        ]
     }
 
     /// The current values.
@@ -502,39 +192,18 @@ impl Scales {
         let read = |v: &Var| -> Result<Vec<f32>, ModelError> {
             Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)
         };
-        let table = |v: &Var| -> Result<Vec<Vec<f32>>, ModelError> {
-            Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec2::<f32>()?)
-        };
-        let gains = match &self.gains {
-            Some([att, mlp]) => Some(ChannelGains {
-                att: table(att)?,
-                mlp: table(mlp)?,
-            }),
-            None => None,
-        };
-        // untrained, the stand-ins are returned as given, bit for bit whatever the model's dtype
-        let mut linear = self.linear.clone();
-        if self.train_linear {
-            for a in &mut linear {
-                if let Some(w) = self.linear_weights.get(a.layer).and_then(Option::as_ref) {
-                    let weight = w.as_tensor().to_dtype(DType::F32)?.flatten_all()?;
-                    a.weight = weight.to_vec1::<f32>()?;
-                }
-            }
-        }
         Ok(ScaleValues {
             b_att: read(&self.b_att)?,
             s_att: read(&self.s_att)?,
             b_mlp: read(&self.b_mlp)?,
             s_mlp: read(&self.s_mlp)?,
-            gains,
-            linear,
+            linear: self.linear.clone(),
         })
     }
 
-    /// The scalars, gains and stand-ins as graph inputs: tracked for training (the stand-ins only
-    /// after [`Scales::train_linear`]), detached for a pass without gradients.
-    fn tensors(&self, track: bool) -> ScaleTensors {
+    /// The scalars and stand-ins as graph inputs: the scalars tracked for training, or detached
+    /// for a pass without gradients.
+    fn tensors(&self, track: bool) -> ScaleTensors<'_> {
         let input = |v: &Var| {
             if track {
                 v.as_tensor().clone()
@@ -544,20 +213,7 @@ impl Scales {
         };
         ScaleTensors {
             scalars: [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(input),
-            gains: self.gains.as_ref().map(|g| g.each_ref().map(input)),
-            linear: self
-                .linear_weights
-                .iter()
-                .map(|w| {
-                    w.as_ref().map(|w| {
-                        if track && self.train_linear {
-                            w.as_tensor().clone()
-                        } else {
-                            w.as_tensor().detach()
-                        }
-                    })
-                })
-                .collect(),
+            linear: &self.linear_weights,
         }
     }
 }
@@ -768,9 +424,6 @@ impl Model {
     /// Trainable scalars holding `values`, in this model's dtype on its device.
     pub fn scales(&self, values: &ScaleValues) -> Result<Scales, ModelError> {
         values.check_len(self.arch.n_layer)?;
-        if let Some(g) = &values.gains {
-            g.check_shape(self.arch.n_layer, self.arch.n_embd)?;
-        }
         LinearAttention::check_all(&values.linear, self.arch.n_layer, self.arch.n_embd)?;
         Scales::new(values, self.dtype, &self.device)
     }
@@ -871,7 +524,8 @@ impl Model {
         input_ids: &Tensor,
     ) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
         let n_layer = self.arch.n_layer;
-        let scales = self.scales(&ScaleValues::ones(n_layer))?.tensors(false);
+        let ones = self.scales(&ScaleValues::ones(n_layer))?;
+        let scales = ones.tensors(false);
         let skip = vec![false; n_layer];
         let (b, t) = self.check_inputs(input_ids, &scales, &skip)?;
         let x = self.embed(input_ids, b, t)?;
@@ -1021,20 +675,6 @@ impl Model {
                 });
             }
         }
-        let n_embd = self.arch.n_embd;
-        for (name, g) in ["att", "mlp"]
-            .into_iter()
-            .zip(scales.gains.iter().flatten())
-        {
-            if g.dims() != [n_layer, n_embd] {
-                return Err(ModelError::GainsShape {
-                    name,
-                    n_layer,
-                    n_embd,
-                    found: g.dims().to_vec(),
-                });
-            }
-        }
         let expected = "non-empty (b, t) of u32";
         let (b, t) = input_ids
             .dims2()
@@ -1081,13 +721,6 @@ impl Model {
         let (cos, sin) = self.rope_tables(t)?;
         let mask = self.causal_mask(t)?;
         let [b_att, s_att, b_mlp, s_mlp] = &scales.scalars;
-        // a branch output `(b * t, n_embd)` times layer l's channel gains, when there are any
-        let gained = |branch: Tensor, which: usize, l: usize| -> candle_core::Result<Tensor> {
-            match &scales.gains {
-                Some(g) => branch.broadcast_mul(&g[which].narrow(0, l, 1)?),
-                None => Ok(branch),
-            }
-        };
         let eps = self.arch.rms_norm_eps;
         let d = self.arch.n_embd;
         for (l, layer) in self.layers.iter().enumerate().take(until).skip(from) {
@@ -1099,12 +732,7 @@ impl Model {
                     if let Some(tap) = tap.as_mut() {
                         tap(WeightInput::AttnOutput(l), &h)?;
                     }
-                    // a trained stand-in needs its weight's gradient, which `ops::linear` skips
-                    Some(if w.track_op() {
-                        h.matmul(&w.t()?)?
-                    } else {
-                        ops::linear(&h, w, None)?
-                    })
+                    Some(ops::linear(&h, w, None)?)
                 }
                 (false, _) => {
                     let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
@@ -1119,7 +747,7 @@ impl Model {
             let x1 = match branch {
                 None => x.clone(),
                 Some(attn) => {
-                    (gained(attn, 0, l)?.broadcast_mul(&b_att.narrow(0, l, 1)?)?
+                    (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
                         + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
                 }
             };
@@ -1130,7 +758,7 @@ impl Model {
                 tap(WeightInput::GateUp(l), &h)?;
                 tap(WeightInput::Down(l), &act)?;
             }
-            let mlp = gained(layer.down.forward(&act)?, 1, l)?;
+            let mlp = layer.down.forward(&act)?;
             x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
                 + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;
         }

@@ -7,9 +7,10 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{ops, ChannelGains, LinearAttention, Model, ModelError, ScaleValues, Scales, SkipMask};
+use super::{ops, Model, ModelError, Scales};
 use crate::arch::{Arch, Family, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
+use crate::plan::{LinearAttention, ScaleValues, SkipMask};
 
 /// A [`TensorSource`] over tensors held in memory.
 pub(crate) struct MapSource {
@@ -33,26 +34,7 @@ impl TensorSource for MapSource {
     }
 }
 
-/// 3 layers, width 64, 4 query heads sharing 2 key/value heads of 16, MLP 128, vocabulary 97.
-pub(crate) fn tiny_arch() -> Arch {
-    Arch {
-        family: Family::Llama,
-        hf_architecture: "LlamaForCausalLM".into(),
-        n_layer: 3,
-        n_embd: 64,
-        n_ff: 128,
-        n_head: 4,
-        n_head_kv: 2,
-        head_dim: 16,
-        vocab_size: 97,
-        context_length: 256,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        tie_word_embeddings: false,
-        attn_bias: false,
-    }
-}
+pub(crate) use crate::arch::tiny_arch;
 
 /// Every tensor `arch` needs, with seeded random values of a sensible scale.
 pub(crate) fn random_source(arch: &Arch, seed: u64) -> MapSource {
@@ -127,16 +109,6 @@ fn reference_logits(
     let get = |name: &str| {
         let (shape, data) = src.tensors[name].clone();
         Tensor::from_vec(data, shape, &dev)
-    };
-    // a branch output times layer l's channel gains (table 0: attention, 1: MLP)
-    let gain = |which: usize, l: usize, y: Tensor| -> candle_core::Result<Tensor> {
-        match &scales.gains {
-            Some(g) => {
-                let row = if which == 0 { &g.att[l] } else { &g.mlp[l] };
-                y.broadcast_mul(&Tensor::new(row.as_slice(), &dev)?)
-            }
-            None => Ok(y),
-        }
     };
     let (b, t) = ids.dims2()?;
     let (nh, nkv, hd) = (arch.n_head, arch.n_head_kv, arch.head_dim);
@@ -221,13 +193,13 @@ fn reference_logits(
             let att = (q.contiguous()?.matmul(&k.t()?)? / (hd as f64).sqrt())?;
             let att = candle_nn::ops::softmax(&att.broadcast_add(&mask)?, D::Minus1)?;
             let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            let out = gain(0, l, lin(&out, &format!("{p}.attn_output"), false)?)?;
+            let out = lin(&out, &format!("{p}.attn_output"), false)?;
             ((out * scales.b_att[l] as f64)? + (&x * scales.s_att[l] as f64)?)?
         };
         let h = candle_nn::ops::rms_norm(&x1, &get(&format!("{p}.ffn_norm.weight"))?, eps)?;
         let act = (candle_nn::ops::silu(&lin(&h, &format!("{p}.ffn_gate"), false)?)?
             * lin(&h, &format!("{p}.ffn_up"), false)?)?;
-        let mlp = gain(1, l, lin(&act, &format!("{p}.ffn_down"), false)?)?;
+        let mlp = lin(&act, &format!("{p}.ffn_down"), false)?;
         x = ((mlp * scales.b_mlp[l] as f64)? + (x1 * scales.s_mlp[l] as f64)?)?;
     }
     let x = candle_nn::ops::rms_norm(&x, &get("output_norm.weight")?, eps)?;
@@ -279,7 +251,6 @@ fn perturbed_scales(n_layer: usize, seed: u64) -> ScaleValues {
         s_att: v(),
         b_mlp: v(),
         s_mlp: v(),
-        gains: None,
         linear: vec![],
     }
 }
@@ -338,24 +309,6 @@ fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
             .unwrap();
         assert_eq!(max_abs_diff(&whole, &cached), 0.0, "from layer {from}");
     }
-    // carried forward a few layers at a time, the stream is the one the whole pass has there
-    let mut carried = residuals[0].clone();
-    let mut at = 0;
-    for until in [1, 1, arch.n_layer - 1] {
-        let x = model
-            .advance_no_grad(&ids, &carried, at, until, &scales, base.as_slice())
-            .unwrap();
-        let diff = max_abs_diff(&x, &residuals[until]);
-        assert_eq!(diff, 0.0, "entering layer {until}");
-        (carried, at) = (x, until);
-    }
-    let short = residuals[1].narrow(0, 0, 3).unwrap();
-    let advance = |residual: &Tensor, from: usize, until: usize| {
-        model.advance_no_grad(&ids, residual, from, until, &scales, base.as_slice())
-    };
-    assert!(advance(&short, 1, 2).is_err());
-    assert!(advance(&residuals[2], 2, 1).is_err());
-    assert!(advance(&carried, at, arch.n_layer).is_err());
     // a residual of the wrong shape or a layer past the model is refused
     assert!(model
         .forward_hidden_from_no_grad(&ids, &residuals[0], arch.n_layer, &scales, base.as_slice())
@@ -456,136 +409,6 @@ fn scalar_gradients_match_finite_differences() {
         }
     }
     assert_eq!(checked, 4 * arch.n_layer - 2);
-}
-
-/// Channel gains drawn from 0.7..1.3.
-fn random_gains(arch: &Arch, seed: u64) -> ChannelGains {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut table = || -> Vec<Vec<f32>> {
-        (0..arch.n_layer)
-            .map(|_| {
-                (0..arch.n_embd)
-                    .map(|_| rng.gen_range(0.7f32..1.3))
-                    .collect()
-            })
-            .collect()
-    };
-    ChannelGains {
-        att: table(),
-        mlp: table(),
-    }
-}
-
-#[test]
-fn channel_gains_match_reference_and_all_ones_change_nothing() {
-    let arch = tiny_arch();
-    let src = random_source(&arch, 21);
-    let model = Model::load(&src, &Device::Cpu).unwrap();
-    let ids = random_ids(&arch, 2, 7, 22);
-    let plain = perturbed_scales(arch.n_layer, 23);
-    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
-    let with_ones = ScaleValues {
-        gains: Some(ChannelGains::ones(arch.n_layer, arch.n_embd)),
-        ..plain.clone()
-    };
-    let a = model_logits(&model, &ids, &plain, skip.as_slice()).unwrap();
-    let b = model_logits(&model, &ids, &with_ones, skip.as_slice()).unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
-    let gained = ScaleValues {
-        gains: Some(random_gains(&arch, 24)),
-        ..plain
-    };
-    let ours = model_logits(&model, &ids, &gained, skip.as_slice()).unwrap();
-    let reference = reference_logits(&src, &ids, &gained, skip.as_slice()).unwrap();
-    let diff = max_abs_diff(&ours, &reference);
-    assert!(diff < 1e-5, "max |model - reference| = {diff}");
-    // the gains matter
-    assert!(max_abs_diff(&ours, &a) > 1e-2);
-    // and round-trip through the variables
-    let back = model.scales(&gained).unwrap().values().unwrap();
-    assert_eq!(back, gained);
-}
-
-#[test]
-fn channel_gain_gradients_match_finite_differences() {
-    let arch = tiny_arch();
-    let src = random_source(&arch, 25);
-    let model = Model::load_as(&src, &Device::Cpu, DType::F64).unwrap();
-    let ids = random_ids(&arch, 2, 6, 26);
-    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
-    // a loss every channel reaches: the hidden states against fixed weights per channel
-    let weights = Tensor::arange(0u32, arch.n_embd as u32, &Device::Cpu)
-        .and_then(|w| (w.to_dtype(DType::F64)? * 0.37)?.sin())
-        .unwrap();
-    let loss_of = |scales: &Scales, grad: bool| -> Tensor {
-        let hidden = if grad {
-            model.forward_hidden(&ids, scales, skip.as_slice())
-        } else {
-            model.forward_hidden_no_grad(&ids, scales, skip.as_slice())
-        }
-        .unwrap();
-        hidden.broadcast_mul(&weights).unwrap().sum_all().unwrap()
-    };
-    let values = ScaleValues {
-        gains: Some(random_gains(&arch, 27)),
-        ..perturbed_scales(arch.n_layer, 28)
-    };
-    let scales = model.scales(&values).unwrap();
-    let grads = loss_of(&scales, true).backward().unwrap();
-    let [att, mlp] = scales.gains.as_ref().unwrap();
-    let h = 1e-4;
-    let mut checked = 0;
-    for (which, var) in [att, mlp].into_iter().enumerate() {
-        let analytic: Vec<Vec<f64>> = grads.get(var.as_tensor()).unwrap().to_vec2().unwrap();
-        let base: Vec<Vec<f64>> = var.as_tensor().to_vec2().unwrap();
-        for l in 0..arch.n_layer {
-            for c in [0, arch.n_embd / 2, arch.n_embd - 1] {
-                let at = |delta: f64| {
-                    let mut v = base.clone();
-                    v[l][c] += delta;
-                    var.set(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
-                    let loss = loss_of(&scales, false).to_scalar::<f64>().unwrap();
-                    var.set(&Tensor::new(base.clone(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss
-                };
-                let numeric = (at(h) - at(-h)) / (2.0 * h);
-                let got = analytic[l][c];
-                assert!(
-                    (numeric - got).abs() <= 1e-5 * numeric.abs().max(1.0),
-                    "gain table {which} layer {l} channel {c}: analytic {got} numeric {numeric}"
-                );
-                if which == 0 && l == 1 {
-                    // the skipped attention's gains do not reach the loss
-                    assert_eq!(got, 0.0);
-                } else {
-                    assert!(got.abs() > 1e-8, "table {which} layer {l} channel {c}");
-                    checked += 1;
-                }
-            }
-        }
-    }
-    assert_eq!(checked, 3 * (2 * arch.n_layer - 1));
-}
-
-#[test]
-fn channel_gains_of_the_wrong_shape_are_refused() {
-    let arch = tiny_arch();
-    let model = Model::load(&random_source(&arch, 29), &Device::Cpu).unwrap();
-    let mut gains = ChannelGains::ones(arch.n_layer, arch.n_embd);
-    gains.mlp[2].pop();
-    let values = ScaleValues {
-        gains: Some(gains),
-        ..ScaleValues::ones(arch.n_layer)
-    };
-    match model.scales(&values) {
-        Err(ModelError::GainsShape {
-            name: "mlp", found, ..
-        }) => {
-            assert_eq!(found, vec![arch.n_layer, arch.n_embd - 1])
-        }
-        other => panic!("{:?}", other.map(|_| ())),
-    }
 }
 
 /// Input gradient of `f(x)` under the loss `sum(f(x) * r)`, with the forward value.
@@ -806,7 +629,7 @@ fn bad_inputs_are_errors() {
         })
     ));
     assert!(matches!(
-        SkipMask::from_layers(3, &[3]),
+        SkipMask::from_layers(3, &[3]).map_err(ModelError::from),
         Err(ModelError::NoSuchLayer {
             layer: 3,
             n_layer: 3
@@ -850,42 +673,6 @@ fn bad_inputs_are_errors() {
         Model::load(&odd, &Device::Cpu),
         Err(ModelError::InvalidArch { .. })
     ));
-}
-
-#[test]
-fn stand_in_weights_round_trip_through_base64_and_bad_text_is_refused() {
-    // every tail length of the 3-byte groups, against a known encoding
-    assert_eq!(super::f32_base64::encode(b""), "");
-    assert_eq!(super::f32_base64::encode(b"f"), "Zg==");
-    assert_eq!(super::f32_base64::encode(b"fo"), "Zm8=");
-    assert_eq!(super::f32_base64::encode(b"foo"), "Zm9v");
-    assert_eq!(super::f32_base64::encode(b"foob"), "Zm9vYg==");
-    for n in 0..7usize {
-        let bytes: Vec<u8> = (0..n as u8).map(|b| b.wrapping_mul(97)).collect();
-        let text = super::f32_base64::encode(&bytes);
-        assert_eq!(super::f32_base64::decode(&text).unwrap(), bytes);
-    }
-    let a = LinearAttention {
-        layer: 2,
-        weight: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0e38, -1e-30],
-    };
-    let json = serde_json::to_string(&a).unwrap();
-    let back: LinearAttention = serde_json::from_str(&json).unwrap();
-    assert_eq!(
-        back.weight.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-        a.weight.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-    );
-    let err = serde_json::from_str::<LinearAttention>(r#"{"layer":1,"weight":"AAA*"}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("character 3 ('*') is not base64"), "{err}");
-    let err = serde_json::from_str::<LinearAttention>(r#"{"layer":1,"weight":"AAAA"}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("3 bytes of base64 are not whole f32 values"),
-        "{err}"
-    );
 }
 
 #[test]

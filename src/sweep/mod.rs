@@ -53,19 +53,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::convert::ConvertError;
 use crate::eval::task::{evaluate, select_docs, DocScore, Selection, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
-use crate::fit::plan::{FitSettings, ModelFingerprint, Plan, PlanError};
-use crate::fit::progress::Progress;
-use crate::fit::scales::Objective;
-use crate::fit::search::{
-    search_order, write_plan, Choice, FitModel, FitOptions, FitTask, Method, SearchError,
-};
+use crate::fit::options::FitError;
+use crate::fit::search::Choice;
+use crate::fit::session::{search_order, write_plan, FitModel, FitTask};
 use crate::gguf::consts::QuantType;
 use crate::llamacpp::{LlamaError, LoadedModel};
 use crate::output::{AtomicFile, OutputError};
+use crate::plan::{FitSettings, Method, ModelFingerprint, Objective, Plan, PlanError};
+use crate::progress::Progress;
 use crate::task::{self, DocBody, TaskData, TaskError};
+use crate::write::WriteError;
 
 use report::SweepReport;
 
@@ -148,7 +147,7 @@ pub enum SweepError {
     },
     /// A fit failed (or a K is more blocks than the model can skip).
     #[error(transparent)]
-    Search(#[from] Box<SearchError>),
+    Search(#[from] Box<FitError>),
     /// A plan could not be read.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -160,7 +159,7 @@ pub enum SweepError {
     Export(#[from] ExportError),
     /// Writing the original at the type failed.
     #[error(transparent)]
-    Convert(#[from] ConvertError),
+    Write(#[from] WriteError),
     /// A task file could not be read.
     #[error(transparent)]
     Task(#[from] TaskError),
@@ -175,8 +174,8 @@ pub enum SweepError {
     Output(#[from] OutputError),
 }
 
-impl From<SearchError> for SweepError {
-    fn from(e: SearchError) -> Self {
+impl From<FitError> for SweepError {
+    fn from(e: FitError) -> Self {
         SweepError::Search(Box::new(e))
     }
 }
@@ -205,7 +204,7 @@ pub struct SweepRequest {
     pub limit: Option<usize>,
     /// Fit settings shared by every configuration (`method`, `objective`, `skip` and
     /// `train_scales` are set per configuration).
-    pub fit: FitOptions,
+    pub fit: FitSettings,
     /// The output folder.
     pub out_dir: PathBuf,
     /// Remove a sweep of another configuration from the folder and start over.
@@ -284,8 +283,8 @@ impl Config {
     }
 
     /// The fit settings of this configuration at K = `k`.
-    pub fn options(&self, base: &FitOptions, k: usize) -> FitOptions {
-        FitOptions {
+    pub fn options(&self, base: &FitSettings, k: usize) -> FitSettings {
+        FitSettings {
             method: self.method,
             objective: self.fit_objective(),
             skip: k,
@@ -539,7 +538,7 @@ struct SweepTask {
 
 impl SweepTask {
     /// A task split as `options` split it: its fit documents and the final training's.
-    fn new(name: String, data: TaskData, options: &FitOptions) -> Self {
+    fn new(name: String, data: TaskData, options: &FitSettings) -> Self {
         let fit_ids = task::split_ids(&data.docs, options.fit_docs, options.seed);
         let final_ids = task::ids_besides(
             &task::split_ids(&data.docs, options.resolved_final_docs(), options.seed),
@@ -813,7 +812,7 @@ impl Fitting<'_> {
         &mut self,
         tasks: &[SweepTask],
         t: usize,
-        options: &FitOptions,
+        options: &FitSettings,
     ) -> Result<usize, SweepError> {
         let key = (t, options.objective);
         if let Some(i) = self.data.iter().position(|(k, _)| *k == key) {
@@ -832,7 +831,7 @@ impl Fitting<'_> {
             model,
             &self.req.tasks[t],
             &tasks[t].data,
-            &FitOptions {
+            &FitSettings {
                 train_scales: true,
                 ..options.clone()
             },
@@ -849,17 +848,18 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
     let started = Instant::now();
     let lists = check_lists(req)?;
     let k_max = *lists.skips.last().expect("checked non-empty");
-    FitOptions {
+    FitSettings {
         skip: k_max,
         ..req.fit.clone()
     }
-    .validate()?;
+    .validate()
+    .map_err(FitError::from)?;
     let tasks = load_tasks(req)?;
     let task_names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
     let ck = Checkpoint::open(&req.model)?;
     let n_layer = ck.arch.n_layer;
     if k_max >= n_layer {
-        return Err(SearchError::TooManyBlocks {
+        return Err(FitError::TooManyBlocks {
             model: ck.display_path(),
             skip: k_max,
             n_layer,
@@ -880,14 +880,14 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Swe
         quant_type: req.qtype.name().to_string(),
         limit: req.limit,
         n_ctx: req.n_ctx,
-        fit: FitOptions {
+        fit: FitSettings {
             method: Method::Hopscotch,
             objective: Objective::Kl,
             skip: 1,
             train_scales: true,
             ..req.fit.clone()
         }
-        .settings(0, 0),
+        .recorded(0, 0),
         tasks: tasks
             .iter()
             .map(|t| (t.name.clone(), t.data.sha256.clone()))
@@ -1117,7 +1117,7 @@ fn fit_all(
         let mut current: Vec<Option<Plan>> = skips
             .iter()
             .map(|&k| {
-                let expected = config.options(&req.fit, k).settings(0, 0);
+                let expected = config.options(&req.fit, k).recorded(0, 0);
                 Plan::load(&layout.plan(&format!("{config_name}-k{k}")))
                     .ok()
                     .filter(|p| plan_is_current(p, &expected, fingerprint, task, k))
@@ -1238,7 +1238,7 @@ mod tests {
         );
         assert_eq!(configs.len(), 14);
         let random_bare = configs.iter().find(|c| c.objective.is_none()).unwrap();
-        let o = random_bare.options(&FitOptions::default(), 3);
+        let o = random_bare.options(&FitSettings::default(), 3);
         assert_eq!(
             (o.skip, o.objective, o.train_scales),
             (3, Objective::Ce, false)
@@ -1264,11 +1264,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.jsonl");
         std::fs::write(&path, lines.join("\n")).unwrap();
-        let options = FitOptions {
+        let options = FitSettings {
             fit_docs: 2,
             final_docs: Some(5),
             seed: 3,
-            ..FitOptions::default()
+            ..FitSettings::default()
         };
         let t = SweepTask::new("t".into(), task::load(&path).unwrap(), &options);
         let (five, _) = task::split(&t.data.docs, 5, 3);
@@ -1313,7 +1313,7 @@ mod tests {
             quant_type: "q4_k_m".into(),
             limit: Some(100),
             n_ctx: 4096,
-            fit: FitOptions::default().settings(0, 0),
+            fit: FitSettings::default().recorded(0, 0),
             tasks: [("a".to_string(), "11".repeat(32))].into(),
             skips: vec![1, 2],
             methods: vec!["hopscotch".into()],

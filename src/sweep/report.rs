@@ -13,8 +13,8 @@ use serde::Serialize;
 use super::{Config, EvalRecord, Slim, SweepError, SweepSeconds, Units};
 use crate::arch::Arch;
 use crate::eval::task::{pair_with_reference, wilson_ci95, DocScore};
-use crate::fit::plan::FitSettings;
-use crate::fit::search::Method;
+use crate::plan::FitSettings;
+use crate::plan::{Method, Screen};
 use crate::report::{kv_bytes_per_token, Paired};
 
 /// The original's figures on one task.
@@ -413,6 +413,12 @@ fn variant_label(method: &str, objective: Option<&str>, train_scales: bool) -> S
     s
 }
 
+impl std::fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.summary())
+    }
+}
+
 impl SweepReport {
     /// The markdown report (`sweep.md`).
     pub fn markdown(&self) -> String {
@@ -448,7 +454,7 @@ impl SweepReport {
                 };
                 format!(
                     "screened by {} on {} batch(es) ({rescreen}), {} trained per round",
-                    f.screen.as_deref().unwrap_or("-"),
+                    f.screen.map_or("-", Screen::name),
                     f.screen_batches,
                     f.shortlist
                 )
@@ -889,7 +895,7 @@ mod tests {
 
     #[test]
     fn hopscotch_is_compared_with_the_baselines_and_its_untrained_search_only() {
-        use crate::fit::scales::Objective;
+        use crate::plan::Objective;
         let configs = Config::all(
             2,
             &[Method::Hopscotch, Method::AttnCosine, Method::Random],

@@ -67,7 +67,7 @@ fn docs_at<'a>(
 
 /// Makes one training sequence per choice of each multiple-choice doc of `idx` (in that order,
 /// choices in their order): the choice's context and continuation, targets on the continuation,
-/// tokenized and truncated as [`examples`] does. What [`crate::fit::scales::Objective::Choice`]
+/// tokenized and truncated as [`examples`] does. What [`crate::plan::Objective::Choice`]
 /// trains on: the original and the slim model's preferences among a doc's choices. Other docs
 /// are refused ([`TaskError::NotChoices`]); a doc needs no gold choice.
 pub fn choice_examples(

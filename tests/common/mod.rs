@@ -248,7 +248,7 @@ pub fn sample_tokens() -> Vec<u32> {
 /// Logits at every position from candle on `source` with `scales` and the skip mask.
 pub fn candle_logits(
     source: &dyn hopscotch::checkpoint::TensorSource,
-    scales: &hopscotch::model::ScaleValues,
+    scales: &hopscotch::plan::ScaleValues,
     skip: &[bool],
     toks: &[u32],
 ) -> Vec<Vec<f32>> {

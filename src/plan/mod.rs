@@ -1,15 +1,24 @@
 //! The plan: what a fit produced, as JSON. Which attention blocks to skip, the four scalars per
 //! layer, how every candidate scored in every round, the settings, and what model and task
 //! data it was fitted on (so `export` can refuse another model and `eval` can hold out the
-//! fitted documents).
+//! fitted documents). Plain data: the stages after the fit (`fold`, `export`, `eval`) read it
+//! without the candle model.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod scales;
+mod settings;
+
+pub use scales::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, SkipMask, StandInError};
+pub use settings::{
+    FitSettings, LossTokens, Method, Objective, Screen, SettingError, DEFAULT_FINAL_EPOCHS,
+    DEFAULT_RESCREEN, DEFAULT_TEACHER_TOP_K,
+};
+
 use crate::checkpoint::Checkpoint;
-use crate::model::{LinearAttention, ScaleValues};
 use crate::output::{AtomicFile, OutputError};
 
 /// Errors reading or writing a plan.
@@ -143,86 +152,28 @@ pub struct Round {
     pub loss: f32,
 }
 
-/// The fit's settings, recorded so a plan can be reproduced.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FitSettings {
-    /// `hopscotch`, `attn-cosine` or `random`.
-    pub method: String,
-    /// `kl` or `ce`.
-    pub objective: String,
-    /// Blocks to skip.
-    pub skip: usize,
-    /// Documents fitted on.
-    pub fit_docs: usize,
-    /// Documents of the final training, when more than the fit documents.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub final_docs: Option<usize>,
-    /// Training steps per candidate.
-    pub candidate_steps: usize,
-    /// Training steps for the final choice.
-    pub final_steps: usize,
-    /// Learning rate of the candidate training.
-    pub lr: f64,
-    /// Learning rate of the final training.
-    pub final_lr: f64,
-    /// Sequences per batch.
-    pub batch_size: usize,
-    /// Longest sequence in tokens.
-    pub max_seq_len: usize,
-    /// Seed for the document split and batch order.
-    pub seed: u64,
-    /// Whether every candidate was trained (the paper's loop).
-    pub exhaustive: bool,
-    /// Candidates trained per round in fast mode.
-    pub shortlist: usize,
-    /// Whether the scalars were trained at all.
-    pub train_scales: bool,
-    /// Whether the final training trained per-channel gains too (plans from before the option:
-    /// no).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub channel_gains: bool,
-    /// Whether the skipped blocks got linear stand-ins (plans from before the option: no).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub linear_attention: bool,
-    /// Learning rate at which the final training trained the stand-ins end to end; `None`: they
-    /// stayed at their least-squares fit (and plans from before the option).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub linear_lr: Option<f64>,
-    /// Whether the final choice's stand-ins were fitted one after another, each on the stream
-    /// the ones before it leave (plans from before the option: no, each on the original's).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub linear_sequential: bool,
-    /// What trained candidates were scored by, when not the mean of their training losses
-    /// (`trained`: the loss at the trained scalars).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub candidate_score: Option<String>,
-    /// The screening signal of the fast search (`skip-loss`, ...); `None` when every candidate
-    /// was trained or the method does not search.
-    pub screen: Option<String>,
-    /// Batches the screening (or the attention-cosine importance) was measured on.
-    pub screen_batches: usize,
-    /// After the first round, the candidates screened per round (the best of the latest
-    /// screenings); 0: every candidate every round (and plans from before the option).
-    #[serde(default)]
-    pub rescreen: usize,
-    /// Teacher tokens kept per position for the KL objective.
-    pub teacher_top_k: usize,
-    /// Positions the loss covered: `targets` or `all` (plans from before the option: targets).
-    #[serde(default = "default_loss_tokens")]
-    pub loss_tokens: String,
-}
-
-impl FitSettings {
-    /// Whether the plan learned from documents of a final training beyond the fit documents
-    /// (the scalars' training or the stand-ins' least squares), as
-    /// [`crate::fit::search::FitOptions::uses_final_docs`] decides it.
-    pub fn uses_final_docs(&self) -> bool {
-        self.train_scales || self.linear_attention
+/// The first key of `plan` that only a retired option wrote (channel gains, stand-ins trained
+/// end to end or fitted one after another, another candidate score or screen).
+fn retired_key(plan: &serde_json::Value) -> Option<String> {
+    let settings = &plan["settings"];
+    let set = |key: &str| !settings[key].is_null() && settings[key] != false;
+    if !plan["scales"]["gains"].is_null() {
+        return Some("scales.gains".into());
     }
-}
-
-fn default_loss_tokens() -> String {
-    "targets".into()
+    for key in [
+        "channel_gains",
+        "linear_lr",
+        "linear_sequential",
+        "candidate_score",
+    ] {
+        if set(key) {
+            return Some(format!("settings.{key}"));
+        }
+    }
+    match settings["screen"].as_str() {
+        Some(s) if s != "skip-loss" => Some(format!("settings.screen {s:?}")),
+        _ => None,
+    }
 }
 
 /// A fitted plan.
@@ -276,16 +227,25 @@ impl Plan {
             path: p.clone(),
             source,
         })?;
-        let plan: Plan = serde_json::from_str(&text).map_err(|e| PlanError::Invalid {
+        let invalid = |message: String| PlanError::Invalid {
             path: p.clone(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        if let Some(key) = retired_key(&value) {
+            return Err(invalid(format!(
+                "{key} comes from an option hopscotch no longer has (see docs/experiments.md; \
+                 fit the plan again)"
+            )));
+        }
+        let plan: Plan = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         plan.validate()
             .map_err(|message| PlanError::Invalid { path: p, message })?;
         Ok(plan)
     }
 
-    /// Checks internal consistency: scale lengths and channel gain shapes, skipped layers in range and distinct, finite
+    /// Checks internal consistency: scale lengths, skipped layers in range and distinct, finite
     /// scalars, layer 0 kept (llama.cpp's `deci` takes the head size from layer 0).
     pub fn validate(&self) -> Result<(), String> {
         let n = self.model.n_layer;
@@ -298,28 +258,6 @@ impl Plan {
             }
             if let Some(i) = v.iter().position(|x| !x.is_finite()) {
                 return Err(format!("scales.{name}[{i}] is not finite"));
-            }
-        }
-        if let Some(gains) = &self.scales.gains {
-            let width = self.model.n_embd;
-            for (name, rows) in gains.named() {
-                if rows.len() != n {
-                    return Err(format!(
-                        "scales.gains.{name} has {} rows, expected {n} (one per layer)",
-                        rows.len()
-                    ));
-                }
-                for (l, row) in rows.iter().enumerate() {
-                    if row.len() != width {
-                        return Err(format!(
-                            "scales.gains.{name}[{l}] has {} values, expected {width} (the model's width)",
-                            row.len()
-                        ));
-                    }
-                    if let Some(i) = row.iter().position(|x| !x.is_finite()) {
-                        return Err(format!("scales.gains.{name}[{l}][{i}] is not finite"));
-                    }
-                }
             }
         }
         LinearAttention::check_all(&self.scales.linear, n, self.model.n_embd)

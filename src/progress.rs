@@ -1,5 +1,6 @@
-//! Progress of a fit on stderr: one `indicatif` bar per phase (rounds, candidates, steps) while
-//! stderr is a terminal, one line per finished round otherwise, nothing when hidden.
+//! Progress on stderr: one `indicatif` bar per phase of a fit (rounds, candidates, steps) while
+//! stderr is a terminal, one line per finished round otherwise, nothing when hidden; and the
+//! bars of a file being written and of documents being evaluated.
 
 use std::io::IsTerminal;
 
@@ -63,4 +64,31 @@ impl Progress {
             eprintln!("{line}");
         }
     }
+}
+
+/// A bar over the bytes of a file being written, labelled `message`.
+pub fn bytes_bar(message: String) -> ProgressBar {
+    styled(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        message,
+    )
+}
+
+/// A bar over the documents being evaluated.
+pub fn docs_bar() -> ProgressBar {
+    styled(
+        "{msg} [{bar:30}] {pos}/{len} docs {per_sec} eta {eta}",
+        String::new(),
+    )
+}
+
+fn styled(template: &str, message: String) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(template)
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(message);
+    bar
 }

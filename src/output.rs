@@ -28,6 +28,22 @@ pub struct AtomicFile {
     writer: Option<BufWriter<File>>,
 }
 
+/// Writes `text` to `path` whole or not at all, replacing what is there.
+pub fn write_text(path: &Path, text: &str) -> Result<(), OutputError> {
+    let mut f = AtomicFile::create(path, true)?;
+    f.write_all(text.as_bytes())
+        .map_err(|source| OutputError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    f.commit()
+}
+
+/// The size of the file at `path` in bytes; 0 when it cannot be read.
+pub fn file_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
 /// Checks that `path` may be written: it must not exist unless `force`.
 pub fn check_overwrite(path: &Path, force: bool) -> Result<(), OutputError> {
     if !force && path.exists() {

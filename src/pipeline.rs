@@ -6,27 +6,27 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::CheckpointError;
 use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
 use crate::fit::options::FitError;
-use crate::fit::session::{fit, FitRequest};
+use crate::fit::session::{fit_plan, FitRequest, Fitted};
 use crate::gguf::consts::QuantType;
 use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
-use crate::output::{AtomicFile, OutputError};
+use crate::output::{file_bytes, write_text, OutputError};
 use crate::plan::FitSettings;
-use crate::plan::{Plan, PlanError};
+use crate::plan::PlanError;
 use crate::progress::Progress;
 use crate::quantize::{require_imatrix, QuantizeError};
 use crate::report::{kv_bytes_per_token, ModelFigures, Paired, RoundPoint, RunReport, Seconds};
 use crate::task::{self, DocBody, TaskError};
 use crate::write::WriteError;
 
-/// Errors of the pipeline, each from the stage that failed.
+/// Errors of `run` and `sweep`, each from the stage that failed or naming the input at fault.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub enum PipelineError {
     /// The output folder cannot be used.
     #[error("{path}: {message}")]
     OutDir {
@@ -35,31 +35,105 @@ pub enum RunError {
         /// What is wrong.
         message: String,
     },
-    /// The fit failed.
+    /// A list option was given no values.
+    #[error("--{option}: give at least one value")]
+    EmptyList {
+        /// The option, as spelled on the command line.
+        option: &'static str,
+    },
+    /// A K of 0 in `--skip`.
+    #[error("--skip 0: every K must be at least 1 (the original, K = 0, is always evaluated)")]
+    ZeroSkip,
+    /// Two `--task` files have the same name (which names their files) or the same content.
+    #[error(
+        "--task {}: {what} as --task {}; give each task once (tasks are named by their file \
+         name less .jsonl/.json/.gz)",
+        second.display(),
+        first.display()
+    )]
+    DuplicateTask {
+        /// The earlier file.
+        first: PathBuf,
+        /// The later file.
+        second: PathBuf,
+        /// What they share.
+        what: &'static str,
+    },
+    /// The output folder holds a sweep made with another configuration.
+    #[error(
+        "{}: the folder holds a sweep made with {what}; its files cannot be reused (pass --force \
+         to remove them and start over, or give another folder)",
+        path.display()
+    )]
+    ConfigMismatch {
+        /// The recorded configuration.
+        path: PathBuf,
+        /// What differs, recorded against requested.
+        what: String,
+    },
+    /// The output folder holds sweep files but no configuration to check them against.
+    #[error(
+        "{}: sweep files are there but no sweep-config.json to check them against (pass --force \
+         to remove them and start over, or give another folder)",
+        path.display()
+    )]
+    Unrecorded {
+        /// The output folder.
+        path: PathBuf,
+    },
+    /// A file or folder of the sweep could not be read, written or removed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// `sweep-config.json` is not one this tool wrote.
+    #[error("{}: not a sweep configuration: {message} (pass --force to start over)", path.display())]
+    BadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// A plan fitted on a task does not hold the task's fit split.
+    #[error(
+        "{}: fitted on other documents of {task} than the sweep's --seed and --fit-docs choose; \
+         plans on one task must share their split so that the held-out documents are the same",
+        plan.display()
+    )]
+    SplitMismatch {
+        /// The plan.
+        plan: PathBuf,
+        /// The task's name.
+        task: String,
+    },
+    /// A fit failed (or a K is more blocks than the model can skip).
     #[error(transparent)]
     Fit(#[from] Box<FitError>),
-    /// Reading the plan back failed.
+    /// A plan could not be read.
     #[error(transparent)]
     Plan(#[from] PlanError),
-    /// Opening the model failed.
+    /// The model could not be opened.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    /// The export failed.
+    /// An export failed.
     #[error(transparent)]
     Export(#[from] ExportError),
     /// Writing the original at the quant type failed.
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// Reading the task failed.
+    /// A task file could not be read.
     #[error(transparent)]
     Task(#[from] TaskError),
-    /// Evaluating failed.
+    /// A task cannot be evaluated, or an evaluation failed.
     #[error(transparent)]
     Eval(#[from] TaskEvalError),
     /// llama.cpp failed.
     #[error(transparent)]
     Llama(#[from] LlamaError),
-    /// A report file could not be written.
+    /// An output could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
     /// The quant type cannot be written as asked.
@@ -70,9 +144,15 @@ pub enum RunError {
     Imatrix(Box<ImatrixError>),
 }
 
-impl From<ImatrixError> for RunError {
+impl From<FitError> for PipelineError {
+    fn from(e: FitError) -> Self {
+        PipelineError::Fit(Box::new(e))
+    }
+}
+
+impl From<ImatrixError> for PipelineError {
     fn from(e: ImatrixError) -> Self {
-        RunError::Imatrix(Box::new(e))
+        PipelineError::Imatrix(Box::new(e))
     }
 }
 
@@ -122,21 +202,10 @@ pub fn outputs(dir: &Path) -> [PathBuf; 6] {
     ]
 }
 
-fn write_text(path: &Path, text: &str) -> Result<(), OutputError> {
-    use std::io::Write;
-    let mut f = AtomicFile::create(path, true)?;
-    f.write_all(text.as_bytes())
-        .map_err(|source| OutputError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    f.commit()
-}
-
 /// Runs the pipeline and returns the report (also written to the folder).
-pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError> {
+pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
-    std::fs::create_dir_all(&req.out_dir).map_err(|e| RunError::OutDir {
+    std::fs::create_dir_all(&req.out_dir).map_err(|e| PipelineError::OutDir {
         path: req.out_dir.clone(),
         message: e.to_string(),
     })?;
@@ -158,7 +227,11 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
     select_docs(&task_data, None, Some(1))?;
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
-    let fit_report = fit(
+    let Fitted {
+        plan,
+        report: fit_report,
+        ck,
+    } = fit_plan(
         &FitRequest {
             model: req.model.clone(),
             task: req.task.clone(),
@@ -168,12 +241,9 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
             options: req.fit.clone(),
         },
         progress,
-    )
-    .map_err(Box::new)?;
+    )?;
     let t_fit = started.elapsed().as_secs_f64();
 
-    let plan = Plan::load(&plan_path)?;
-    let ck = Checkpoint::open(&req.model)?;
     let bar = indicatif::ProgressBar::hidden();
     progress.note(&format!(
         "exporting slim.gguf and original.gguf as {}",
@@ -256,7 +326,6 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, RunError>
 
     let n = rep.n_docs;
     let reference = rep.reference.clone().expect("evaluated with a reference");
-    let file_bytes = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     let mut skipped_sorted = plan.skipped_blocks.clone();
     skipped_sorted.sort_unstable();
     let report = RunReport {

@@ -411,6 +411,22 @@ pub fn write_plan(
 /// chooses the blocks (saving `<output>.partial.json` after every round), trains the final
 /// scalars and writes the plan whole. Nothing is written at `output` unless everything succeeds.
 pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, FitError> {
+    Ok(fit_plan(request, progress)?.report)
+}
+
+/// What a fit hands to the next stage: the plan (also written to the request's output), what
+/// `hopscotch fit` reports, and the checkpoint it was fitted on (the candle model dropped).
+pub struct Fitted {
+    /// The plan.
+    pub plan: Plan,
+    /// The fit's report.
+    pub report: FitReport,
+    /// The checkpoint the plan was fitted on.
+    pub ck: Checkpoint,
+}
+
+/// [`fit`], handing on the plan and the checkpoint.
+pub fn fit_plan(request: &FitRequest, progress: &Progress) -> Result<Fitted, FitError> {
     let started = Instant::now();
     let options = &request.options;
     options.validate()?;
@@ -469,7 +485,7 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, FitEr
         screened: search_stats.screened,
         screen_seconds: search_stats.screen_seconds,
     };
-    Ok(FitReport {
+    let report = FitReport {
         plan: request.output.clone(),
         method: options.method,
         objective: plan.settings.objective.name().to_string(),
@@ -506,6 +522,11 @@ pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, FitEr
             final_training: finished - searched,
             total: started.elapsed().as_secs_f64(),
         },
+    };
+    Ok(Fitted {
+        plan,
+        report,
+        ck: model.ck,
     })
 }
 

@@ -19,16 +19,22 @@
 //! it, so no attention mask is needed; the outputs at padding positions are meaningless and the
 //! loss must never gather them.
 
+mod layer;
 pub mod ops;
+mod scales;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use candle_core::{DType, Device, Tensor, Var};
+pub use layer::{WeightInput, WeightInputTap};
+pub use scales::Scales;
+
+use candle_core::{DType, Device, Tensor};
 
 use crate::arch::{Arch, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
-use crate::gguf::consts::{blk_tensor, OUTPUT};
 use crate::plan::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, StandInError};
+use layer::{Layer, Projection};
+use scales::ScaleTensors;
 
 /// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
 /// tensors come from.
@@ -123,161 +129,6 @@ impl From<ScalesLength> for ModelError {
             found: e.found,
         }
     }
-}
-
-/// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`, and the
-/// linear stand-ins as constants of the graph.
-#[derive(Debug, Clone)]
-pub struct Scales {
-    /// Weight of the attention output.
-    pub b_att: Var,
-    /// Weight of the residual around attention.
-    pub s_att: Var,
-    /// Weight of the MLP output.
-    pub b_mlp: Var,
-    /// Weight of the residual around the MLP.
-    pub s_mlp: Var,
-    /// The linear stand-ins as given (for [`Scales::values`]).
-    linear: Vec<LinearAttention>,
-    /// Per layer, its stand-in's weight `(n_embd, n_embd)`.
-    linear_weights: Vec<Option<Tensor>>,
-}
-
-/// The scalars as graph inputs of one forward pass, with the stand-ins.
-struct ScaleTensors<'a> {
-    /// `b_att, s_att, b_mlp, s_mlp`, each `[n_layer]`.
-    scalars: [Tensor; 4],
-    /// Per layer, the weight of its linear stand-in, if it has one.
-    linear: &'a [Option<Tensor>],
-}
-
-impl Scales {
-    /// Variables holding `values`, in `dtype` on `device` (use [`Model::scales`] to match a model
-    /// and check the shapes).
-    pub fn new(values: &ScaleValues, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        let var = |v: &[f32]| -> Result<Var, ModelError> {
-            let t = Tensor::from_slice(v, v.len(), device)?.to_dtype(dtype)?;
-            Ok(Var::from_tensor(&t)?)
-        };
-        let mut linear_weights = vec![None; values.b_att.len()];
-        for a in &values.linear {
-            let width = (a.weight.len() as f64).sqrt() as usize;
-            let w = Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?;
-            if let Some(slot) = linear_weights.get_mut(a.layer) {
-                *slot = Some(w);
-            }
-        }
-        Ok(Self {
-            b_att: var(&values.b_att)?,
-            s_att: var(&values.s_att)?,
-            b_mlp: var(&values.b_mlp)?,
-            s_mlp: var(&values.s_mlp)?,
-            linear: values.linear.clone(),
-            linear_weights,
-        })
-    }
-
-    /// The variables, for an optimizer.
-    pub fn vars(&self) -> Vec<Var> {
-        vec![
-            self.b_att.clone(),
-            self.s_att.clone(),
-            self.b_mlp.clone(),
-            self.s_mlp.clone(),
-        ]
-    }
-
-    /// The current values.
-    pub fn values(&self) -> Result<ScaleValues, ModelError> {
-        let read = |v: &Var| -> Result<Vec<f32>, ModelError> {
-            Ok(v.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?)
-        };
-        Ok(ScaleValues {
-            b_att: read(&self.b_att)?,
-            s_att: read(&self.s_att)?,
-            b_mlp: read(&self.b_mlp)?,
-            s_mlp: read(&self.s_mlp)?,
-            linear: self.linear.clone(),
-        })
-    }
-
-    /// The scalars and stand-ins as graph inputs: the scalars tracked for training, or detached
-    /// for a pass without gradients.
-    fn tensors(&self, track: bool) -> ScaleTensors<'_> {
-        let input = |v: &Var| {
-            if track {
-                v.as_tensor().clone()
-            } else {
-                v.as_tensor().detach()
-            }
-        };
-        ScaleTensors {
-            scalars: [&self.b_att, &self.s_att, &self.b_mlp, &self.s_mlp].map(input),
-            linear: &self.linear_weights,
-        }
-    }
-}
-
-/// The input of one or more weight matrices, as [`Model::weight_inputs_no_grad`] shows it: what
-/// llama.cpp's importance matrix accumulates per tensor (layer `l`'s q, k and v multiply the same
-/// input, as do its gate and up).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WeightInput {
-    /// The normed stream entering layer `l`'s attention: `blk.l.attn_q/k/v.weight`.
-    Qkv(usize),
-    /// Layer `l`'s attention heads, concatenated, or the normed stream entering its linear
-    /// stand-in: `blk.l.attn_output.weight`.
-    AttnOutput(usize),
-    /// The normed stream entering layer `l`'s MLP: `blk.l.ffn_gate/up.weight`.
-    GateUp(usize),
-    /// `silu(gate) * up` of layer `l`: `blk.l.ffn_down.weight`.
-    Down(usize),
-    /// The final norm's output: `output.weight` (the LM head).
-    Output,
-}
-
-impl WeightInput {
-    /// The GGUF names of the weight matrices this input multiplies.
-    pub fn tensor_names(self) -> Vec<String> {
-        let blk = |l: usize, suffixes: &[&str]| -> Vec<String> {
-            suffixes.iter().map(|s| blk_tensor(l, s)).collect()
-        };
-        match self {
-            WeightInput::Qkv(l) => blk(l, &["attn_q.weight", "attn_k.weight", "attn_v.weight"]),
-            WeightInput::AttnOutput(l) => blk(l, &["attn_output.weight"]),
-            WeightInput::GateUp(l) => blk(l, &["ffn_gate.weight", "ffn_up.weight"]),
-            WeightInput::Down(l) => blk(l, &["ffn_down.weight"]),
-            WeightInput::Output => vec![OUTPUT.to_string()],
-        }
-    }
-}
-
-/// What [`Model::weight_inputs_no_grad`] calls with every weight matrix's input `(b * t, in)`.
-pub type WeightInputTap<'a> = dyn FnMut(WeightInput, &Tensor) -> Result<(), ModelError> + 'a;
-
-/// A frozen projection `x @ weight^T + bias`.
-struct Projection {
-    weight: Tensor,
-    bias: Option<Tensor>,
-}
-
-impl Projection {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
-    }
-}
-
-/// One transformer layer's frozen weights.
-struct Layer {
-    attn_norm: Tensor,
-    q: Projection,
-    k: Projection,
-    v: Projection,
-    o: Projection,
-    ffn_norm: Tensor,
-    gate: Projection,
-    up: Projection,
-    down: Projection,
 }
 
 /// A Llama / Qwen2 decoder with frozen weights, run with the Hopscotch scalars.
@@ -572,45 +423,6 @@ impl Model {
             residual.clone(),
             from,
             self.arch.n_layer,
-            b,
-            t,
-            &scales,
-            skip,
-            &mut |_, _, _| Ok(()),
-            None,
-        )
-    }
-
-    /// The residual stream entering layer `until`, `(b * t, n_embd)`, running layers
-    /// `from..until` without a graph on `residual`, the stream entering layer `from` for the same
-    /// token ids `(b, t)` (as [`Model::residuals_no_grad`] gives it). Lets a caller carry the
-    /// stream forward a few layers at a time.
-    #[allow(clippy::too_many_arguments)]
-    pub fn advance_no_grad(
-        &self,
-        input_ids: &Tensor,
-        residual: &Tensor,
-        from: usize,
-        until: usize,
-        scales: &Scales,
-        skip: &[bool],
-    ) -> Result<Tensor, ModelError> {
-        let scales = scales.tensors(false);
-        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
-        if from > until
-            || until >= self.arch.n_layer
-            || residual.dims() != [b * t, self.arch.n_embd]
-        {
-            return Err(input_error(
-                "residual",
-                residual,
-                "(b * t, n_embd), entering layer `from`, with from <= until < n_layer",
-            ));
-        }
-        self.run_layers(
-            residual.clone(),
-            from,
-            until,
             b,
             t,
             &scales,

@@ -10,9 +10,10 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{Config, EvalRecord, Slim, SweepError, SweepSeconds, Units};
+use super::{Config, EvalRecord, Slim, SweepSeconds, Units};
 use crate::arch::Arch;
 use crate::eval::task::{pair_with_reference, wilson_ci95, DocScore};
+use crate::pipeline::PipelineError;
 use crate::plan::FitSettings;
 use crate::plan::{Method, Screen};
 use crate::report::{kv_bytes_per_token, Paired};
@@ -161,7 +162,7 @@ fn comparison(
     against: &SweepRow,
     hop_docs: &[DocScore],
     against_docs: &[DocScore],
-) -> Result<Comparison, SweepError> {
+) -> Result<Comparison, PipelineError> {
     let mut docs = hop_docs.to_vec();
     let p = pair_with_reference(&mut docs, against_docs)?;
     Ok(Comparison {
@@ -246,7 +247,7 @@ fn correct(r: &EvalRecord) -> usize {
 
 /// Builds the report: the paired statistics of every slim model against the original's cached
 /// scores, task by task.
-pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, SweepError> {
+pub(crate) fn build(inputs: &Inputs<'_>) -> Result<SweepReport, PipelineError> {
     let mut tasks = Vec::new();
     let mut rows = Vec::new();
     let mut comparisons = Vec::new();

@@ -221,11 +221,12 @@ pub fn run(
     let task_data = task::load(&request.task)?;
     let fingerprint = ModelFingerprint::of(&ck);
     let model = FitModel::load(ck, fingerprint)?;
-    let options = FitSettings {
+    // the fit's batches, with cross-entropy's targets only: no teacher to compute
+    let options = data::Batching {
         objective: Objective::Ce,
         seed,
         max_seq_len: request.max_seq_len,
-        ..FitSettings::default()
+        ..data::Batching::of(&FitSettings::default())
     };
     let fit_data = data::build(
         &model.ck,

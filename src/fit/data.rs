@@ -161,8 +161,38 @@ impl TextSetup {
     }
 }
 
+/// How a task's documents become batches: which documents (the split's seed), how long a
+/// sequence may be, how many go in a batch, and what the objective needs attached.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batching {
+    /// Seed of the document split.
+    pub seed: u64,
+    /// Longest sequence in tokens.
+    pub max_seq_len: usize,
+    /// Sequences per batch.
+    pub batch_size: usize,
+    /// The objective the batches are for: KL gets the teacher's next-token distributions, the
+    /// choice objective whole documents with their choices and the teacher's choice scores.
+    pub objective: Objective,
+    /// Teacher tokens kept per position for KL.
+    pub teacher_top_k: usize,
+}
+
+impl Batching {
+    /// The batching a fit with `settings` trains on.
+    pub fn of(settings: &FitSettings) -> Self {
+        Batching {
+            seed: settings.seed,
+            max_seq_len: settings.max_seq_len,
+            batch_size: settings.batch_size,
+            objective: settings.objective,
+            teacher_top_k: settings.teacher_top_k,
+        }
+    }
+}
+
 /// Builds the fit data of the first `n_docs` documents of the task's split (`task::split` with
-/// the options' seed): fills in generated targets for a prompts-only task, makes the examples
+/// the batching's seed): fills in generated targets for a prompts-only task, makes the examples
 /// and batches, and attaches the teacher for the KL objective. `model_sha` keys the cache of
 /// generated targets.
 pub fn build(
@@ -170,7 +200,7 @@ pub fn build(
     model: &Model,
     task_data: &TaskData,
     model_sha: &str,
-    options: &FitSettings,
+    options: &Batching,
     n_docs: usize,
     progress: &Progress,
 ) -> Result<FitData, FitError> {
@@ -341,7 +371,7 @@ fn cached_targets(
     data: &TaskData,
     idx: &[usize],
     model_sha: &str,
-    options: &FitSettings,
+    options: &Batching,
     progress: &Progress,
 ) -> Result<Vec<String>, FitError> {
     let short = |s: &str| s[..s.len().min(16)].to_string();
@@ -414,7 +444,7 @@ fn generate(
     setup: &TextSetup,
     task_path: &Path,
     prompts: &[(&str, &str)],
-    options: &FitSettings,
+    options: &Batching,
     progress: &Progress,
 ) -> Result<Vec<String>, FitError> {
     let n_layer = model.arch().n_layer;

@@ -254,7 +254,7 @@ impl FitTask {
                 &model.model,
                 task_data,
                 &model.fingerprint.tensor_sha256,
-                options,
+                &data::Batching::of(options),
                 n_docs,
                 progress,
             )

@@ -2,6 +2,7 @@
 //! forged values, and each check it makes.
 
 use super::*;
+use crate::gguf::consts::{MAX_ARRAY_LEN, MAX_STRING_LEN};
 
 /// Builds GGUF bytes field by field.
 #[derive(Default)]

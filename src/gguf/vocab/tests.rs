@@ -1,9 +1,20 @@
 //! Tokenizer metadata: toy GPT-2 and Llama tokenizers read from HF files, written back as a
 //! tokenizer.json, through GGUF key-values, and the errors that name what is wrong.
 
-use super::*;
-use crate::gguf::value::ValueType;
+use std::collections::HashMap;
 use std::fs;
+use std::str::FromStr;
+
+use serde_json::{json, Map, Value as Json};
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use super::from_hf::{from_hf_files_with, is_byte_token, looks_special};
+use super::pre_tokenizer::PRE_TOKENIZER_HASHES;
+use super::to_hf::is_pad_slot;
+use super::token_type::{BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED};
+use super::*;
+use crate::gguf::value::{Value, ValueType};
 
 /// GPT-2's byte -> printable char table (`bytes_to_unicode`).
 fn byte_chars() -> Vec<char> {

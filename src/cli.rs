@@ -105,6 +105,20 @@ pub enum Target {
     Hf,
 }
 
+/// The type of a written GGUF and the importance matrix its quantizer takes (`convert`,
+/// `export`).
+#[derive(clap::Args)]
+pub struct OutputType {
+    /// Output type: f32, f16, bf16 or any llama-quantize type (q8_0, q4_k_m, iq4_nl, ...).
+    #[arg(short = 't', long = "type", default_value = "f16")]
+    pub qtype: String,
+    /// Importance matrix for the quantizer (llama-quantize's --imatrix): a GGUF from
+    /// `hopscotch imatrix` (with `--plan` for a slim model's) or llama-imatrix, or a legacy
+    /// .dat. iq1_s, iq1_m, iq2_* and q2_k_s need one.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+}
+
 /// `--threads`, as every command takes it.
 #[derive(clap::Args)]
 pub struct Threads {
@@ -132,17 +146,11 @@ pub struct ConvertArgs {
     /// Output file (GGUF) or folder (with --to hf).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Output type: f32, f16, bf16 or any llama-quantize type (q8_0, q4_k_m, iq4_nl, ...).
-    #[arg(short = 't', long = "type", default_value = "f16")]
-    pub qtype: String,
+    #[command(flatten)]
+    pub typed: OutputType,
     /// Output format.
     #[arg(long, value_enum, default_value = "gguf")]
     pub to: Target,
-    /// Importance matrix for the quantizer (llama-quantize's --imatrix): a GGUF from
-    /// `hopscotch imatrix` or llama-imatrix, or a legacy .dat. iq1_s, iq1_m, iq2_* and
-    /// q2_k_s need one.
-    #[arg(long, value_name = "FILE")]
-    pub imatrix: Option<PathBuf>,
     /// Overwrite an existing output.
     #[arg(long)]
     pub force: bool,
@@ -233,14 +241,8 @@ pub struct ExportArgs {
     /// Output GGUF; the Modelfile goes beside it (slim.gguf -> slim.Modelfile).
     #[arg(short, long)]
     pub output: PathBuf,
-    /// Output type: f32, f16, bf16 or any llama-quantize type (q8_0, q4_k_m, iq4_nl, ...).
-    #[arg(short = 't', long = "type", default_value = "f16")]
-    pub qtype: String,
-    /// Importance matrix for the quantizer (llama-quantize's --imatrix): a GGUF from
-    /// `hopscotch imatrix --plan` (the slim model's) or llama-imatrix, or a legacy .dat. iq1_s, iq1_m, iq2_* and
-    /// q2_k_s need one.
-    #[arg(long, value_name = "FILE")]
-    pub imatrix: Option<PathBuf>,
+    #[command(flatten)]
+    pub typed: OutputType,
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,

@@ -220,7 +220,7 @@ pub fn run(
     };
     let task_data = task::load(&request.task)?;
     let fingerprint = ModelFingerprint::of(&ck);
-    let model = FitModel::load(ck, fingerprint)?;
+    let model = FitModel::load(&ck, fingerprint)?;
     // the fit's batches, with cross-entropy's targets only: no teacher to compute
     let options = data::Batching {
         objective: Objective::Ce,
@@ -229,7 +229,7 @@ pub fn run(
         ..data::Batching::of(&FitSettings::default())
     };
     let fit_data = data::build(
-        &model.ck,
+        model.ck,
         &model.model,
         &task_data,
         &model.fingerprint.tensor_sha256,

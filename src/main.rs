@@ -106,8 +106,8 @@ fn run(cli: Cli) -> Result<()> {
     let started = Instant::now();
     match cli.command {
         Command::Convert(a) => {
-            let q = QuantType::from_name(&a.qtype)?;
-            let imatrix = read_imatrix(a.imatrix.as_deref())?;
+            let q = QuantType::from_name(&a.typed.qtype)?;
+            let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
             let ck = open(&a.input)?;
             let bar = bytes_bar(format!("writing {}", a.output.display()));
             let (out, threads) = (&a.output, a.threads.count());
@@ -115,7 +115,7 @@ fn run(cli: Cli) -> Result<()> {
                 Target::Gguf => {
                     convert::to_gguf(&ck, out, q, a.force, threads, imatrix.as_ref(), &bar)?
                 }
-                Target::Hf if a.qtype != "f16" => bail!("--type applies to GGUF output; a Hugging Face folder keeps float tensors (quantized ones become f32)"),
+                Target::Hf if a.typed.qtype != "f16" => bail!("--type applies to GGUF output; a Hugging Face folder keeps float tensors (quantized ones become f32)"),
                 Target::Hf => convert::to_hf(&ck, out, a.force, &bar)?,
             };
             eprintln!("wrote {summary} in {:.1}s", started.elapsed().as_secs_f64());
@@ -168,9 +168,9 @@ fn run(cli: Cli) -> Result<()> {
             print_eval(&rep, a.json, &rep.heading(&a.model, task))?;
         }
         Command::Export(a) => {
-            let imatrix = read_imatrix(a.imatrix.as_deref())?;
+            let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
             let opts = hopscotch::export::ExportOptions {
-                qtype: QuantType::from_name(&a.qtype)?,
+                qtype: QuantType::from_name(&a.typed.qtype)?,
                 force: a.force,
                 threads: a.threads.count(),
                 imatrix: imatrix.as_ref(),

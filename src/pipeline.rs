@@ -6,12 +6,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
 use crate::fit::options::FitError;
-use crate::fit::session::{fit_plan, FitRequest, Fitted};
+use crate::fit::session::{fit_plan, FitRequest};
 use crate::gguf::consts::QuantType;
 use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
@@ -227,11 +227,9 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     select_docs(&task_data, None, Some(1))?;
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
-    let Fitted {
-        plan,
-        report: fit_report,
-        ck,
-    } = fit_plan(
+    let ck = Checkpoint::open(&req.model)?;
+    let (plan, fit_report) = fit_plan(
+        &ck,
         &FitRequest {
             model: req.model.clone(),
             task: req.task.clone(),

@@ -1,9 +1,7 @@
-//! The fit's error, and what a fit runs with beyond its settings ([`crate::plan::FitSettings`],
-//! defined with the plan that records them): the device and the seed streams.
+//! The fit's error, and the seed streams a fit derives from its settings' seed
+//! ([`crate::plan::FitSettings`], defined with the plan that records them).
 
 use std::path::PathBuf;
-
-use candle_core::Device;
 
 use super::batch::TrainError;
 use super::linear::LinearError;
@@ -105,20 +103,4 @@ pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
-}
-
-/// The device a fit runs on: the first CUDA GPU when the `cuda` feature is built in and one
-/// answers (candle's `cuda_if_available` only checks the feature), else the CPU, with a notice
-/// on stderr when a CUDA build finds no GPU.
-pub fn fit_device() -> Device {
-    if !candle_core::utils::cuda_is_available() {
-        return Device::Cpu;
-    }
-    match Device::new_cuda(0) {
-        Ok(device) => device,
-        Err(e) => {
-            eprintln!("no usable CUDA device ({e}); fitting on the CPU");
-            Device::Cpu
-        }
-    }
 }

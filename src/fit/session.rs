@@ -195,24 +195,24 @@ impl fmt::Display for FitReport {
     }
 }
 
-/// A model opened for fitting: the checkpoint, its fingerprint, the candle model (on the GPU when
-/// there is one) and the final norm's weight. Opened once, it serves any number of tasks and
-/// fits (`hopscotch sweep` fits many configurations on one model).
-pub struct FitModel {
+/// A model opened for fitting: the checkpoint (borrowed from the caller, who opened it once),
+/// its fingerprint, and the candle model (on the GPU when there is one). Opened once, it serves
+/// any number of tasks and fits (`hopscotch sweep` fits many configurations on one model).
+pub struct FitModel<'ck> {
     /// The checkpoint.
-    pub ck: Checkpoint,
+    pub ck: &'ck Checkpoint,
     /// Its fingerprint, recorded in every plan.
     pub fingerprint: ModelFingerprint,
     /// The candle model.
     pub model: Model,
 }
 
-impl FitModel {
+impl<'ck> FitModel<'ck> {
     /// Loads `ck`, whose tensors the caller has validated and whose `fingerprint`
     /// ([`ModelFingerprint::of`]) it has taken.
-    pub fn load(ck: Checkpoint, fingerprint: ModelFingerprint) -> Result<Self, FitError> {
+    pub fn load(ck: &'ck Checkpoint, fingerprint: ModelFingerprint) -> Result<Self, FitError> {
         let device = fit_device();
-        let model = Model::load(&ck, &device).map_err(|error| FitError::LoadModel {
+        let model = Model::load(ck, &device).map_err(|error| FitError::LoadModel {
             path: ck.display_path(),
             error,
         })?;
@@ -242,7 +242,7 @@ impl FitTask {
     /// Builds the fit data of `task_data` (read from `path`) for `model` with `options`' split,
     /// batching and objective, and the final training's when it takes more documents.
     pub fn build(
-        model: &FitModel,
+        model: &FitModel<'_>,
         path: &Path,
         task_data: &task::TaskData,
         options: &FitSettings,
@@ -250,7 +250,7 @@ impl FitTask {
     ) -> Result<Self, FitError> {
         let build = |n_docs| {
             data::build(
-                &model.ck,
+                model.ck,
                 &model.model,
                 task_data,
                 &model.fingerprint.tensor_sha256,
@@ -294,16 +294,16 @@ impl FitTask {
     }
 
     /// What a search on this data runs on.
-    pub fn input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
+    pub fn input<'a>(&'a self, model: &'a FitModel<'_>) -> SearchInput<'a> {
         self.input_of(&self.data, model)
     }
 
     /// What the final training runs on: the final data, or the fit data.
-    pub fn final_input<'a>(&'a self, model: &'a FitModel) -> SearchInput<'a> {
+    pub fn final_input<'a>(&'a self, model: &'a FitModel<'_>) -> SearchInput<'a> {
         self.input_of(self.final_data.as_ref().unwrap_or(&self.data), model)
     }
 
-    fn input_of<'a>(&'a self, data: &'a data::FitData, model: &'a FitModel) -> SearchInput<'a> {
+    fn input_of<'a>(&'a self, data: &'a data::FitData, model: &'a FitModel<'_>) -> SearchInput<'a> {
         SearchInput {
             model: &model.model,
             batches: &data.batches,
@@ -321,7 +321,7 @@ impl FitTask {
 
     /// A plan of this model, task and `options` with nothing chosen yet: no block skipped, every
     /// scalar 1, no rounds.
-    pub fn empty_plan(&self, model: &FitModel, options: &FitSettings) -> Plan {
+    pub fn empty_plan(&self, model: &FitModel<'_>, options: &FitSettings) -> Plan {
         let n_final_batches = self.final_data.as_ref().unwrap_or(&self.data).batches.len();
         Plan {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -353,7 +353,7 @@ impl FitTask {
 /// `k` blocks of the greedy order are what a search for `k` blocks chooses, as are the
 /// baselines' (a seeded shuffle, an importance ranking), so one search serves every smaller `k`.
 pub fn search_order(
-    model: &FitModel,
+    model: &FitModel<'_>,
     task: &FitTask,
     options: &FitSettings,
     rounds_file: Option<&Path>,
@@ -382,7 +382,7 @@ pub fn search_order(
 /// Trains the final scalars of `choice` (its blocks, rounds and importance kept) with `options`
 /// and writes the plan to `output` (replacing one only with `force`), whole or not at all.
 pub fn write_plan(
-    model: &FitModel,
+    model: &FitModel<'_>,
     task: &FitTask,
     options: &FitSettings,
     choice: &Choice,
@@ -411,27 +411,21 @@ pub fn write_plan(
 /// chooses the blocks (saving `<output>.partial.json` after every round), trains the final
 /// scalars and writes the plan whole. Nothing is written at `output` unless everything succeeds.
 pub fn fit(request: &FitRequest, progress: &Progress) -> Result<FitReport, FitError> {
-    Ok(fit_plan(request, progress)?.report)
+    let ck = Checkpoint::open(&request.model)?;
+    Ok(fit_plan(&ck, request, progress)?.1)
 }
 
-/// What a fit hands to the next stage: the plan (also written to the request's output), what
-/// `hopscotch fit` reports, and the checkpoint it was fitted on (the candle model dropped).
-pub struct Fitted {
-    /// The plan.
-    pub plan: Plan,
-    /// The fit's report.
-    pub report: FitReport,
-    /// The checkpoint the plan was fitted on.
-    pub ck: Checkpoint,
-}
-
-/// [`fit`], handing on the plan and the checkpoint.
-pub fn fit_plan(request: &FitRequest, progress: &Progress) -> Result<Fitted, FitError> {
+/// [`fit`] on a checkpoint the caller has opened (`request.model` names it in messages):
+/// returns the plan it wrote, to hand to the next stage, and the report.
+pub fn fit_plan(
+    ck: &Checkpoint,
+    request: &FitRequest,
+    progress: &Progress,
+) -> Result<(Plan, FitReport), FitError> {
     let started = Instant::now();
     let options = &request.options;
     options.validate()?;
     check_overwrite(&request.output, request.force)?;
-    let ck = Checkpoint::open(&request.model)?;
     let n_layer = ck.arch.n_layer;
     if options.skip >= n_layer {
         return Err(FitError::TooManyBlocks {
@@ -442,7 +436,7 @@ pub fn fit_plan(request: &FitRequest, progress: &Progress) -> Result<Fitted, Fit
     }
     ck.validate_tensors()?;
     let task_data = task::load(&request.task)?;
-    let fingerprint = ModelFingerprint::of(&ck);
+    let fingerprint = ModelFingerprint::of(ck);
     let model = FitModel::load(ck, fingerprint)?;
     let fit_task = FitTask::build(&model, &request.task, &task_data, options, progress)?;
     let data = &fit_task.data;
@@ -523,11 +517,7 @@ pub fn fit_plan(request: &FitRequest, progress: &Progress) -> Result<Fitted, Fit
             total: started.elapsed().as_secs_f64(),
         },
     };
-    Ok(Fitted {
-        plan,
-        report,
-        ck: model.ck,
-    })
+    Ok((plan, report))
 }
 
 /// The rounds of a partial plan, if it was made by the same model, task, documents and settings

@@ -21,11 +21,13 @@
 
 mod layer;
 pub mod ops;
+mod pass;
 mod scales;
 #[cfg(test)]
 pub(crate) mod tests;
 
 pub use layer::{WeightInput, WeightInputTap};
+pub use pass::{LayerOutput, Pass};
 pub use scales::Scales;
 
 use candle_core::{DType, Device, Tensor};
@@ -34,7 +36,6 @@ use crate::arch::{Arch, RopeScaling};
 use crate::checkpoint::{CheckpointError, TensorSource};
 use crate::plan::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, StandInError};
 use layer::{Layer, Projection};
-use scales::ScaleTensors;
 
 /// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
 /// tensors come from.
@@ -288,7 +289,7 @@ impl Model {
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
-        self.forward_impl(input_ids, &scales.tensors(true), skip)
+        self.pass(input_ids, scales, skip, true)?.whole(None)
     }
 
     /// [`Model::forward_hidden`] without recording a graph: for evaluation and teacher outputs.
@@ -298,7 +299,90 @@ impl Model {
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
-        self.forward_impl(input_ids, &scales.tensors(false), skip)
+        self.pass(input_ids, scales, skip, false)?.whole(None)
+    }
+
+    /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
+    /// without a graph: the shared start of many forward passes that differ only from some layer
+    /// on ([`Model::forward_hidden_from_no_grad`]).
+    pub fn residuals_no_grad(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let pass = self.pass(input_ids, scales, skip, false)?;
+        let mut x = pass.embed()?;
+        let mut residuals = Vec::with_capacity(self.arch.n_layer);
+        for l in 0..self.arch.n_layer {
+            let out = pass.layer(l, &x, None)?.out;
+            residuals.push(std::mem::replace(&mut x, out));
+        }
+        Ok(residuals)
+    }
+
+    /// The residual stream around every layer's attention block with nothing skipped and every
+    /// scalar 1, without a graph: per layer, `(X, X + Attn(Norm(X)))`, `X` the stream entering
+    /// it, each `(b * t, n_embd)`. One forward pass; LLM-Drop's attention importance compares
+    /// the two.
+    pub fn attention_residuals_no_grad(
+        &self,
+        input_ids: &Tensor,
+    ) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+        let n_layer = self.arch.n_layer;
+        let ones = self.scales(&ScaleValues::ones(n_layer))?;
+        let skip = vec![false; n_layer];
+        let pass = self.pass(input_ids, &ones, &skip, false)?;
+        let mut x = pass.embed()?;
+        let mut out = Vec::with_capacity(n_layer);
+        for l in 0..n_layer {
+            let step = pass.layer(l, &x, None)?;
+            out.push((std::mem::replace(&mut x, step.out), step.attn));
+        }
+        Ok(out)
+    }
+
+    /// The hidden states after the final norm, `(b, t, n_embd)`, running layers `from..` on
+    /// `residual`, the stream entering layer `from` as [`Model::residuals_no_grad`] gives it for
+    /// the same token ids `(b, t)`. Equals [`Model::forward_hidden_no_grad`] bit for bit when
+    /// the layers before `from` ran with the same scalars and skip mask.
+    pub fn forward_hidden_from_no_grad(
+        &self,
+        input_ids: &Tensor,
+        residual: &Tensor,
+        from: usize,
+        scales: &Scales,
+        skip: &[bool],
+    ) -> Result<Tensor, ModelError> {
+        let pass = self.pass(input_ids, scales, skip, false)?;
+        if from >= self.arch.n_layer || residual.dims() != [pass.rows(), self.arch.n_embd] {
+            return Err(input_error(
+                "residual",
+                residual,
+                "(b * t, n_embd), entering a layer of the model",
+            ));
+        }
+        let mut x = residual.clone();
+        for l in from..self.arch.n_layer {
+            x = pass.layer(l, &x, None)?.out;
+        }
+        pass.final_norm(&x, None)
+    }
+
+    /// Runs the forward pass on token ids `(b, t)` without a graph and calls `tap` with the input
+    /// of every weight matrix, `(b * t, in_features)`, in the order the pass reaches them
+    /// (skipped attention blocks have none; `output.weight`'s input comes last). Rows at padding
+    /// positions are included: the caller masks them.
+    pub fn weight_inputs_no_grad(
+        &self,
+        input_ids: &Tensor,
+        scales: &Scales,
+        skip: &[bool],
+        tap: &mut WeightInputTap<'_>,
+    ) -> Result<(), ModelError> {
+        self.pass(input_ids, scales, skip, false)?
+            .whole(Some(tap))?;
+        Ok(())
     }
 
     /// Logits `(n, vocab)` at `positions` (u32, `(n)`, flat indices `batch_index * t + token`
@@ -322,331 +406,6 @@ impl Model {
         }
         let rows = hidden.reshape((b * t, d))?.index_select(positions, 0)?;
         Ok(ops::linear(&rows, &self.lm_head, None)?)
-    }
-
-    fn forward_impl(
-        &self,
-        input_ids: &Tensor,
-        scales: &ScaleTensors,
-        skip: &[bool],
-    ) -> Result<Tensor, ModelError> {
-        let (b, t) = self.check_inputs(input_ids, scales, skip)?;
-        let x = self.embed(input_ids, b, t)?;
-        let n = self.arch.n_layer;
-        self.run_layers(x, 0, n, b, t, scales, skip, &mut |_, _, _| Ok(()), None)
-    }
-
-    /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
-    /// without a graph: the shared start of many forward passes that differ only from some layer
-    /// on ([`Model::forward_hidden_from_no_grad`]).
-    pub fn residuals_no_grad(
-        &self,
-        input_ids: &Tensor,
-        scales: &Scales,
-        skip: &[bool],
-    ) -> Result<Vec<Tensor>, ModelError> {
-        let scales = scales.tensors(false);
-        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
-        let x = self.embed(input_ids, b, t)?;
-        let mut residuals = Vec::with_capacity(self.arch.n_layer);
-        self.run_layers(
-            x,
-            0,
-            self.arch.n_layer,
-            b,
-            t,
-            &scales,
-            skip,
-            &mut |_, x, _| {
-                residuals.push(x.clone());
-                Ok(())
-            },
-            None,
-        )?;
-        Ok(residuals)
-    }
-
-    /// The residual stream around every layer's attention block with nothing skipped and every
-    /// scalar 1, without a graph: per layer, `(X, X + Attn(Norm(X)))`, `X` the stream entering
-    /// it, each `(b * t, n_embd)`. One forward pass; LLM-Drop's attention importance compares
-    /// the two.
-    pub fn attention_residuals_no_grad(
-        &self,
-        input_ids: &Tensor,
-    ) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
-        let n_layer = self.arch.n_layer;
-        let ones = self.scales(&ScaleValues::ones(n_layer))?;
-        let scales = ones.tensors(false);
-        let skip = vec![false; n_layer];
-        let (b, t) = self.check_inputs(input_ids, &scales, &skip)?;
-        let x = self.embed(input_ids, b, t)?;
-        let mut out = Vec::with_capacity(n_layer);
-        self.run_layers(
-            x,
-            0,
-            self.arch.n_layer,
-            b,
-            t,
-            &scales,
-            &skip,
-            &mut |_, x, x1| {
-                out.push((x.clone(), x1.clone()));
-                Ok(())
-            },
-            None,
-        )?;
-        Ok(out)
-    }
-
-    /// The hidden states after the final norm, `(b, t, n_embd)`, running layers `from..` on
-    /// `residual`, the stream entering layer `from` as [`Model::residuals_no_grad`] gives it for
-    /// the same token ids `(b, t)`. Equals [`Model::forward_hidden_no_grad`] bit for bit when
-    /// the layers before `from` ran with the same scalars and skip mask.
-    pub fn forward_hidden_from_no_grad(
-        &self,
-        input_ids: &Tensor,
-        residual: &Tensor,
-        from: usize,
-        scales: &Scales,
-        skip: &[bool],
-    ) -> Result<Tensor, ModelError> {
-        let scales = scales.tensors(false);
-        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
-        if from >= self.arch.n_layer || residual.dims() != [b * t, self.arch.n_embd] {
-            return Err(input_error(
-                "residual",
-                residual,
-                "(b * t, n_embd), entering a layer of the model",
-            ));
-        }
-        self.run_layers(
-            residual.clone(),
-            from,
-            self.arch.n_layer,
-            b,
-            t,
-            &scales,
-            skip,
-            &mut |_, _, _| Ok(()),
-            None,
-        )
-    }
-
-    /// Runs the forward pass on token ids `(b, t)` without a graph and calls `tap` with the input
-    /// of every weight matrix, `(b * t, in_features)`, in the order the pass reaches them
-    /// (skipped attention blocks have none; `output.weight`'s input comes last). Rows at padding
-    /// positions are included: the caller masks them.
-    pub fn weight_inputs_no_grad(
-        &self,
-        input_ids: &Tensor,
-        scales: &Scales,
-        skip: &[bool],
-        tap: &mut WeightInputTap<'_>,
-    ) -> Result<(), ModelError> {
-        let scales = scales.tensors(false);
-        let (b, t) = self.check_inputs(input_ids, &scales, skip)?;
-        let x = self.embed(input_ids, b, t)?;
-        let n = self.arch.n_layer;
-        self.run_layers(
-            x,
-            0,
-            n,
-            b,
-            t,
-            &scales,
-            skip,
-            &mut |_, _, _| Ok(()),
-            Some(tap),
-        )?;
-        Ok(())
-    }
-
-    /// Checks the skip mask, the scalars and the token ids; returns `(b, t)`.
-    fn check_inputs(
-        &self,
-        input_ids: &Tensor,
-        scales: &ScaleTensors,
-        skip: &[bool],
-    ) -> Result<(usize, usize), ModelError> {
-        let n_layer = self.arch.n_layer;
-        if skip.len() != n_layer {
-            return Err(ModelError::SkipMaskLength {
-                expected: n_layer,
-                found: skip.len(),
-            });
-        }
-        for (name, s) in ["b_att", "s_att", "b_mlp", "s_mlp"]
-            .into_iter()
-            .zip(&scales.scalars)
-        {
-            if s.dims() != [n_layer] {
-                return Err(ModelError::ScalesLength {
-                    name,
-                    expected: n_layer,
-                    found: s.elem_count(),
-                });
-            }
-        }
-        let expected = "non-empty (b, t) of u32";
-        let (b, t) = input_ids
-            .dims2()
-            .map_err(|_| input_error("input_ids", input_ids, expected))?;
-        if b == 0 || t == 0 || input_ids.dtype() != DType::U32 {
-            return Err(input_error("input_ids", input_ids, expected));
-        }
-        let max = input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
-        if max as usize >= self.arch.vocab_size {
-            return Err(ModelError::TokenOutOfRange {
-                token: max,
-                vocab_size: self.arch.vocab_size,
-            });
-        }
-        Ok((b, t))
-    }
-
-    /// The token embeddings, `(b * t, n_embd)`.
-    fn embed(&self, input_ids: &Tensor, b: usize, t: usize) -> Result<Tensor, ModelError> {
-        Ok(self
-            .token_embd
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b * t, self.arch.n_embd))?)
-    }
-
-    /// Runs layers `from..until` on the residual `x` and, when `until` is past the last layer,
-    /// the final norm (else it returns the stream entering `until`, `(b * t, n_embd)`);
-    /// `observe(l, x, x1)` sees the
-    /// stream entering each layer `l` and the stream after its attention block (`x` itself when
-    /// the block is skipped).
-    #[allow(clippy::too_many_arguments)]
-    fn run_layers(
-        &self,
-        mut x: Tensor,
-        from: usize,
-        until: usize,
-        b: usize,
-        t: usize,
-        scales: &ScaleTensors,
-        skip: &[bool],
-        observe: &mut dyn FnMut(usize, &Tensor, &Tensor) -> Result<(), ModelError>,
-        mut tap: Option<&mut WeightInputTap<'_>>,
-    ) -> Result<Tensor, ModelError> {
-        let (cos, sin) = self.rope_tables(t)?;
-        let mask = self.causal_mask(t)?;
-        let [b_att, s_att, b_mlp, s_mlp] = &scales.scalars;
-        let eps = self.arch.rms_norm_eps;
-        let d = self.arch.n_embd;
-        for (l, layer) in self.layers.iter().enumerate().take(until).skip(from) {
-            let stand_in = scales.linear.get(l).and_then(Option::as_ref);
-            let branch = match (skip[l], stand_in) {
-                (true, None) => None,
-                (true, Some(w)) => {
-                    let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-                    if let Some(tap) = tap.as_mut() {
-                        tap(WeightInput::AttnOutput(l), &h)?;
-                    }
-                    Some(ops::linear(&h, w, None)?)
-                }
-                (false, _) => {
-                    let h = ops::rms_norm(&x, &layer.attn_norm, eps)?;
-                    let heads = self.attention(layer, &h, b, t, &cos, &sin, &mask)?;
-                    if let Some(tap) = tap.as_mut() {
-                        tap(WeightInput::Qkv(l), &h)?;
-                        tap(WeightInput::AttnOutput(l), &heads)?;
-                    }
-                    Some(layer.o.forward(&heads)?)
-                }
-            };
-            let x1 = match branch {
-                None => x.clone(),
-                Some(attn) => {
-                    (attn.broadcast_mul(&b_att.narrow(0, l, 1)?)?
-                        + x.broadcast_mul(&s_att.narrow(0, l, 1)?)?)?
-                }
-            };
-            observe(l, &x, &x1)?;
-            let h = ops::rms_norm(&x1, &layer.ffn_norm, eps)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            if let Some(tap) = tap.as_mut() {
-                tap(WeightInput::GateUp(l), &h)?;
-                tap(WeightInput::Down(l), &act)?;
-            }
-            let mlp = layer.down.forward(&act)?;
-            x = (mlp.broadcast_mul(&b_mlp.narrow(0, l, 1)?)?
-                + x1.broadcast_mul(&s_mlp.narrow(0, l, 1)?)?)?;
-        }
-        if until < self.arch.n_layer {
-            return Ok(x);
-        }
-        let x = ops::rms_norm(&x, &self.output_norm, eps)?;
-        if let Some(tap) = tap.as_mut() {
-            tap(WeightInput::Output, &x)?;
-        }
-        Ok(x.reshape((b, t, d))?)
-    }
-
-    /// Causal grouped-query attention on normed hidden states `h` of shape `(b * t, n_embd)`:
-    /// the heads' outputs concatenated, `(b * t, n_head * head_dim)`, before `attn_output`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        layer: &Layer,
-        h: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-    ) -> candle_core::Result<Tensor> {
-        let (n_head, n_kv, hd) = (self.arch.n_head, self.arch.n_head_kv, self.arch.head_dim);
-        let group = n_head / n_kv;
-        let heads = |p: &Projection, n: usize| -> candle_core::Result<Tensor> {
-            p.forward(h)?
-                .reshape((b, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = ops::rope(&heads(&layer.q, n_head)?, cos, sin)?;
-        let k = ops::rope(&heads(&layer.k, n_kv)?, cos, sin)?;
-        let v = heads(&layer.v, n_kv)?;
-        // Query heads sharing a kv head are stacked along the time axis, so the shared keys and
-        // values are used in place instead of being repeated.
-        let scores = q.reshape((b, n_kv, group * t, hd))?.matmul(&k.t()?)?;
-        let probs = ops::causal_softmax(
-            &scores.reshape((b, n_head, t, t))?,
-            1.0 / (hd as f64).sqrt(),
-            mask,
-        )?;
-        probs
-            .reshape((b, n_kv, group * t, t))?
-            .matmul(&v)?
-            .reshape((b, n_head, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b * t, n_head * hd))
-    }
-
-    /// Rope `cos` and `sin` tables `(t, head_dim / 2)` for positions `0..t`.
-    fn rope_tables(&self, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for pos in 0..t {
-            for &f in &self.inv_freq {
-                let angle = pos as f64 * self.position_scale * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let table =
-            |v: Vec<f64>| Tensor::from_vec(v, (t, half), &self.device)?.to_dtype(self.dtype);
-        Ok((table(cos)?, table(sin)?))
-    }
-
-    /// `(t, t)`: 0 where a query may attend (key position <= query position), `-inf` elsewhere.
-    fn causal_mask(&self, t: usize) -> candle_core::Result<Tensor> {
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        Tensor::from_vec(mask, (t, t), &self.device)?.to_dtype(self.dtype)
     }
 }
 

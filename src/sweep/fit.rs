@@ -45,19 +45,19 @@ pub(super) fn prefix(choice: &Choice, k: usize) -> Choice {
 /// (task, objective), baseline orders per (task, method).
 pub(super) struct Fitting<'a> {
     pub(super) req: &'a SweepRequest,
+    pub(super) ck: &'a Checkpoint,
     pub(super) fingerprint: &'a ModelFingerprint,
     pub(super) progress: &'a Progress,
-    pub(super) model: Option<FitModel>,
+    pub(super) model: Option<FitModel<'a>>,
     pub(super) data: Vec<((usize, Objective), FitTask)>,
     pub(super) orders: Vec<((usize, Method), Choice)>,
 }
 
-impl Fitting<'_> {
-    pub(super) fn model(&mut self) -> Result<&FitModel, PipelineError> {
+impl<'a> Fitting<'a> {
+    pub(super) fn model(&mut self) -> Result<&FitModel<'a>, PipelineError> {
         if self.model.is_none() {
             self.progress.note("loading the model for fitting");
-            let ck = Checkpoint::open(&self.req.model)?;
-            self.model = Some(FitModel::load(ck, self.fingerprint.clone())?);
+            self.model = Some(FitModel::load(self.ck, self.fingerprint.clone())?);
         }
         Ok(self.model.as_ref().expect("loaded above"))
     }
@@ -102,6 +102,7 @@ impl Fitting<'_> {
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fit_all(
     req: &SweepRequest,
+    ck: &Checkpoint,
     skips: &[usize],
     configs: &[Config],
     tasks: &[SweepTask],
@@ -113,6 +114,7 @@ pub(super) fn fit_all(
 ) -> Result<Vec<Slim>, PipelineError> {
     let mut fitting = Fitting {
         req,
+        ck,
         fingerprint,
         progress,
         model: None,

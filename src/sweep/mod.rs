@@ -348,6 +348,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
     let phase = Instant::now();
     let slims = fit_all(
         req,
+        &ck,
         &lists.skips,
         &configs,
         &tasks,

@@ -130,7 +130,9 @@ pub struct ImatrixRequest {
     /// Seed of the document split without a plan (with one, the plan's seed).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Longest sequence in tokens; longer ones lose context from the left.
+    /// Longest sequence in tokens. A longer document loses its own context from the left, after
+    /// the prefix all documents share (few-shot examples); one that cannot keep that prefix and
+    /// its answer is left out, with a notice.
     #[arg(long, default_value_t = 256)]
     pub max_seq_len: usize,
     /// Output (GGUF).

@@ -223,8 +223,9 @@ pub fn build(
             options.max_seq_len,
         )
         .map_err(examples_error)?;
+        note_left_out(&groups.left_out, options.max_seq_len, progress);
         let (mut batches, lengths) = FitData::from_choice_examples(
-            &groups,
+            &groups.examples,
             options.batch_size,
             setup.pad_id,
             model.device(),
@@ -259,7 +260,7 @@ pub fn build(
     } else {
         task_data
     };
-    let mut examples = task::examples(
+    let cut = task::examples(
         data,
         &fit_idx,
         &setup.tokenizer,
@@ -268,6 +269,8 @@ pub fn build(
         options.max_seq_len,
     )
     .map_err(examples_error)?;
+    note_left_out(&cut.left_out, options.max_seq_len, progress);
+    let mut examples = cut.examples;
     mark_all_tokens(&mut examples);
     let (mut batches, lengths) =
         FitData::from_examples(&examples, options.batch_size, setup.pad_id, model.device())?;
@@ -314,22 +317,30 @@ fn attach_teachers(
     Ok(())
 }
 
+/// Says which documents were left out of the fit for their length, and how to keep them.
+fn note_left_out(left_out: &[task::LeftOut], max_seq_len: usize, progress: &Progress) {
+    if left_out.is_empty() {
+        return;
+    }
+    let docs: Vec<String> = left_out
+        .iter()
+        .map(|d| format!("{} ({} tokens)", d.doc_id, d.tokens))
+        .collect();
+    progress.note(&format!(
+        "{} fit documents left out: with the prefix all documents share they do not fit in \
+         --max-seq-len {max_seq_len}: {}",
+        left_out.len(),
+        docs.join(", ")
+    ));
+}
+
 /// Makes every token after the first a target, counting a prefix that all examples share
 /// once: a few-shot task repeats the same examples before every question, and their positions
 /// would otherwise outweigh what each document adds many times over. The first example keeps
 /// all its positions; the others keep those from the shared prefix's end on (at least their
 /// last token).
 pub fn mark_all_tokens(examples: &mut [task::Example]) {
-    let shared = match examples.split_first() {
-        Some((first, rest)) if !rest.is_empty() => rest.iter().fold(first.tokens.len(), |n, e| {
-            first.tokens[..n]
-                .iter()
-                .zip(&e.tokens)
-                .take_while(|(a, b)| a == b)
-                .count()
-        }),
-        _ => 0,
-    };
+    let shared = task::shared_prefix(examples.iter().map(|e| e.tokens.as_slice()));
     for (i, example) in examples.iter_mut().enumerate() {
         let len = example.tokens.len();
         let start = if i == 0 {
@@ -530,13 +541,14 @@ fn generate(
 #[cfg(test)]
 mod loss_token_tests {
     use super::mark_all_tokens;
-    use crate::task::Example;
+    use crate::task::{self, Example};
 
     fn example(tokens: &[u32]) -> Example {
         Example {
             doc_id: String::new(),
             tokens: tokens.to_vec(),
             target_mask: vec![false; tokens.len()],
+            starts_with_bos: false,
         }
     }
 
@@ -562,6 +574,77 @@ mod loss_token_tests {
         mark_all_tokens(&mut ex);
         assert_eq!(ex[0].target_mask, [false, true]);
     }
+
+    /// A task whose documents share a 20-token few-shot prefix (BOS first): `own` is a
+    /// document's own context, `target` its answer.
+    fn doc(id: &str, own: &[u32], target: &[u32]) -> Example {
+        let prefix: Vec<u32> = (100..120).collect();
+        let tokens: Vec<u32> = [&prefix[..], own, target].concat();
+        let mut target_mask = vec![false; tokens.len()];
+        target_mask[prefix.len() + own.len()..].fill(true);
+        Example {
+            doc_id: id.to_string(),
+            tokens,
+            target_mask,
+            starts_with_bos: true,
+        }
+    }
+
+    #[test]
+    fn a_long_document_keeps_the_shared_prefix_and_its_loss_covers_what_a_short_ones_does() {
+        let own: Vec<u32> = (200..260).collect();
+        let groups = vec![
+            vec![doc("short", &[1, 2], &[3])],
+            vec![doc("long", &own, &[3, 4])],
+            vec![doc("other", &[5], &[6])],
+        ];
+        let cut = task::cut_together(groups, 30).unwrap();
+        assert!(cut.left_out.is_empty());
+        let mut ex: Vec<Example> = cut.examples.into_iter().flatten().collect();
+        // the long document lost its own context's start, not the prefix, and keeps its answer
+        let long = &ex[1];
+        assert_eq!(long.tokens.len(), 30);
+        assert_eq!(long.tokens[..20], (100..120).collect::<Vec<u32>>()[..]);
+        assert_eq!(long.tokens[28..], [3, 4]);
+        assert_eq!(long.tokens[20], 252);
+        // the prefix is still shared, so every document's loss starts after it, as a short one's
+        mark_all_tokens(&mut ex);
+        for e in &ex[1..] {
+            let first = e.target_mask.iter().position(|&m| m);
+            assert_eq!(first, Some(20), "{}", e.doc_id);
+            assert!(e.target_mask[20..].iter().all(|&m| m), "{}", e.doc_id);
+        }
+    }
+
+    #[test]
+    fn a_document_that_cannot_keep_the_prefix_and_a_target_is_left_out() {
+        // 21 tokens: the prefix and one more. "bare" answers right after the prefix and fits;
+        // "own" needs a token of its own context before its answer and does not.
+        let groups = vec![
+            vec![doc("own", &[1, 2], &[3])],
+            vec![doc("bare", &[], &[7])],
+        ];
+        let cut = task::cut_together(groups, 21).unwrap();
+        let kept: Vec<&str> = cut.examples.iter().map(|g| g[0].doc_id.as_str()).collect();
+        assert_eq!(kept, ["bare"]);
+        assert_eq!(
+            cut.left_out,
+            [task::LeftOut {
+                doc_id: "own".into(),
+                tokens: 23
+            }]
+        );
+        // when none fits, the error says so and names the limit
+        let groups = vec![vec![doc("a", &[1, 2], &[3])], vec![doc("b", &[4], &[5])]];
+        match task::cut_together(groups, 21) {
+            Err(task::TaskError::NothingFits {
+                shared: 20,
+                max_len: 21,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -577,6 +660,7 @@ mod tests {
             doc_id: doc.to_string(),
             tokens: (1..=len as u32).collect(),
             target_mask,
+            starts_with_bos: false,
         }
     }
 

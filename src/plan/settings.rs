@@ -149,7 +149,9 @@ pub struct FitSettings {
     /// Sequences per batch.
     #[arg(long, default_value_t = 8, help_heading = TUNING)]
     pub batch_size: usize,
-    /// Longest sequence in tokens; longer ones lose context from the left.
+    /// Longest sequence in tokens. A longer document loses its own context from the left, after
+    /// the prefix all documents share (few-shot examples); one that cannot keep that prefix and
+    /// its answer is left out, with a notice.
     #[arg(long, default_value_t = 256, help_heading = TUNING)]
     pub max_seq_len: usize,
     /// Seed of the document split, batch order and random baseline.

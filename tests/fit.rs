@@ -555,3 +555,61 @@ fn bad_input_fails_with_a_clear_error_and_writes_nothing() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "keep");
 }
+
+/// The fit estimates its peak memory before it starts and reports it beside the peak it reached:
+/// on the tiny model the estimate bounds the peak within a factor of 2 (the process's fixed
+/// footprint dominates there). A limit below the estimate stops the fit before any work, naming
+/// the estimate, the limit and what lowers it; a malformed limit is refused by name.
+#[test]
+fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let task = text_task(dir.path());
+    let out = dir.path().join("plan.json");
+    let run = ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &out,
+        &["--skip", "1", "--json"],
+    ));
+    let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    let estimate = report["memory_estimate"].as_u64().unwrap();
+    let peak = report["peak_rss"]
+        .as_u64()
+        .expect("peak RSS read from /proc");
+    eprintln!("tiny fit: estimate {estimate} bytes, peak {peak} bytes");
+    assert!(
+        peak <= estimate && 2 * peak >= estimate,
+        "peak {peak} against estimate {estimate}"
+    );
+
+    let limited = |limit: &str, name: &str| {
+        let plan = dir.path().join(name);
+        let output = Command::new(bin())
+            .arg("fit")
+            .arg(&model)
+            .arg("--task")
+            .arg(&task)
+            .arg("-o")
+            .arg(&plan)
+            .args(["--skip", "1", "--threads", "1"])
+            .env("HOPSCOTCH_CACHE", dir.path().join("cache"))
+            .env("HOPSCOTCH_MEMORY_LIMIT", limit)
+            .output()
+            .unwrap();
+        (output, plan)
+    };
+    let (output, plan) = limited("64M", "small.json");
+    fails(
+        output,
+        &plan,
+        "that is more than the 64 MiB HOPSCOTCH_MEMORY_LIMIT allows: lower --threads, --batch-size or --max-seq-len",
+    );
+    let (output, plan) = limited("lots", "lots.json");
+    fails(
+        output,
+        &plan,
+        "HOPSCOTCH_MEMORY_LIMIT=\"lots\": expected bytes",
+    );
+}

@@ -5,7 +5,8 @@
 //! attached); [`loss`] scores a batch under an objective; [`train`] runs Adam on the scalars;
 //! [`search`] runs the greedy rounds and the baselines; [`final_training`] trains the chosen
 //! blocks' scalars; [`session`] is a whole `hopscotch fit` (run, resume, report). [`linear`] fits
-//! the stand-ins of skipped blocks by least squares, [`options`] holds the fit's error,
+//! the stand-ins of skipped blocks by least squares, [`memory`] estimates a fit's peak memory
+//! and refuses one the machine cannot hold, [`options`] holds the fit's error,
 //! and [`parallel`] spreads independent pieces of work over the CPU's threads.
 
 pub mod batch;
@@ -13,6 +14,7 @@ pub mod data;
 pub mod final_training;
 pub mod linear;
 pub mod loss;
+pub mod memory;
 pub mod options;
 pub mod parallel;
 pub mod search;

@@ -18,6 +18,22 @@ pub enum FitError {
     /// A setting is out of its range.
     #[error(transparent)]
     Setting(#[from] SettingError),
+    /// The fit would need more memory than the machine has, or than the limit allows.
+    #[error(
+        "{model}: the fit would need {estimate}; that is more than {budget}: lower --threads, \
+         --batch-size or --max-seq-len"
+    )]
+    Memory {
+        /// The model path.
+        model: String,
+        /// The estimate, part by part.
+        estimate: String,
+        /// What it was held against.
+        budget: String,
+    },
+    /// `HOPSCOTCH_MEMORY_LIMIT` is not a byte count.
+    #[error("{0}")]
+    MemoryLimit(String),
     /// More blocks asked for than the model can skip.
     #[error(
         "{model}: --skip {skip} is too many: the model has {n_layer} layers and layer 0's \

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::data;
 use super::final_training::{train_final, Final};
 use super::linear;
+use super::memory::{bytes, peak_rss, Budget, MemoryEstimate};
 use super::options::FitError;
 use super::search::{choose, runner_up, Choice, SearchInput, TrainStats};
 use crate::checkpoint::Checkpoint;
@@ -37,6 +38,25 @@ pub fn fit_device() -> Device {
             eprintln!("no usable CUDA device ({e}); fitting on the CPU");
             Device::Cpu
         }
+    }
+}
+
+/// Estimates a fit's peak memory ([`MemoryEstimate`]), says it, and refuses a fit the budget
+/// ([`Budget::current`]) cannot hold, before any work.
+pub fn check_memory(
+    ck: &Checkpoint,
+    options: &FitSettings,
+    progress: &Progress,
+) -> Result<MemoryEstimate, FitError> {
+    let estimate = MemoryEstimate::of(ck, options, rayon::current_num_threads());
+    progress.note(&estimate.to_string());
+    match Budget::current().map_err(FitError::MemoryLimit)? {
+        Some(budget) if estimate.total() > budget.bytes() => Err(FitError::Memory {
+            model: ck.display_path(),
+            estimate: estimate.to_string(),
+            budget: budget.to_string(),
+        }),
+        _ => Ok(estimate),
     }
 }
 
@@ -127,6 +147,10 @@ pub struct FitReport {
     pub train_tokens_per_s: f64,
     /// Seconds per phase.
     pub seconds: Timings,
+    /// The peak memory estimated before the fit ([`MemoryEstimate::total`]), in bytes.
+    pub memory_estimate: u64,
+    /// The process's peak resident memory when the fit ended, in bytes, where it can be read.
+    pub peak_rss: Option<u64>,
 }
 
 impl fmt::Display for FitReport {
@@ -190,6 +214,12 @@ impl fmt::Display for FitReport {
             } else {
                 String::new()
             }
+        )?;
+        writeln!(
+            f,
+            "memory           {} estimated, {} peak",
+            bytes(self.memory_estimate),
+            self.peak_rss.map_or("unknown".into(), bytes)
         )?;
         write!(f, "plan             {}", self.plan.display())
     }
@@ -436,6 +466,7 @@ pub fn fit_plan(
     }
     ck.validate_tensors()?;
     let task_data = task::load(&request.task)?;
+    let memory = check_memory(ck, options, progress)?;
     let fingerprint = ModelFingerprint::of(ck);
     let model = FitModel::load(ck, fingerprint)?;
     let fit_task = FitTask::build(&model, &request.task, &task_data, options, progress)?;
@@ -516,6 +547,8 @@ pub fn fit_plan(
             final_training: finished - searched,
             total: started.elapsed().as_secs_f64(),
         },
+        memory_estimate: memory.total(),
+        peak_rss: peak_rss(),
     };
     Ok((plan, report))
 }

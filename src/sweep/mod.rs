@@ -61,6 +61,7 @@ use crate::checkpoint::Checkpoint;
 use crate::eval::task::{evaluate, TaskEvalError};
 use crate::export::{export, ExportOptions};
 use crate::fit::options::FitError;
+use crate::fit::session::check_memory;
 use crate::gguf::consts::QuantType;
 use crate::llamacpp::LoadedModel;
 use crate::output::{file_bytes, write_text};
@@ -270,6 +271,12 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
         .into());
     }
     ck.validate_tensors()?;
+    // the KL objective's teacher is the largest any configuration holds
+    let heaviest = FitSettings {
+        objective: Objective::Kl,
+        ..req.fit.clone()
+    };
+    check_memory(&ck, &heaviest, progress)?;
     let fingerprint = ModelFingerprint::of(&ck);
     let layout = Layout {
         dir: req.out_dir.clone(),

@@ -1,0 +1,223 @@
+//! The fit's peak memory, estimated before any work from the model's shape and the settings, and
+//! checked against what the machine has (or `HOPSCOTCH_MEMORY_LIMIT`), so that a fit too big
+//! for the machine stops at once with the figures instead of being killed by the kernel.
+//!
+//! What the estimate counts, in bytes:
+//! - the frozen weights, as the candle model holds them (f32), and the checkpoint's stored bytes,
+//!   mapped and read once for the fingerprint;
+//! - the teacher's outputs for the KL objective: per position of the final training's documents,
+//!   `teacher_top_k` token ids and log-probabilities;
+//! - per thread, the larger of a training step's sequence (every layer's activations kept for
+//!   the backward pass, and the logits at its targets) and a batch scored without gradients (the
+//!   logits at every target of the batch, while the screening or the teacher runs);
+//! - the residual stream cached at every layer for the screening, and the stand-ins' normal
+//!   equations (f64) with `--linear-attention`;
+//! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
+//!
+//! Every sequence is counted at `--max-seq-len`, every position as a target: an upper bound for
+//! tasks whose documents are shorter.
+
+use std::fmt;
+
+use crate::checkpoint::Checkpoint;
+use crate::plan::{FitSettings, Objective};
+
+/// The process's own footprint before the fit's data: the binary with llama.cpp and candle, the
+/// tokenizer and the allocator's arenas (a tiny model's fit peaks at about this).
+pub const FIXED_BYTES: u64 = 160 << 20;
+
+/// The environment variable that caps the fit's memory, in bytes or with a K, M, G or T suffix
+/// (powers of 1024); without it the cap is the memory the system has available.
+pub const LIMIT_VAR: &str = "HOPSCOTCH_MEMORY_LIMIT";
+
+/// A fit's estimated peak memory, by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEstimate {
+    /// The frozen weights in f32.
+    pub weights: u64,
+    /// The checkpoint's stored bytes.
+    pub mapped: u64,
+    /// The teacher's outputs.
+    pub teacher: u64,
+    /// What one thread holds at its peak.
+    pub per_thread: u64,
+    /// Threads working side by side.
+    pub threads: u64,
+    /// Held once for all threads: the screening's residual cache and the stand-ins' sums.
+    pub shared: u64,
+}
+
+impl MemoryEstimate {
+    /// The estimate of a fit of `ck` with `settings` on `threads` threads.
+    pub fn of(ck: &Checkpoint, settings: &FitSettings, threads: usize) -> Self {
+        let a = &ck.arch;
+        let f32s = |n: u64| 4 * n;
+        let (layers, d, ff, heads) = (
+            a.n_layer as u64,
+            a.n_embd as u64,
+            a.n_ff as u64,
+            a.n_head as u64,
+        );
+        let (kv, vocab) = (a.kv_dim() as u64, a.vocab_size as u64);
+        let t = settings.max_seq_len as u64;
+        let b = settings.batch_size as u64;
+        let weights = f32s(ck.tensors.iter().map(|e| e.n_elements() as u64).sum());
+        let mapped = ck.tensors.iter().map(|e| e.n_bytes() as u64).sum();
+        let docs = settings.resolved_final_docs() as u64;
+        let teacher = match settings.objective {
+            Objective::Kl => docs * t * (8 * settings.teacher_top_k as u64 + 8),
+            Objective::Ce | Objective::Choice => 0,
+        };
+        // per token and layer, what the backward pass keeps: the norms, projections, rope'd
+        // heads, attention scores and probabilities, and the MLP's four ff-wide tensors
+        let per_token_layer = 10 * d + 3 * kv + 4 * ff + 2 * heads * t;
+        let train_sequence = f32s(t * layers * per_token_layer) + f32s(3 * t * vocab);
+        let scored_batch = f32s(2 * b * t * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
+        let stand_ins = if settings.linear_attention {
+            2 * 8 * d * d * layers
+        } else {
+            0
+        };
+        MemoryEstimate {
+            weights,
+            mapped,
+            teacher,
+            per_thread: train_sequence.max(scored_batch),
+            threads: threads.max(1) as u64,
+            shared: f32s(layers * b * t * d) + stand_ins,
+        }
+    }
+
+    /// The whole estimate, [`FIXED_BYTES`] included.
+    pub fn total(&self) -> u64 {
+        FIXED_BYTES
+            + self.weights
+            + self.mapped
+            + self.teacher
+            + self.shared
+            + self.threads * self.per_thread
+    }
+}
+
+impl fmt::Display for MemoryEstimate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "peak memory about {}: weights {}, checkpoint {}, teacher {}, {} x {} per thread, {} shared",
+            bytes(self.total()),
+            bytes(self.weights),
+            bytes(self.mapped),
+            bytes(self.teacher),
+            self.threads,
+            bytes(self.per_thread),
+            bytes(self.shared)
+        )
+    }
+}
+
+/// `n` bytes in MiB or GiB, as people read them.
+pub fn bytes(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// Where the memory cap comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Budget {
+    /// [`LIMIT_VAR`], as given.
+    Limit(u64),
+    /// The system's available memory (`MemAvailable` of /proc/meminfo).
+    Available(u64),
+}
+
+impl Budget {
+    /// The cap: [`LIMIT_VAR`] when set, else the memory available now; `None` when neither can
+    /// be read (no check then). A malformed [`LIMIT_VAR`] is an error naming it.
+    pub fn current() -> Result<Option<Budget>, String> {
+        if let Ok(text) = std::env::var(LIMIT_VAR) {
+            return parse_bytes(&text)
+                .map(|n| Some(Budget::Limit(n)))
+                .ok_or_else(|| {
+                    format!("{LIMIT_VAR}={text:?}: expected bytes, or a number with K, M, G or T")
+                });
+        }
+        Ok(std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| mem_available(&m))
+            .map(Budget::Available))
+    }
+
+    /// The cap in bytes.
+    pub fn bytes(&self) -> u64 {
+        match *self {
+            Budget::Limit(n) | Budget::Available(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Budget::Limit(n) => write!(f, "the {} {LIMIT_VAR} allows", bytes(n)),
+            Budget::Available(n) => write!(f, "the {} the system has available", bytes(n)),
+        }
+    }
+}
+
+/// This process's peak resident memory so far (`VmHWM` of /proc/self/status), in bytes; `None`
+/// where it cannot be read.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes from `123`, `512M`, `8G`, `1.5T` (powers of 1024; a trailing `B` or `iB` allowed).
+pub fn parse_bytes(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (number, shift) = match t.char_indices().last()? {
+        (i, 'K' | 'k') => (&t[..i], 10),
+        (i, 'M' | 'm') => (&t[..i], 20),
+        (i, 'G' | 'g') => (&t[..i], 30),
+        (i, 'T' | 't') => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    let value: f64 = number.trim().parse().ok()?;
+    let n = value * (1u64 << shift) as f64;
+    (value.is_finite() && value >= 0.0 && n < u64::MAX as f64).then_some(n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_counts_parse_with_binary_suffixes_and_bad_ones_are_refused() {
+        assert_eq!(parse_bytes("1048576"), Some(1 << 20));
+        assert_eq!(parse_bytes("512M"), Some(512 << 20));
+        assert_eq!(parse_bytes("8G"), Some(8 << 30));
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("1.5k"), Some(1536));
+        for bad in ["", "G", "-1G", "eight", "1X", "nan"] {
+            assert_eq!(parse_bytes(bad), None, "{bad}");
+        }
+        let meminfo = "MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available(meminfo), Some(20_000_000 * 1024));
+        assert_eq!(mem_available("MemTotal: 1 kB\n"), None);
+    }
+}

@@ -16,8 +16,7 @@ use super::{Config, EvalRecord, Slim, SweepSeconds, Units};
 use crate::arch::Arch;
 use crate::eval::task::{pair_with_reference, wilson_ci95, DocScore};
 use crate::pipeline::PipelineError;
-use crate::plan::FitSettings;
-use crate::plan::{Method, Screen};
+use crate::plan::{FitSettings, Method, Screen};
 use crate::report::{kv_bytes_per_token, Paired};
 
 /// The original's figures on one task.

@@ -226,8 +226,37 @@ pub enum Teacher {
 }
 
 impl Teacher {
+    /// The teachers of consecutive runs of target positions as one (all of one kind).
+    fn cat(parts: &[Teacher]) -> Result<Teacher, TrainError> {
+        let mut fields: [Vec<Tensor>; 4] = Default::default();
+        for part in parts {
+            let tensors: Vec<&Tensor> = match part {
+                Teacher::Full { log_probs } => vec![log_probs],
+                Teacher::TopK {
+                    ids,
+                    log_probs,
+                    tail_prob,
+                    tail_log_prob,
+                } => vec![ids, log_probs, tail_prob, tail_log_prob],
+            };
+            for (field, t) in fields.iter_mut().zip(tensors) {
+                field.push(t.clone());
+            }
+        }
+        let [a, b, c, d] = fields.map(|f| Tensor::cat(&f, 0));
+        Ok(match parts.first().ok_or(TrainError::NoTargets)? {
+            Teacher::Full { .. } => Teacher::Full { log_probs: a? },
+            Teacher::TopK { .. } => Teacher::TopK {
+                ids: a?,
+                log_probs: b?,
+                tail_prob: c?,
+                tail_log_prob: d?,
+            },
+        })
+    }
+
     /// The teacher of `len` consecutive target positions from `start`.
-    fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Self> {
+    pub(crate) fn narrow(&self, start: usize, len: usize) -> candle_core::Result<Self> {
         Ok(match self {
             Teacher::Full { log_probs } => Teacher::Full {
                 log_probs: log_probs.narrow(0, start, len)?,
@@ -516,21 +545,26 @@ impl TrainBatch {
     /// scalars 1, nothing skipped), keeping the `top_k` most likely tokens per position, or the
     /// whole distribution when `top_k` is at least the vocabulary size.
     pub fn with_teacher(mut self, model: &Model, top_k: usize) -> Result<Self, TrainError> {
-        let log_probs = self.original_log_probs(model)?;
+        let hidden = self.original_hidden(model)?;
         let vocab = model.arch().vocab_size;
-        self.teacher = Some(if top_k >= vocab {
-            Teacher::Full { log_probs }
-        } else {
-            top_k_teacher(&log_probs, top_k.max(1))?
-        });
+        let chunks = self.log_prob_chunks(model, &hidden, |_, log_probs| {
+            Ok(if top_k >= vocab {
+                Teacher::Full {
+                    log_probs: log_probs.clone(),
+                }
+            } else {
+                top_k_teacher(log_probs, top_k.max(1))?
+            })
+        })?;
+        self.teacher = Some(Teacher::cat(&chunks)?);
         Ok(self)
     }
 
     /// Attaches the original model's distribution over each doc's choices (all scalars 1,
     /// nothing skipped); the batch must have [`ChoiceGroups`].
     pub fn with_choice_teacher(mut self, model: &Model) -> Result<Self, TrainError> {
-        let log_probs = self.original_log_probs(model)?;
-        let target_log_probs = target_log_probs(&self, &log_probs)?;
+        let hidden = self.original_hidden(model)?;
+        let target_log_probs = self.target_log_probs(model, &hidden)?;
         let groups = self
             .choices
             .as_mut()
@@ -539,23 +573,55 @@ impl TrainBatch {
         Ok(self)
     }
 
-    /// The original model's (all scalars 1, nothing skipped) next-token log-probabilities at
-    /// the target positions, `(n, vocab)`.
-    fn original_log_probs(&self, model: &Model) -> Result<Tensor, TrainError> {
+    /// The original model's (all scalars 1, nothing skipped) hidden states on the batch.
+    fn original_hidden(&self, model: &Model) -> Result<Tensor, TrainError> {
         let n_layer = model.arch().n_layer;
         let scales = model.scales(&ScaleValues::ones(n_layer))?;
-        let hidden =
-            model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?;
-        let logits = model.logits_at(&hidden, &self.target_positions)?;
-        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+        Ok(model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?)
+    }
+
+    /// `f(targets, log_probs)` for each run of at most [`LOGIT_ROWS`] target positions, in
+    /// order: `targets` the run's range among the batch's targets, `log_probs` the next-token
+    /// log-probabilities there, `(len, vocab)`, from the model's final `hidden` states. A
+    /// position's row depends on that position alone, so the runs give the values the whole
+    /// batch would, in a fraction of its memory.
+    pub(crate) fn log_prob_chunks<T>(
+        &self,
+        model: &Model,
+        hidden: &Tensor,
+        mut f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<T, TrainError>,
+    ) -> Result<Vec<T>, TrainError> {
+        let n = self.n_targets();
+        let mut out = Vec::with_capacity(n.div_ceil(LOGIT_ROWS));
+        for start in (0..n).step_by(LOGIT_ROWS) {
+            let len = LOGIT_ROWS.min(n - start);
+            let positions = self.target_positions.narrow(0, start, len)?;
+            let logits = model.logits_at(hidden, &positions)?;
+            let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            out.push(f(start..start + len, &log_probs)?);
+        }
+        Ok(out)
+    }
+
+    /// The log-probability of each target token, `(n)`, under the next-token distributions of
+    /// the model's final `hidden` states.
+    pub(crate) fn target_log_probs(
+        &self,
+        model: &Model,
+        hidden: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        let rows = self.log_prob_chunks(model, hidden, |range, log_probs| {
+            let targets = self.targets.narrow(0, range.start, range.len())?;
+            Ok(log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)
+        })?;
+        Ok(Tensor::cat(&rows, 0)?)
     }
 }
 
-/// The log-probability of each target token of `batch`, `(n)`, from the next-token
-/// log-probabilities at its target positions `(n, vocab)`.
-pub(crate) fn target_log_probs(batch: &TrainBatch, log_q: &Tensor) -> Result<Tensor, TrainError> {
-    Ok(log_q.gather(&batch.targets.unsqueeze(1)?, 1)?.squeeze(1)?)
-}
+/// Target positions whose logits are taken at once: a batch's every target over a large
+/// vocabulary would take gigabytes (2,048 positions of a 49,152-token vocabulary: 400 MB, and
+/// as much again for their log-softmax).
+pub const LOGIT_ROWS: usize = 512;
 
 /// The `k` largest log-probabilities per row, with the leftover mass; selected on the host.
 fn top_k_teacher(log_probs: &Tensor, k: usize) -> Result<Teacher, TrainError> {

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-use super::batch::{target_log_probs, Teacher, TrainBatch, TrainError};
+use super::batch::{Teacher, TrainBatch, TrainError};
 use super::parallel;
 use crate::model::Model;
 use crate::plan::{Objective, ScaleValues};
@@ -72,7 +72,8 @@ pub(crate) fn check_batches(
 }
 
 /// The scalar loss of `batch` (index `index` in its list, for errors) from the model's final
-/// hidden states on it.
+/// hidden states on it: each target position's loss, taken over runs of positions
+/// ([`TrainBatch::log_prob_chunks`]), then their mean.
 pub(crate) fn hidden_loss(
     model: &Model,
     batch: &TrainBatch,
@@ -80,42 +81,52 @@ pub(crate) fn hidden_loss(
     hidden: &Tensor,
     objective: Objective,
 ) -> Result<Tensor, TrainError> {
-    let logits = model.logits_at(hidden, &batch.target_positions)?;
-    let log_q = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let loss = match (objective, &batch.teacher) {
-        (Objective::Ce, _) => target_log_probs(batch, &log_q)?.mean_all()?.neg()?,
-        (Objective::Choice, _) => choice_loss(batch, index, &log_q)?,
-        (Objective::Kl, None) => return Err(TrainError::MissingTeacher { batch: index }),
-        (Objective::Kl, Some(Teacher::Full { log_probs })) => {
-            check_teacher_rows(log_probs, batch)?;
-            (log_probs.exp()? * (log_probs - &log_q)?)?
-                .sum(D::Minus1)?
-                .mean_all()?
+    match (objective, &batch.teacher) {
+        (Objective::Ce, _) => Ok(batch.target_log_probs(model, hidden)?.mean_all()?.neg()?),
+        (Objective::Choice, _) => choice_loss(model, batch, index, hidden),
+        (Objective::Kl, None) => Err(TrainError::MissingTeacher { batch: index }),
+        (Objective::Kl, Some(teacher)) => {
+            match teacher {
+                Teacher::Full { log_probs } | Teacher::TopK { log_probs, .. } => {
+                    check_teacher_rows(log_probs, batch)?
+                }
+            }
+            let rows = batch.log_prob_chunks(model, hidden, |range, log_q| {
+                kl_rows(&teacher.narrow(range.start, range.len())?, log_q)
+            })?;
+            Ok(Tensor::cat(&rows, 0)?.mean_all()?)
         }
-        (
-            Objective::Kl,
-            Some(Teacher::TopK {
-                ids,
-                log_probs,
-                tail_prob,
-                tail_log_prob,
-            }),
-        ) => {
-            check_teacher_rows(log_probs, batch)?;
+    }
+}
+
+/// `KL(teacher || q)` per position, `(n)`, from the student's log-probabilities `log_q`
+/// `(n, vocab)` at the teacher's positions.
+fn kl_rows(teacher: &Teacher, log_q: &Tensor) -> Result<Tensor, TrainError> {
+    Ok(match teacher {
+        Teacher::Full { log_probs } => (log_probs.exp()? * (log_probs - log_q)?)?.sum(D::Minus1)?,
+        Teacher::TopK {
+            ids,
+            log_probs,
+            tail_prob,
+            tail_log_prob,
+        } => {
             let log_q_kept = log_q.gather(ids, 1)?;
             let kept = (log_probs.exp()? * (log_probs - &log_q_kept)?)?.sum(D::Minus1)?;
             let q_tail = (1.0 - log_q_kept.exp()?.sum(D::Minus1)?)?.clamp(MIN_TAIL_PROB, 1.0)?;
             let tail = (tail_prob * (tail_log_prob - q_tail.log()?)?)?;
-            (kept + tail)?.mean_all()?
+            (kept + tail)?
         }
-    };
-    Ok(loss)
+    })
 }
 
 /// [`Objective::Choice`]'s loss of `batch`: the mean over its docs of `KL(original || slim)` of
-/// the distributions over each doc's choices.
-/// `log_q` holds the slim model's next-token log-probabilities at the targets, `(n, vocab)`.
-fn choice_loss(batch: &TrainBatch, index: usize, log_q: &Tensor) -> Result<Tensor, TrainError> {
+/// the distributions over each doc's choices, from the model's final `hidden` states.
+fn choice_loss(
+    model: &Model,
+    batch: &TrainBatch,
+    index: usize,
+    hidden: &Tensor,
+) -> Result<Tensor, TrainError> {
     let groups = batch
         .choices
         .as_ref()
@@ -124,7 +135,7 @@ fn choice_loss(batch: &TrainBatch, index: usize, log_q: &Tensor) -> Result<Tenso
         .teacher_log_probs
         .as_ref()
         .ok_or(TrainError::MissingChoices { batch: index })?;
-    let log_q = groups.log_probs(&target_log_probs(batch, log_q)?)?;
+    let log_q = groups.log_probs(&batch.target_log_probs(model, hidden)?)?;
     let kl = (teacher.exp()? * (teacher - log_q)?)?.sum_all()?;
     Ok((kl / groups.choices_per_doc.len() as f64)?)
 }

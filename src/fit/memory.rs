@@ -8,8 +8,9 @@
 //! - the teacher's outputs for the KL objective: per position of the final training's documents,
 //!   `teacher_top_k` token ids and log-probabilities;
 //! - per thread, the larger of a training step's sequence (every layer's activations kept for
-//!   the backward pass, and the logits at its targets) and a batch scored without gradients (the
-//!   logits at every target of the batch, while the screening or the teacher runs);
+//!   the backward pass, and the logits at its targets) and a batch scored without gradients (its
+//!   layers' transient tensors and the logits of one run of [`LOGIT_ROWS`] targets, while the
+//!   screening or the teacher runs);
 //! - the residual stream cached at every layer for the screening, and the stand-ins' normal
 //!   equations (f64) with `--linear-attention`;
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
@@ -19,6 +20,7 @@
 
 use std::fmt;
 
+use super::batch::LOGIT_ROWS;
 use crate::checkpoint::Checkpoint;
 use crate::plan::{FitSettings, Objective};
 
@@ -72,7 +74,11 @@ impl MemoryEstimate {
         // heads, attention scores and probabilities, and the MLP's four ff-wide tensors
         let per_token_layer = 10 * d + 3 * kv + 4 * ff + 2 * heads * t;
         let train_sequence = f32s(t * layers * per_token_layer) + f32s(3 * t * vocab);
-        let scored_batch = f32s(2 * b * t * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
+        // a batch scored without gradients: its layers' transient tensors, and the logits of
+        // one run of its targets with their log-softmax and the teacher's host copy
+        let logit_rows = (b * t).min(LOGIT_ROWS as u64);
+        let scored_batch =
+            f32s(3 * logit_rows * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
         let stand_ins = if settings.linear_attention {
             2 * 8 * d * d * layers
         } else {

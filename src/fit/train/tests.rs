@@ -92,6 +92,71 @@ fn top_k_teacher_equals_full_teacher_at_full_width() {
     );
 }
 
+/// The losses and the teacher are taken over runs of at most `LOGIT_ROWS` target positions;
+/// on a batch of more, they equal what all its positions' logits at once give, bit for bit.
+#[test]
+fn losses_and_teachers_over_runs_of_positions_equal_the_whole_batchs() {
+    let model = Model::load(&random_source(&tiny_arch(), 41), &Device::Cpu).unwrap();
+    let batch = self_generated_batches(&model, 1, 5, 256).remove(0);
+    let n = batch.n_targets();
+    assert!(n > 2 * LOGIT_ROWS, "{n} targets make one run");
+    let n_layer = model.arch().n_layer;
+    let skip = SkipMask::from_layers(n_layer, &[1]).unwrap();
+    let ones = model.scales(&ScaleValues::ones(n_layer)).unwrap();
+    let whole_log_probs = |scales: &Scales, skip: &[bool]| {
+        let hidden = model
+            .forward_hidden_no_grad(&batch.input_ids, scales, skip)
+            .unwrap();
+        let logits = model.logits_at(&hidden, &batch.target_positions).unwrap();
+        candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap()
+    };
+    // the teacher: its top 8 of every position, as from the whole batch's log-probabilities
+    let taught = batch.clone().with_teacher(&model, 8).unwrap();
+    let Some(Teacher::TopK { ids, log_probs, .. }) = &taught.teacher else {
+        panic!("a top-k teacher");
+    };
+    let p = whole_log_probs(&ones, &vec![false; n_layer]);
+    let expected = p.gather(ids, 1).unwrap();
+    assert_eq!(ids.dims(), [n, 8]);
+    assert_eq!(
+        log_probs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // the losses: cross-entropy and KL to the full teacher, against the whole batch's
+    let full = batch.clone().with_teacher(&model, usize::MAX).unwrap();
+    let hidden = model
+        .forward_hidden_no_grad(&batch.input_ids, &ones, skip.as_slice())
+        .unwrap();
+    let log_q = whole_log_probs(&ones, skip.as_slice());
+    let ce = hidden_loss(&model, &batch, 0, &hidden, Objective::Ce).unwrap();
+    let ce_whole = log_q
+        .gather(&batch.targets.unsqueeze(1).unwrap(), 1)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .neg()
+        .unwrap();
+    assert_eq!(
+        ce.to_scalar::<f32>().unwrap(),
+        ce_whole.to_scalar::<f32>().unwrap()
+    );
+    let Some(Teacher::Full { log_probs: p }) = &full.teacher else {
+        panic!("a full teacher");
+    };
+    assert_eq!(p.dims(), [n, model.arch().vocab_size]);
+    let kl = hidden_loss(&model, &full, 0, &hidden, Objective::Kl).unwrap();
+    let kl_whole = (p.exp().unwrap() * (p - &log_q).unwrap())
+        .unwrap()
+        .sum(D::Minus1)
+        .unwrap()
+        .mean_all()
+        .unwrap();
+    assert_eq!(
+        kl.to_scalar::<f32>().unwrap(),
+        kl_whole.to_scalar::<f32>().unwrap()
+    );
+}
+
 #[test]
 fn from_sequences_pads_right_and_shifts_targets() {
     let batch = TrainBatch::from_sequences(

@@ -166,9 +166,8 @@ pub fn cut_together(
     };
     for group in groups {
         let mut kept = Vec::with_capacity(group.len());
-        let mut whole_len = 0;
+        let whole_len = group.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
         for mut e in group {
-            whole_len = whole_len.max(e.tokens.len());
             let keep = shared.max(usize::from(e.starts_with_bos));
             truncate(&mut e.tokens, &mut e.target_mask, keep, max_len);
             if e.target_mask.contains(&true) {

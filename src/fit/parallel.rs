@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 /// Gives the fits of this process `threads` threads (at least 1) and returns the count: rayon's
 /// pool runs that many pieces side by side, each with candle at one thread per operation, and
-/// glibc's allocator keeps one heap for them ([`malloc_settings`]). Candle, rayon and glibc read
+/// glibc's allocator keeps one heap for them and the freed tensors in it. Candle, rayon and glibc read
 /// these when they first run, so call this before any fit work starts.
 pub fn set_threads(threads: usize) -> usize {
     let threads = threads.max(1);

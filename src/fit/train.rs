@@ -1,6 +1,7 @@
 //! Train the Hopscotch scalars for one skip mask: Adam on the 4·L numbers, every weight frozen
 //! (Eyceoz et al. 2025, <https://arxiv.org/abs/2506.03303>, section 3). A step runs its batch's
-//! parts side by side ([`TrainBatch::parts`]) and adds their gradients in order.
+//! parts side by side (one sequence each, or one doc's choices) and adds their gradients in
+//! order.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};

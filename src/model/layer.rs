@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use super::{ops, ModelError};
 use crate::gguf::consts::{blk_tensor, OUTPUT};
 
-/// The input of one or more weight matrices, as [`Model::weight_inputs_no_grad`] shows it: what
+/// The input of one or more weight matrices, as [`super::Model::weight_inputs_no_grad`] shows it: what
 /// llama.cpp's importance matrix accumulates per tensor (layer `l`'s q, k and v multiply the same
 /// input, as do its gate and up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl WeightInput {
     }
 }
 
-/// What [`Model::weight_inputs_no_grad`] calls with every weight matrix's input `(b * t, in)`.
+/// What [`super::Model::weight_inputs_no_grad`] calls with every weight matrix's input `(b * t, in)`.
 pub type WeightInputTap<'a> = dyn FnMut(WeightInput, &Tensor) -> Result<(), ModelError> + 'a;
 
 /// A frozen projection `x @ weight^T + bias`.

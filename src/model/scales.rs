@@ -33,7 +33,7 @@ pub(super) struct ScaleTensors<'a> {
 }
 
 impl Scales {
-    /// Variables holding `values`, in `dtype` on `device` (use [`Model::scales`] to match a model
+    /// Variables holding `values`, in `dtype` on `device` (use [`super::Model::scales`] to match a model
     /// and check the shapes).
     pub fn new(values: &ScaleValues, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let var = |v: &[f32]| -> Result<Var, ModelError> {

@@ -11,10 +11,10 @@
 //! - `original.gguf`: the original at `--type`, converted once.
 //! - `searches/<task>-hopscotch-<objective>[-noscales].json`: one greedy search per
 //!   configuration up to the largest K, its rounds saved after every round
-//!   ([`search_order`]). The first k blocks of the greedy order are what a search for k blocks
+//!   ([`crate::fit::session::search_order`]). The first k blocks of the greedy order are what a search for k blocks
 //!   chooses, so every smaller K takes the first rounds of this one search.
 //! - `plans/<model>.json`, `<model>` = `<task>-<method>[-<objective>][-noscales]-k<K>`: the
-//!   first K blocks of the order with their own final scalar training ([`write_plan`]).
+//!   first K blocks of the order with their own final scalar training ([`crate::fit::session::write_plan`]).
 //! - `models/<model>.gguf` (with its Ollama Modelfile), and `models/<model>.plan.sha256`, the
 //!   hash of the plan it was exported from: a plan recomputed to the same bytes keeps its model.
 //! - `evals/<model>__on__<task>.json` and `evals/original__on__<task>.json`: per-document

@@ -557,9 +557,10 @@ fn bad_input_fails_with_a_clear_error_and_writes_nothing() {
 }
 
 /// The fit estimates its peak memory before it starts and reports it beside the peak it reached:
-/// on the tiny model the estimate bounds the peak within a factor of 2 (the process's fixed
-/// footprint dominates there). A limit below the estimate stops the fit before any work, naming
-/// the estimate, the limit and what lowers it; a malformed limit is refused by name.
+/// on the tiny model the estimate bounds the peak within a factor of 3 (the process's fixed
+/// footprint dominates there, and varies with the machine's libraries). A limit below the estimate stops the fit before any work, naming
+/// the estimate, the limit and what lowers it (or that nothing does); a malformed limit is
+/// refused by name.
 #[test]
 fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
     let dir = tempfile::tempdir().unwrap();
@@ -580,7 +581,7 @@ fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
         .expect("peak RSS read from /proc");
     eprintln!("tiny fit: estimate {estimate} bytes, peak {peak} bytes");
     assert!(
-        peak <= estimate && 2 * peak >= estimate,
+        peak <= estimate && 3 * peak >= estimate,
         "peak {peak} against estimate {estimate}"
     );
 
@@ -600,11 +601,19 @@ fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
             .unwrap();
         (output, plan)
     };
-    let (output, plan) = limited("64M", "small.json");
+    // between what the model alone takes (185 MiB) and the whole estimate (240 MiB): the
+    // settings can bring it within reach; below the model alone, none can
+    let (output, plan) = limited("200M", "within-reach.json");
     fails(
         output,
         &plan,
-        "that is more than the 64 MiB HOPSCOTCH_MEMORY_LIMIT allows: lower --threads, --batch-size or --max-seq-len",
+        "that is more than the 200 MiB HOPSCOTCH_MEMORY_LIMIT allows: lower --threads, --batch-size or --max-seq-len",
+    );
+    let (output, plan) = limited("64M", "out-of-reach.json");
+    fails(
+        output,
+        &plan,
+        "that is more than the 64 MiB HOPSCOTCH_MEMORY_LIMIT allows: the model alone",
     );
     let (output, plan) = limited("lots", "lots.json");
     fails(

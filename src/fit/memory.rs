@@ -94,6 +94,12 @@ impl MemoryEstimate {
         }
     }
 
+    /// What the fit holds whatever the settings: [`FIXED_BYTES`], the weights and the
+    /// checkpoint.
+    pub fn model_bytes(&self) -> u64 {
+        FIXED_BYTES + self.weights + self.mapped
+    }
+
     /// The whole estimate, [`FIXED_BYTES`] included.
     pub fn total(&self) -> u64 {
         FIXED_BYTES

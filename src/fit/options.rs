@@ -19,10 +19,7 @@ pub enum FitError {
     #[error(transparent)]
     Setting(#[from] SettingError),
     /// The fit would need more memory than the machine has, or than the limit allows.
-    #[error(
-        "{model}: the fit would need {estimate}; that is more than {budget}: lower --threads, \
-         --batch-size or --max-seq-len"
-    )]
+    #[error("{model}: the fit would need {estimate}; that is more than {budget}: {remedy}")]
     Memory {
         /// The model path.
         model: String,
@@ -30,6 +27,8 @@ pub enum FitError {
         estimate: String,
         /// What it was held against.
         budget: String,
+        /// What lowers the estimate enough, or that nothing does.
+        remedy: String,
     },
     /// `HOPSCOTCH_MEMORY_LIMIT` is not a byte count.
     #[error("{0}")]

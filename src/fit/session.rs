@@ -55,6 +55,15 @@ pub fn check_memory(
             model: ck.display_path(),
             estimate: estimate.to_string(),
             budget: budget.to_string(),
+            remedy: if estimate.model_bytes() > budget.bytes() {
+                format!(
+                    "the model alone (its weights in f32 and its checkpoint) takes {}, so no \
+                     setting brings it within reach; fit it on a machine with more memory",
+                    bytes(estimate.model_bytes())
+                )
+            } else {
+                "lower --threads, --batch-size or --max-seq-len".into()
+            },
         }),
         _ => Ok(estimate),
     }

@@ -622,3 +622,33 @@ fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
         "HOPSCOTCH_MEMORY_LIMIT=\"lots\": expected bytes",
     );
 }
+
+/// The same model fitted from its f32 folder and from a q8_0 GGUF of it chooses the same blocks:
+/// the stored form changes only what its dequantized values change.
+#[test]
+fn a_model_fitted_from_f32_and_from_its_q8_0_gguf_chooses_the_same_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_block_model(dir.path());
+    let task = text_task(dir.path());
+    let gguf = dir.path().join("model.q8_0.gguf");
+    let converted = Command::new(bin())
+        .arg("convert")
+        .arg(&model)
+        .args(["--type", "q8_0", "-o"])
+        .arg(&gguf)
+        .output()
+        .unwrap();
+    assert!(
+        converted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    let blocks = |source: &Path, name: &str| {
+        let out = dir.path().join(name);
+        ok(fit(dir.path(), source, &task, &out, &["--skip", "2"]));
+        Plan::load(&out).unwrap().skipped_blocks
+    };
+    let from_f32 = blocks(&model, "f32.json");
+    assert_eq!(from_f32[0], DEAD);
+    assert_eq!(blocks(&gguf, "q8_0.json"), from_f32);
+}

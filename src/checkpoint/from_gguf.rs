@@ -168,7 +168,7 @@ pub(super) fn open(path: &Path) -> Result<Checkpoint, CheckpointError> {
         vocab,
         general,
         tensors,
-        maps: vec![super::map_file(path)?],
+        maps: vec![std::sync::Arc::new(super::map_file(path)?)],
     };
     ck.validate_tensors()?;
     Ok(ck)

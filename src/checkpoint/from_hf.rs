@@ -103,7 +103,7 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
                 len: b - a,
             });
         }
-        maps.push(map);
+        maps.push(std::sync::Arc::new(map));
     }
     let general = match dir.file_name().and_then(|n| n.to_str()) {
         Some(n) if !n.is_empty() => vec![("general.name".to_string(), Value::String(n.into()))],

@@ -7,12 +7,15 @@
 
 mod from_gguf;
 mod from_hf;
+mod stored;
 
 pub use from_gguf::SUPPORTED_GGUF_ARCHS;
 pub use from_hf::{arch_from_config, config_json, SUPPORTED_HF_ARCHS};
+pub use stored::StoredTensor;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 
@@ -94,6 +97,11 @@ pub trait TensorSource {
     fn arch(&self) -> &Arch;
     /// The tensor's shape and values, dequantized to f32.
     fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), CheckpointError>;
+    /// The tensor in the precision it is stored in; by default its f32 values.
+    fn tensor_stored(&self, name: &str) -> Result<StoredTensor, CheckpointError> {
+        let (shape, values) = self.tensor_f32(name)?;
+        Ok(StoredTensor::from_f32(name, &shape, &values))
+    }
 }
 
 /// The kind of file a checkpoint came from.
@@ -161,7 +169,7 @@ pub struct Checkpoint {
     pub general: Vec<(String, Value)>,
     /// The tensors, in file order.
     pub tensors: Vec<TensorEntry>,
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
 }
 
 impl Checkpoint {
@@ -256,11 +264,45 @@ impl TensorSource for Checkpoint {
         let e = self.require(name)?;
         Ok((e.shape.clone(), self.f32_values(e)?))
     }
+
+    fn tensor_stored(&self, name: &str) -> Result<StoredTensor, CheckpointError> {
+        let e = self.require(name)?;
+        if e.dtype.tensor_bytes(&e.shape) != Some(e.len) {
+            return Err(CheckpointError::Invalid {
+                path: self.display_path(),
+                message: format!(
+                    "tensor {name}: {} bytes where shape {:?} of {} takes {:?}",
+                    e.len,
+                    e.shape,
+                    e.dtype,
+                    e.dtype.tensor_bytes(&e.shape)
+                ),
+            });
+        }
+        Ok(StoredTensor::mapped(
+            name,
+            e.dtype,
+            &e.shape,
+            e.row_order,
+            Arc::clone(&self.maps[e.file]),
+            e.start,
+            e.len,
+        ))
+    }
 }
 
 /// Converts `n` stored values of type `dtype` to f32: plain types directly, block-quantized
 /// types with ggml's own `to_float` from the vendored llama.cpp.
 pub fn dequantize(dtype: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
+    let mut out = vec![0f32; n];
+    dequantize_into(dtype, bytes, &mut out)?;
+    Ok(out)
+}
+
+/// Converts the stored values in `bytes` to f32 into `out`, which holds as many values as the
+/// bytes do (see [`dequantize`]).
+pub fn dequantize_into(dtype: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+    let n = out.len();
     let expected = dtype
         .row_bytes(n)
         .ok_or_else(|| format!("{n} elements are not whole {dtype} blocks"))?;
@@ -270,19 +312,22 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, S
             bytes.len()
         ));
     }
-    let out = match dtype {
-        GgmlType::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        GgmlType::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        GgmlType::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+    match dtype {
+        GgmlType::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        GgmlType::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
         _ => {
             // SAFETY: ggml_get_type_traits returns a pointer into ggml's static table for
             // every valid type id; to_float reads exactly `n` values' worth of blocks from
@@ -293,13 +338,11 @@ pub fn dequantize(dtype: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>, S
                     .as_ref()
                     .and_then(|t| t.to_float)
                     .ok_or_else(|| format!("ggml cannot dequantize {dtype}"))?;
-                let mut out = vec![0f32; n];
                 to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), n as i64);
-                out
             }
         }
-    };
-    Ok(out)
+    }
+    Ok(())
 }
 
 fn map_file(path: &Path) -> Result<Mmap, CheckpointError> {

@@ -222,7 +222,7 @@ pub fn run(
     };
     let task_data = task::load(&request.task)?;
     let fingerprint = ModelFingerprint::of(&ck);
-    let model = FitModel::load(&ck, fingerprint)?;
+    let model = FitModel::load(&ck, fingerprint, false)?;
     // the fit's batches, with cross-entropy's targets only: no teacher to compute
     let options = data::Batching {
         objective: Objective::Ce,

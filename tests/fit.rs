@@ -623,6 +623,60 @@ fn the_memory_estimate_bounds_the_peak_and_a_limit_below_it_stops_the_fit() {
     );
 }
 
+/// A memory limit that the fit keeping every activation exceeds, but one recomputing them does
+/// not, makes the fit recompute: it says so and chooses as the unlimited fit does, with the
+/// same loss up to the order of floating-point sums.
+#[test]
+fn a_limit_only_recomputation_meets_makes_the_fit_recompute_and_choose_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_block_model(dir.path());
+    let task = text_task(dir.path());
+    let report =
+        |out: &Output| -> serde_json::Value { serde_json::from_slice(&out.stdout).unwrap() };
+    let free = ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &dir.path().join("free.json"),
+        &["--skip", "2", "--json"],
+    ));
+    let free = report(&free);
+    assert_eq!(free["recomputed_activations"], false);
+    let estimate = free["memory_estimate"].as_u64().unwrap();
+    let mut all = vec![
+        "--skip",
+        "2",
+        "--json",
+        "--fit-docs",
+        "8",
+        "--batch-size",
+        "4",
+    ];
+    all.extend(["--max-seq-len", "24", "--threads", "1", "--task"]);
+    let limited = Command::new(bin())
+        .arg("fit")
+        .arg(&model)
+        .args(&all)
+        .arg(&task)
+        .arg("-o")
+        .arg(dir.path().join("limited.json"))
+        .env("HOPSCOTCH_CACHE", dir.path().join("cache"))
+        .env("HOPSCOTCH_MEMORY_LIMIT", (estimate - 1).to_string())
+        .output()
+        .unwrap();
+    let limited = ok(limited);
+    assert!(String::from_utf8_lossy(&limited.stderr).contains("recomputed in training to fit"));
+    let limited = report(&limited);
+    assert_eq!(limited["recomputed_activations"], true);
+    assert!(limited["memory_estimate"].as_u64().unwrap() < estimate);
+    assert_eq!(limited["skipped_blocks"], free["skipped_blocks"]);
+    let (a, b) = (
+        free["final_loss"].as_f64().unwrap(),
+        limited["final_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{a} against {b}");
+}
+
 /// The same model fitted from its f32 folder and from a q8_0 GGUF of it chooses the same blocks:
 /// the stored form changes only what its dequantized values change.
 #[test]

@@ -276,6 +276,12 @@ impl Teacher {
     }
 }
 
+/// Rows per part of a training batch ([`TrainBatch::parts`]) under the KL and cross-entropy
+/// objectives: enough for the prefix the rows share to be computed once for several of them,
+/// few enough that a default batch of 8 keeps two threads busy. A constant, so that a step's
+/// sums do not depend on the thread count.
+pub(crate) const PART_ROWS: usize = 4;
+
 /// A part of a [`TrainBatch`] ([`TrainBatch::parts`]) and the weight of its loss in the batch's.
 #[derive(Debug, Clone)]
 pub(crate) struct Part {
@@ -439,8 +445,9 @@ impl TrainBatch {
     }
 
     /// The batch cut into parts whose losses, each times its weight, add up to the batch's
-    /// loss under `objective`: one row per part, or one doc's rows under [`Objective::Choice`]
-    /// (its loss needs all of a doc's choices). Each part keeps its rows' tokens up to the last
+    /// loss under `objective`: [`PART_ROWS`] rows per part, or one doc's rows under
+    /// [`Objective::Choice`] (its loss needs all of a doc's choices). A part's rows compute the
+    /// prefix they share once (a task's few-shot examples, a doc's question). Each part keeps its rows' tokens up to the last
     /// position that predicts a target: the model is causal, so the padding and the tokens after
     /// it change no target's prediction. A training step runs the parts side by side and adds
     /// their gradients (`train_scales_from`). Off the CPU the batch is one part: a GPU would run
@@ -479,7 +486,10 @@ impl TrainBatch {
         }
         let groups: Vec<usize> = match (objective, &self.choices) {
             (Objective::Choice, Some(g)) => g.choices_per_doc.clone(),
-            _ => vec![1; rows],
+            _ => (0..rows)
+                .step_by(PART_ROWS)
+                .map(|first| PART_ROWS.min(rows - first))
+                .collect(),
         };
         let docs = groups.len();
         let n = positions.len();

@@ -146,7 +146,7 @@ pub fn fit(
         };
         let wo = model
             .attn_output_weight(l)
-            .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })?
+            .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })??
             .to_dtype(DType::F32)?;
         // AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
         solve_layer(l, gram, &wo.matmul(cross)?, d)

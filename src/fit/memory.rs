@@ -3,25 +3,29 @@
 //! for the machine stops at once with the figures instead of being killed by the kernel.
 //!
 //! What the estimate counts, in bytes:
-//! - the frozen weights, as the candle model holds them (f32), and the checkpoint's stored bytes,
-//!   mapped and read once for the fingerprint;
+//! - the checkpoint's stored bytes, mapped: the fingerprint reads them all, and on the CPU the
+//!   model multiplies by them where they lie ([`WeightStorage::Stored`]);
+//! - the frozen weights the model holds in f32: the norms and biases on the CPU, every weight
+//!   where they are dequantized whole ([`WeightStorage::Dense`]);
 //! - the teacher's outputs for the KL objective: per position of the final training's documents,
 //!   `teacher_top_k` token ids and log-probabilities;
-//! - per thread, the larger of a training step's sequence (every layer's activations kept for
-//!   the backward pass, and the logits at its targets) and a batch scored without gradients (its
-//!   layers' transient tensors and the logits of one run of [`LOGIT_ROWS`] targets, while the
-//!   screening or the teacher runs);
+//! - per thread, the larger of a training step's part ([`PART_ROWS`] sequences: every layer's
+//!   activations kept for the backward pass, or with recomputation every layer's input and output
+//!   and one layer's activations; and the logits at its targets) and a batch scored without
+//!   gradients (its layers' transient tensors and the logits of one run of [`LOGIT_ROWS`]
+//!   targets, while the screening or the teacher runs);
 //! - the residual stream cached at every layer for the screening, and the stand-ins' normal
 //!   equations (f64) with `--linear-attention`;
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
 //!
-//! Every sequence is counted at `--max-seq-len`, every position as a target: an upper bound for
-//! tasks whose documents are shorter.
+//! Every sequence is counted at `--max-seq-len`, every position as a target, and no prefix as
+//! shared: an upper bound for tasks whose documents are shorter or begin alike.
 
 use std::fmt;
 
-use super::batch::LOGIT_ROWS;
+use super::batch::{LOGIT_ROWS, PART_ROWS};
 use crate::checkpoint::Checkpoint;
+use crate::model::WeightStorage;
 use crate::plan::{FitSettings, Objective};
 
 /// The process's own footprint before the fit's data: the binary with llama.cpp and candle, the
@@ -35,7 +39,7 @@ pub const LIMIT_VAR: &str = "HOPSCOTCH_MEMORY_LIMIT";
 /// A fit's estimated peak memory, by part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryEstimate {
-    /// The frozen weights in f32.
+    /// The frozen weights the model holds in f32.
     pub weights: u64,
     /// The checkpoint's stored bytes.
     pub mapped: u64,
@@ -47,11 +51,20 @@ pub struct MemoryEstimate {
     pub threads: u64,
     /// Held once for all threads: the screening's residual cache and the stand-ins' sums.
     pub shared: u64,
+    /// Whether training recomputes each layer's activations in the backward pass.
+    pub recompute: bool,
 }
 
 impl MemoryEstimate {
-    /// The estimate of a fit of `ck` with `settings` on `threads` threads.
-    pub fn of(ck: &Checkpoint, settings: &FitSettings, threads: usize) -> Self {
+    /// The estimate of a fit of `ck` with `settings` on `threads` threads, the model's weights
+    /// held as `storage` says, recomputing activations in training or not.
+    pub fn of(
+        ck: &Checkpoint,
+        settings: &FitSettings,
+        threads: usize,
+        storage: WeightStorage,
+        recompute: bool,
+    ) -> Self {
         let a = &ck.arch;
         let f32s = |n: u64| 4 * n;
         let (layers, d, ff, heads) = (
@@ -63,7 +76,13 @@ impl MemoryEstimate {
         let (kv, vocab) = (a.kv_dim() as u64, a.vocab_size as u64);
         let t = settings.max_seq_len as u64;
         let b = settings.batch_size as u64;
-        let weights = f32s(ck.tensors.iter().map(|e| e.n_elements() as u64).sum());
+        let weights = f32s(
+            ck.tensors
+                .iter()
+                .filter(|e| storage == WeightStorage::Dense || e.shape.len() < 2)
+                .map(|e| e.n_elements() as u64)
+                .sum(),
+        );
         let mapped = ck.tensors.iter().map(|e| e.n_bytes() as u64).sum();
         let docs = settings.resolved_final_docs() as u64;
         let teacher = match settings.objective {
@@ -73,7 +92,14 @@ impl MemoryEstimate {
         // per token and layer, what the backward pass keeps: the norms, projections, rope'd
         // heads, attention scores and probabilities, and the MLP's four ff-wide tensors
         let per_token_layer = 10 * d + 3 * kv + 4 * ff + 2 * heads * t;
-        let train_sequence = f32s(t * layers * per_token_layer) + f32s(3 * t * vocab);
+        let part_tokens = PART_ROWS as u64 * t;
+        let activations = if recompute {
+            // every layer's input and output, and the layer being recomputed
+            part_tokens * (2 * layers * d + per_token_layer)
+        } else {
+            part_tokens * layers * per_token_layer
+        };
+        let train_part = f32s(activations) + f32s(3 * part_tokens * vocab);
         // a batch scored without gradients: its layers' transient tensors, and the logits of
         // one run of its targets with their log-softmax and the teacher's host copy
         let logit_rows = (b * t).min(LOGIT_ROWS as u64);
@@ -88,13 +114,14 @@ impl MemoryEstimate {
             weights,
             mapped,
             teacher,
-            per_thread: train_sequence.max(scored_batch),
+            per_thread: train_part.max(scored_batch),
             threads: threads.max(1) as u64,
             shared: f32s(layers * b * t * d) + stand_ins,
+            recompute,
         }
     }
 
-    /// What the fit holds whatever the settings: [`FIXED_BYTES`], the weights and the
+    /// What the fit holds whatever the settings: [`FIXED_BYTES`], the f32 weights and the
     /// checkpoint.
     pub fn model_bytes(&self) -> u64 {
         FIXED_BYTES + self.weights + self.mapped
@@ -123,7 +150,14 @@ impl fmt::Display for MemoryEstimate {
             self.threads,
             bytes(self.per_thread),
             bytes(self.shared)
-        )
+        )?;
+        if self.recompute {
+            write!(
+                f,
+                "; each layer's activations recomputed in training to fit"
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -16,7 +16,7 @@ use super::memory::{bytes, peak_rss, Budget, MemoryEstimate};
 use super::options::FitError;
 use super::search::{choose, runner_up, Choice, SearchInput, TrainStats};
 use crate::checkpoint::Checkpoint;
-use crate::model::Model;
+use crate::model::{Model, WeightStorage};
 use crate::output::check_overwrite;
 use crate::plan::{
     FitSettings, LinearAttention, Method, ModelFingerprint, Plan, PlanError, Round, ScaleValues,
@@ -42,23 +42,33 @@ pub fn fit_device() -> Device {
 }
 
 /// Estimates a fit's peak memory ([`MemoryEstimate`]), says it, and refuses a fit the budget
-/// ([`Budget::current`]) cannot hold, before any work.
+/// ([`Budget::current`]) cannot hold, before any work. When the fit fits only by recomputing
+/// each layer's activations in the backward pass, the estimate says so
+/// ([`MemoryEstimate::recompute`]) and the fit's model should recompute.
 pub fn check_memory(
     ck: &Checkpoint,
     options: &FitSettings,
     progress: &Progress,
 ) -> Result<MemoryEstimate, FitError> {
-    let estimate = MemoryEstimate::of(ck, options, rayon::current_num_threads());
+    let storage = WeightStorage::for_device(&fit_device());
+    let threads = rayon::current_num_threads();
+    let budget = Budget::current().map_err(FitError::MemoryLimit)?;
+    let mut estimate = MemoryEstimate::of(ck, options, threads, storage, false);
+    if let Some(budget) = &budget {
+        if estimate.total() > budget.bytes() {
+            estimate = MemoryEstimate::of(ck, options, threads, storage, true);
+        }
+    }
     progress.note(&estimate.to_string());
-    match Budget::current().map_err(FitError::MemoryLimit)? {
+    match budget {
         Some(budget) if estimate.total() > budget.bytes() => Err(FitError::Memory {
             model: ck.display_path(),
             estimate: estimate.to_string(),
             budget: budget.to_string(),
             remedy: if estimate.model_bytes() > budget.bytes() {
                 format!(
-                    "the model alone (its weights in f32 and its checkpoint) takes {}, so no \
-                     setting brings it within reach; fit it on a machine with more memory",
+                    "the model alone (its checkpoint and the weights it holds in f32) takes {}, \
+                     so no setting brings it within reach; fit it on a machine with more memory",
                     bytes(estimate.model_bytes())
                 )
             } else {
@@ -158,6 +168,8 @@ pub struct FitReport {
     pub seconds: Timings,
     /// The peak memory estimated before the fit ([`MemoryEstimate::total`]), in bytes.
     pub memory_estimate: u64,
+    /// Whether training recomputed each layer's activations to stay within the memory budget.
+    pub recomputed_activations: bool,
     /// The process's peak resident memory when the fit ended, in bytes, where it can be read.
     pub peak_rss: Option<u64>,
 }
@@ -248,13 +260,20 @@ pub struct FitModel<'ck> {
 
 impl<'ck> FitModel<'ck> {
     /// Loads `ck`, whose tensors the caller has validated and whose `fingerprint`
-    /// ([`ModelFingerprint::of`]) it has taken.
-    pub fn load(ck: &'ck Checkpoint, fingerprint: ModelFingerprint) -> Result<Self, FitError> {
+    /// ([`ModelFingerprint::of`]) it has taken; training recomputes each layer's activations in
+    /// the backward pass with `recompute` (as [`check_memory`] decides).
+    pub fn load(
+        ck: &'ck Checkpoint,
+        fingerprint: ModelFingerprint,
+        recompute: bool,
+    ) -> Result<Self, FitError> {
         let device = fit_device();
-        let model = Model::load(ck, &device).map_err(|error| FitError::LoadModel {
-            path: ck.display_path(),
-            error,
-        })?;
+        let model = Model::load(ck, &device)
+            .map_err(|error| FitError::LoadModel {
+                path: ck.display_path(),
+                error,
+            })?
+            .with_recompute(recompute);
         Ok(Self {
             ck,
             fingerprint,
@@ -477,7 +496,7 @@ pub fn fit_plan(
     let task_data = task::load(&request.task)?;
     let memory = check_memory(ck, options, progress)?;
     let fingerprint = ModelFingerprint::of(ck);
-    let model = FitModel::load(ck, fingerprint)?;
+    let model = FitModel::load(ck, fingerprint, memory.recompute)?;
     let fit_task = FitTask::build(&model, &request.task, &task_data, options, progress)?;
     let data = &fit_task.data;
     let input = fit_task.input(&model);
@@ -557,6 +576,7 @@ pub fn fit_plan(
             total: started.elapsed().as_secs_f64(),
         },
         memory_estimate: memory.total(),
+        recomputed_activations: memory.recompute,
         peak_rss: peak_rss(),
     };
     Ok((plan, report))

@@ -3,7 +3,8 @@
 
 use candle_core::Tensor;
 
-use super::{ops, ModelError};
+use super::weight::Weight;
+use super::ModelError;
 use crate::gguf::consts::{blk_tensor, OUTPUT};
 
 /// The input of one or more weight matrices, as [`super::Model::weight_inputs_no_grad`] shows it: what
@@ -44,18 +45,20 @@ impl WeightInput {
 pub type WeightInputTap<'a> = dyn FnMut(WeightInput, &Tensor) -> Result<(), ModelError> + 'a;
 
 /// A frozen projection `x @ weight^T + bias`.
+#[derive(Clone)]
 pub(super) struct Projection {
-    pub(super) weight: Tensor,
+    pub(super) weight: Weight,
     pub(super) bias: Option<Tensor>,
 }
 
 impl Projection {
     pub(super) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        self.weight.linear(x, self.bias.as_ref())
     }
 }
 
-/// One transformer layer's frozen weights.
+/// One transformer layer's frozen weights (a clone shares them).
+#[derive(Clone)]
 pub(super) struct Layer {
     pub(super) attn_norm: Tensor,
     pub(super) q: Projection,

@@ -25,17 +25,20 @@ mod pass;
 mod scales;
 #[cfg(test)]
 pub(crate) mod tests;
+mod weight;
 
 pub use layer::{WeightInput, WeightInputTap};
 pub use pass::{LayerOutput, Pass};
 pub use scales::Scales;
+pub use weight::WeightStorage;
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::arch::{Arch, RopeScaling};
-use crate::checkpoint::{CheckpointError, TensorSource};
+use crate::checkpoint::{CheckpointError, StoredTensor, TensorSource};
 use crate::plan::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, StandInError};
 use layer::{Layer, Projection};
+use weight::Weight;
 
 /// What [`CheckpointError::Shape`] names as the path: a [`TensorSource`] does not say where its
 /// tensors come from.
@@ -137,68 +140,76 @@ pub struct Model {
     arch: Arch,
     device: Device,
     dtype: DType,
-    token_embd: Tensor,
+    token_embd: Weight,
     layers: Vec<Layer>,
     output_norm: Tensor,
     /// `output.weight`, or `token_embd.weight` when the embeddings are tied.
-    lm_head: Tensor,
+    lm_head: Weight,
     /// Rope inverse frequencies per rotated pair, scaling included.
     inv_freq: Vec<f64>,
     /// Positions are multiplied by this before rotation (linear scaling: `1 / factor`).
     position_scale: f64,
+    /// Whether a pass with gradients recomputes each layer in the backward pass.
+    recompute: bool,
 }
 
 impl Model {
-    /// Loads every tensor of `source` in f32 onto `device`, checking each shape against the
-    /// architecture.
+    /// Loads `source` onto `device`, checking each tensor's shape against the architecture and
+    /// its values for non-finite numbers: on the CPU the weight matrices and embeddings stay in
+    /// their stored precision, elsewhere they are dequantized to f32 ([`WeightStorage`]); norms
+    /// and biases are f32.
     pub fn load(source: &dyn TensorSource, device: &Device) -> Result<Self, ModelError> {
-        Self::load_as(source, device, DType::F32)
+        Self::load_as(
+            source,
+            device,
+            DType::F32,
+            WeightStorage::for_device(device),
+        )
     }
 
-    /// Loads in `dtype` (f64 lets tests compare gradients with finite differences).
-    fn load_as(
+    /// Loads in `dtype` (f64 lets tests compare gradients with finite differences), with the
+    /// weight matrices held as `storage` says (stored ones only on the CPU).
+    pub fn load_as(
         source: &dyn TensorSource,
         device: &Device,
         dtype: DType,
+        storage: WeightStorage,
     ) -> Result<Self, ModelError> {
         let arch = source.arch().clone();
         validate_arch(&arch)?;
-        let load = |name: String, shape: &[usize]| -> Result<Tensor, ModelError> {
-            let (found, data) = source.tensor_f32(&name)?;
-            if found != shape {
+        let storage = if device.is_cpu() {
+            storage
+        } else {
+            WeightStorage::Dense
+        };
+        let stored = |name: String, shape: &[usize]| -> Result<StoredTensor, ModelError> {
+            let t = source.tensor_stored(&name)?;
+            if t.shape() != shape {
                 return Err(CheckpointError::Shape {
                     path: SOURCE_LABEL.to_string(),
                     name,
-                    found,
+                    found: t.shape().to_vec(),
                     expected: shape.to_vec(),
                 }
                 .into());
             }
-            if data.len() != shape.iter().product::<usize>() {
-                return Err(CheckpointError::Invalid {
-                    path: SOURCE_LABEL.to_string(),
-                    message: format!(
-                        "tensor {name} has {} values for shape {shape:?}",
-                        data.len()
-                    ),
-                }
-                .into());
-            }
-            if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-                return Err(CheckpointError::Invalid {
-                    path: SOURCE_LABEL.to_string(),
-                    message: format!(
-                        "tensor {name} holds a non-finite value ({}) at flat index {i}",
-                        data[i]
-                    ),
-                }
-                .into());
-            }
-            Ok(Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?)
+            check_finite(&t)?;
+            Ok(t)
+        };
+        let load = |name: String, shape: &[usize]| -> Result<Tensor, ModelError> {
+            let t = stored(name, shape)?;
+            let values = t.to_f32().map_err(|message| invalid(t.name(), message))?;
+            Ok(Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?)
+        };
+        let matrix = |name: String, shape: &[usize]| -> Result<Weight, ModelError> {
+            Ok(match storage {
+                WeightStorage::Stored => Weight::Stored(std::sync::Arc::new(stored(name, shape)?)),
+                WeightStorage::Dense => Weight::Dense(load(name, shape)?),
+            })
         };
         let (d, q_dim, kv_dim, ff) = (arch.n_embd, arch.q_dim(), arch.kv_dim(), arch.n_ff);
         let proj = |name: String, out: usize, inp: usize, bias: bool| {
-            let weight = load(format!("{name}.weight"), &[out, inp])?;
+            let weight = matrix(format!("{name}.weight"), &[out, inp])?;
             let bias = if bias {
                 Some(load(format!("{name}.bias"), &[out])?)
             } else {
@@ -206,7 +217,7 @@ impl Model {
             };
             Ok::<_, ModelError>(Projection { weight, bias })
         };
-        let token_embd = load("token_embd.weight".into(), &[arch.vocab_size, d])?;
+        let token_embd = matrix("token_embd.weight".into(), &[arch.vocab_size, d])?;
         let mut layers = Vec::with_capacity(arch.n_layer);
         for i in 0..arch.n_layer {
             let blk = format!("blk.{i}");
@@ -226,7 +237,7 @@ impl Model {
         let lm_head = if arch.tie_word_embeddings {
             token_embd.clone()
         } else {
-            load("output.weight".into(), &[arch.vocab_size, d])?
+            matrix("output.weight".into(), &[arch.vocab_size, d])?
         };
         let (inv_freq, position_scale) = rope_frequencies(&arch);
         Ok(Self {
@@ -239,13 +250,38 @@ impl Model {
             lm_head,
             inv_freq,
             position_scale,
+            recompute: false,
         })
     }
 
-    /// Layer `l`'s `attn_output` weight `(n_embd, n_head * head_dim)`; `None` past the last
-    /// layer.
-    pub fn attn_output_weight(&self, l: usize) -> Option<&Tensor> {
-        self.layers.get(l).map(|layer| &layer.o.weight)
+    /// The model whose passes with gradients keep only each layer's input and output and run
+    /// the layer again in the backward pass (`on`), or keep every activation (the default):
+    /// the same gradients, the activations of one layer in memory instead of all, for one more
+    /// forward pass per training step.
+    pub fn with_recompute(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self
+    }
+
+    /// Whether passes with gradients recompute each layer ([`Model::with_recompute`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute
+    }
+
+    /// Layer `l`'s `attn_output` weight `(n_embd, n_head * head_dim)`, whole in the model's
+    /// dtype; `None` past the last layer.
+    pub fn attn_output_weight(&self, l: usize) -> Option<Result<Tensor, ModelError>> {
+        self.layers
+            .get(l)
+            .map(|layer| layer.o.weight.to_dense(&self.device, self.dtype))
+    }
+
+    /// How the weight matrices are held.
+    pub fn weight_storage(&self) -> WeightStorage {
+        match self.lm_head {
+            Weight::Stored(_) => WeightStorage::Stored,
+            Weight::Dense(_) => WeightStorage::Dense,
+        }
     }
 
     /// `RMSNorm` with layer `l`'s `attn_norm` of a residual stream `x` `(n, n_embd)`: what the
@@ -282,14 +318,15 @@ impl Model {
 
     /// The hidden states after the final norm, `(b, t, n_embd)`, for right-padded token ids
     /// `(b, t)` of dtype u32. Gradients flow to `scales`; `skip[l]` bypasses layer `l`'s
-    /// attention.
+    /// attention. A prefix all rows share is computed once ([`Model::pass_sharing_prefix`]).
     pub fn forward_hidden(
         &self,
         input_ids: &Tensor,
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
-        self.pass(input_ids, scales, skip, true)?.whole(None)
+        self.pass_sharing_prefix(input_ids, scales, skip, true)?
+            .whole(None)
     }
 
     /// [`Model::forward_hidden`] without recording a graph: for evaluation and teacher outputs.
@@ -299,19 +336,21 @@ impl Model {
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
-        self.pass(input_ids, scales, skip, false)?.whole(None)
+        self.pass_sharing_prefix(input_ids, scales, skip, false)?
+            .whole(None)
     }
 
-    /// The residual stream entering every layer, `n_layer` tensors of shape `(b * t, n_embd)`,
-    /// without a graph: the shared start of many forward passes that differ only from some layer
-    /// on ([`Model::forward_hidden_from_no_grad`]).
+    /// The residual stream entering every layer, `n_layer` tensors of shape `(rows, n_embd)`
+    /// (a prefix all rows share held once, [`Pass::rows`]), without a graph: the shared start of
+    /// many forward passes that differ only from some layer on
+    /// ([`Model::forward_hidden_from_no_grad`]).
     pub fn residuals_no_grad(
         &self,
         input_ids: &Tensor,
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Vec<Tensor>, ModelError> {
-        let pass = self.pass(input_ids, scales, skip, false)?;
+        let pass = self.pass_sharing_prefix(input_ids, scales, skip, false)?;
         let mut x = pass.embed()?;
         let mut residuals = Vec::with_capacity(self.arch.n_layer);
         for l in 0..self.arch.n_layer {
@@ -354,12 +393,12 @@ impl Model {
         scales: &Scales,
         skip: &[bool],
     ) -> Result<Tensor, ModelError> {
-        let pass = self.pass(input_ids, scales, skip, false)?;
+        let pass = self.pass_sharing_prefix(input_ids, scales, skip, false)?;
         if from >= self.arch.n_layer || residual.dims() != [pass.rows(), self.arch.n_embd] {
             return Err(input_error(
                 "residual",
                 residual,
-                "(b * t, n_embd), entering a layer of the model",
+                "(rows, n_embd), entering a layer of the model",
             ));
         }
         let mut x = residual.clone();
@@ -405,8 +444,41 @@ impl Model {
             });
         }
         let rows = hidden.reshape((b * t, d))?.index_select(positions, 0)?;
-        Ok(ops::linear(&rows, &self.lm_head, None)?)
+        Ok(self.lm_head.linear(&rows, None)?)
     }
+}
+
+/// A tensor whose bytes are not what its type and shape say.
+fn invalid(name: &str, message: String) -> ModelError {
+    CheckpointError::Invalid {
+        path: SOURCE_LABEL.to_string(),
+        message: format!("tensor {name}: {message}"),
+    }
+    .into()
+}
+
+/// Dequantizes `t` a panel at a time and refuses it at its first non-finite value.
+fn check_finite(t: &StoredTensor) -> Result<(), ModelError> {
+    let cols = t.cols().max(1);
+    let step = ((1 << 20) / cols).max(1);
+    let mut values = vec![0f32; step * cols];
+    for first in (0..t.rows()).step_by(step) {
+        let n = step.min(t.rows() - first);
+        let panel = &mut values[..n * cols];
+        t.rows_into(first, panel)
+            .map_err(|message| invalid(t.name(), message))?;
+        if let Some(i) = panel.iter().position(|v| !v.is_finite()) {
+            return Err(invalid(
+                t.name(),
+                format!(
+                    "holds a non-finite value ({}) at flat index {}",
+                    panel[i],
+                    first * cols + i
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An [`ModelError::Input`] describing `tensor`.

@@ -7,6 +7,9 @@
 //!
 //! - [`linear`]: `x @ W^T + b` computed in the op's forward through the backend's own matmul
 //!   (CPU, CUDA and Metal alike); backward is `grad @ W`.
+//! - [`stored_linear`]: the same for a weight kept in its stored precision ([`StoredTensor`]):
+//!   a panel of its rows at a time is dequantized to f32 and multiplied, in the forward pass and
+//!   in the backward pass alike, so the f32 weight never exists whole.
 //! - [`rms_norm`], [`rope`], [`causal_softmax`]: the value comes from candle's fused kernel on the
 //!   detached input and is handed to the op, whose forward returns a copy of it; the backward is
 //!   the analytic one, written with primitive ops.
@@ -14,13 +17,19 @@
 //! When the input does not depend on a trainable variable (the first attention block, or a
 //! forward pass without gradients) every op returns the plain value and records nothing.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, Layout, MetalStorage, Result, Shape, Storage,
-    Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, MetalStorage, Result, Shape,
+    Storage, Tensor, Var, D,
 };
+
+use crate::checkpoint::StoredTensor;
+
+/// The f32 values of a stored weight dequantized at a time: a panel of whole rows of about
+/// 1 MiB, small enough to stay in a core's cache while it is multiplied.
+const PANEL_VALUES: usize = 1 << 18;
 
 /// `x @ weight^T (+ bias)` for `x` of shape `(m, in)`, `weight` `(out, in)`, `bias` `(out)`;
 /// the backward pass gives `x` its gradient and never computes one for the weight or the bias.
@@ -120,6 +129,82 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// `x @ weight^T (+ bias)` for `x` of shape `(m, in)` and a stored `weight` `(out, in)`,
+/// dequantized a panel of rows at a time; the backward pass gives `x` its gradient, `grad @
+/// weight`, dequantizing the same panels again, and never computes one for the weight.
+pub fn stored_linear(
+    x: &Tensor,
+    weight: &Arc<StoredTensor>,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let mut value = stored_matmul(&x.detach(), weight)?;
+    if let Some(b) = bias {
+        value = value.broadcast_add(b)?;
+    }
+    let weight = Arc::clone(weight);
+    with_backward(&x, value, "stored-linear", move |_x, _y, grad| {
+        stored_matmul_grad(grad, &weight)
+    })
+}
+
+/// The panels of `weight`'s rows: `(first row, rows)`.
+fn panels(weight: &StoredTensor) -> impl Iterator<Item = (usize, usize)> {
+    let rows = weight.rows();
+    let step = (PANEL_VALUES / weight.cols().max(1)).max(1);
+    (0..rows)
+        .step_by(step)
+        .map(move |first| (first, step.min(rows - first)))
+}
+
+/// Rows `first..first + n` of `weight` as an `(n, cols)` tensor like `like`.
+fn panel(weight: &StoredTensor, first: usize, n: usize, like: &Tensor) -> Result<Tensor> {
+    let cols = weight.cols();
+    let mut values = vec![0f32; n * cols];
+    weight
+        .rows_into(first, &mut values)
+        .map_err(candle_core::Error::Msg)?;
+    Tensor::from_vec(values, (n, cols), like.device())?.to_dtype(like.dtype())
+}
+
+/// `x @ weight^T`: `(m, cols)` to `(m, rows)`.
+fn stored_matmul(x: &Tensor, weight: &StoredTensor) -> Result<Tensor> {
+    let (_, k) = x.dims2()?;
+    if k != weight.cols() || weight.shape().len() != 2 {
+        candle_core::bail!(
+            "stored linear: input {:?} does not match weight {} {:?}",
+            x.shape(),
+            weight.name(),
+            weight.shape()
+        );
+    }
+    let mut parts = panels(weight)
+        .map(|(first, n)| x.matmul(&panel(weight, first, n, x)?.t()?))
+        .collect::<Result<Vec<_>>>()?;
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    Tensor::cat(&parts, 1)
+}
+
+/// `grad @ weight`: `(m, rows)` to `(m, cols)`, summed over the panels in order.
+fn stored_matmul_grad(grad: &Tensor, weight: &StoredTensor) -> Result<Tensor> {
+    let mut sum: Option<Tensor> = None;
+    for (first, n) in panels(weight) {
+        let part = grad
+            .narrow(1, first, n)?
+            .contiguous()?
+            .matmul(&panel(weight, first, n, grad)?)?;
+        sum = Some(match sum {
+            Some(s) => (s + part)?,
+            None => part,
+        });
+    }
+    sum.ok_or_else(|| {
+        candle_core::Error::Msg(format!("stored linear: {} has no rows", weight.name()))
+    })
+}
+
 /// An op whose value was computed beforehand (by a fused kernel without backward) and whose
 /// backward is given as a function of `(input, output, output gradient)`.
 struct Precomputed<F> {
@@ -197,6 +282,99 @@ where
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         (self.backward)(x, y, grad).map(Some)
+    }
+}
+
+/// `value`, the freshly computed `f(x.detach(), p.detach())`, in a graph that keeps only `x`,
+/// `p` and the value: the backward pass runs `f` again on `x` and `p` to get their gradients
+/// (activation recomputation: a layer's intermediate tensors live only while its gradient is
+/// computed). `value` must own its storage, as with [`with_backward`].
+pub fn recomputed<F>(x: &Tensor, p: &Tensor, value: Tensor, f: F) -> Result<Tensor>
+where
+    F: Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+{
+    if !value.is_contiguous() || value.layout().start_offset() != 0 {
+        candle_core::bail!("recomputed: the value does not own its storage");
+    }
+    x.apply_op2(
+        p,
+        Precomputed {
+            name: "recomputed",
+            value: Mutex::new(Some(value)),
+            backward: move |x: &Tensor, p: &Tensor, grad: &Tensor| {
+                let (x, p) = (Var::from_tensor(x)?, Var::from_tensor(p)?);
+                let y = f(x.as_tensor(), p.as_tensor())?;
+                let grads = (y * grad.detach())?.sum_all()?.backward()?;
+                Ok((
+                    grads.get(x.as_tensor()).cloned(),
+                    grads.get(p.as_tensor()).cloned(),
+                ))
+            },
+        },
+    )
+}
+
+impl<F> CustomOp2 for Precomputed<F>
+where
+    F: Fn(&Tensor, &Tensor, &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync,
+{
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not on the cpu", self.name),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not on the cuda device", self.name),
+        }
+    }
+
+    fn metal_fwd(
+        &self,
+        _: &MetalStorage,
+        _: &Layout,
+        _: &MetalStorage,
+        _: &Layout,
+    ) -> Result<(MetalStorage, Shape)> {
+        let value = self.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not on the metal device", self.name),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.backward)(x, p, grad)
     }
 }
 

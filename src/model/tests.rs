@@ -2,14 +2,16 @@
 //! against finite differences, and the custom ops against candle's own autograd.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{ops, Model, ModelError, Scales};
+use super::{ops, Model, ModelError, Scales, WeightStorage};
 use crate::arch::{Arch, Family, RopeScaling};
-use crate::checkpoint::{CheckpointError, TensorSource};
+use crate::checkpoint::{CheckpointError, StoredTensor, TensorSource};
+use crate::gguf::GgmlType;
 use crate::plan::{LinearAttention, ScaleValues, SkipMask};
 
 /// A [`TensorSource`] over tensors held in memory.
@@ -94,6 +96,16 @@ pub(crate) fn random_ids(arch: &Arch, b: usize, t: usize, seed: u64) -> Tensor {
         .map(|_| rng.gen_range(0..arch.vocab_size as u32))
         .collect();
     Tensor::from_vec(ids, (b, t), &Device::Cpu).unwrap()
+}
+
+/// [`random_ids`] whose rows all begin with row 0's first `prefix` tokens.
+fn ids_sharing_prefix(arch: &Arch, b: usize, t: usize, prefix: usize, seed: u64) -> Tensor {
+    let mut rows = random_ids(arch, b, t, seed).to_vec2::<u32>().unwrap();
+    let head = rows[0][..prefix].to_vec();
+    for row in &mut rows {
+        row[..prefix].copy_from_slice(&head);
+    }
+    Tensor::new(rows, &Device::Cpu).unwrap()
 }
 
 /// Logits `(b, t, vocab)` of the model written straightforwardly: fused norm and softmax,
@@ -288,10 +300,49 @@ fn other_scales_and_skips_match_reference() {
 }
 
 #[test]
+fn a_shared_prefix_is_computed_once_and_changes_no_logit() {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 3);
+    let model = Model::load(&src, &Device::Cpu).unwrap();
+    let values = perturbed_scales(arch.n_layer, 5);
+    let scales = model.scales(&values).unwrap();
+    // 3 rows of 9 sharing 5 tokens; 2 identical rows (all but the last token is shared)
+    let cases = [
+        (ids_sharing_prefix(&arch, 3, 9, 5, 4), 5),
+        (ids_sharing_prefix(&arch, 2, 7, 7, 6), 6),
+        (random_ids(&arch, 1, 7, 6), 0),
+    ];
+    for (ids, prefix) in cases {
+        let (b, t) = ids.dims2().unwrap();
+        for skipped in [vec![], vec![1]] {
+            let skip = SkipMask::from_layers(arch.n_layer, &skipped).unwrap();
+            let shared = model
+                .pass_sharing_prefix(&ids, &scales, skip.as_slice(), false)
+                .unwrap();
+            assert_eq!(shared.shared_prefix(), prefix);
+            assert_eq!(shared.rows(), prefix + b * (t - prefix));
+            let once = shared.whole(None).unwrap();
+            let every_row = model
+                .pass(&ids, &scales, skip.as_slice(), false)
+                .unwrap()
+                .whole(None)
+                .unwrap();
+            assert_eq!(once.dims(), [b, t, arch.n_embd]);
+            let diff = max_abs_diff(&once, &every_row);
+            assert!(diff < 1e-5, "prefix {prefix}, skip {skipped:?}: {diff}");
+            let ours = model_logits(&model, &ids, &values, skip.as_slice()).unwrap();
+            let reference = reference_logits(&src, &ids, &values, skip.as_slice()).unwrap();
+            let diff = max_abs_diff(&ours, &reference);
+            assert!(diff < 1e-5, "prefix {prefix}, skip {skipped:?}: {diff}");
+        }
+    }
+}
+
+#[test]
 fn a_pass_from_a_cached_residual_equals_the_whole_pass() {
     let arch = tiny_arch();
     let model = Model::load(&random_source(&arch, 8), &Device::Cpu).unwrap();
-    let ids = random_ids(&arch, 2, 9, 3);
+    let ids = ids_sharing_prefix(&arch, 2, 9, 4, 3);
     let scales = model.scales(&perturbed_scales(arch.n_layer, 9)).unwrap();
     let base = SkipMask::from_layers(arch.n_layer, &[2]).unwrap();
     let residuals = model
@@ -344,10 +395,22 @@ fn skipping_equals_removing_the_attention() {
 
 #[test]
 fn scalar_gradients_match_finite_differences() {
+    for storage in [WeightStorage::Stored, WeightStorage::Dense] {
+        for recompute in [false, true] {
+            scalar_gradients_match_finite_differences_with(storage, recompute);
+        }
+    }
+}
+
+fn scalar_gradients_match_finite_differences_with(storage: WeightStorage, recompute: bool) {
     let arch = tiny_arch();
     let src = random_source(&arch, 8);
-    let model = Model::load_as(&src, &Device::Cpu, DType::F64).unwrap();
-    let ids = random_ids(&arch, 2, 6, 9);
+    let model = Model::load_as(&src, &Device::Cpu, DType::F64, storage)
+        .unwrap()
+        .with_recompute(recompute);
+    assert_eq!(model.weight_storage(), storage);
+    // the rows share 3 tokens, computed once; targets in and after them
+    let ids = ids_sharing_prefix(&arch, 2, 6, 3, 9);
     let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
     let positions = Tensor::new(&[0u32, 3, 5, 6, 10, 11], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[5u32, 17, 90, 0, 33, 64], &Device::Cpu).unwrap();
@@ -436,6 +499,115 @@ fn frozen_linear_gives_the_matmul_input_gradient_and_no_weight_gradient() {
     assert!(max_abs_diff(&y1, &y2) < 1e-5);
     assert!(max_abs_diff(&g1, &g2) < 1e-5);
     assert!(grads.get(&w).is_none() && grads.get(&bias).is_none());
+}
+
+/// `values` (`rows x cols`) stored as `dtype`, by ggml's own quantizer for block types.
+fn stored_as(dtype: GgmlType, values: &[f32], rows: usize, cols: usize) -> StoredTensor {
+    let bytes = match dtype {
+        GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlType::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        GgmlType::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        _ => {
+            let mut out = vec![0u8; dtype.tensor_bytes(&[rows, cols]).unwrap()];
+            // SAFETY: `values` holds rows * cols floats and `out` the bytes ggml writes for them
+            // (tensor_bytes of the type); no importance matrix is passed.
+            let written = unsafe {
+                llama_cpp_sys_2::ggml_quantize_chunk(
+                    dtype.id() as _,
+                    values.as_ptr(),
+                    out.as_mut_ptr().cast(),
+                    0,
+                    rows as i64,
+                    cols as i64,
+                    std::ptr::null(),
+                )
+            };
+            assert_eq!(written, out.len());
+            out
+        }
+    };
+    StoredTensor::from_bytes("w", dtype, &[rows, cols], bytes).unwrap()
+}
+
+#[test]
+fn stored_linear_equals_the_dequantized_linear_for_every_stored_type() {
+    let dev = Device::Cpu;
+    // 600 rows of 512: more than one panel, and whole blocks of every type
+    let (rows, cols, m) = (600, 512, 9);
+    let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap();
+    let bias = Tensor::randn(0f32, 1.0, rows, &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
+    let r = Tensor::randn(0f32, 1.0, (m, rows), &dev).unwrap();
+    let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for dtype in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        let stored = Arc::new(stored_as(dtype, &values, rows, cols));
+        let dense = Tensor::from_vec(stored.to_f32().unwrap(), (rows, cols), &dev).unwrap();
+        if dtype != GgmlType::F32 {
+            // the stored values are not the f32 ones: the test would pass on a plain f32 copy
+            assert!(max_abs_diff(&dense, &w) > 0.0, "{dtype}");
+        }
+        let (y1, g1, grads, _) =
+            grad_through(&x, &r, |x| ops::stored_linear(x, &stored, Some(&bias)));
+        let (y2, g2, _, _) = grad_through(&x, &r, |x| ops::linear(x, &dense, Some(&bias)));
+        let (dy, dg) = (max_abs_diff(&y1, &y2), max_abs_diff(&g1, &g2));
+        // both are f32 sums of 512 (forward) and 600 (backward) products of size about 0.05,
+        // in a different order in the backward pass
+        assert!(
+            dy < 1e-5 && dg < 1e-5,
+            "{dtype}: forward {dy}, input gradient {dg}"
+        );
+        assert!(grads.get(&bias).is_none());
+    }
+}
+
+#[test]
+fn stored_linear_input_gradient_matches_finite_differences() {
+    let dev = Device::Cpu;
+    let (rows, cols, m) = (600, 512, 3);
+    let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap();
+    let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let stored = Arc::new(stored_as(GgmlType::Q4_K, &values, rows, cols));
+    let x = Tensor::randn(0f64, 1.0, (m, cols), &dev).unwrap();
+    let r = Tensor::randn(0f64, 1.0, (m, rows), &dev).unwrap();
+    let loss = |x: &Tensor| -> f64 {
+        let y = ops::stored_linear(x, &stored, None).unwrap();
+        (y * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
+    };
+    let (_, g, _, _) = grad_through(&x, &r, |x| ops::stored_linear(x, &stored, None));
+    let g = g.to_vec2::<f64>().unwrap();
+    let base = x.to_vec2::<f64>().unwrap();
+    let h = 1e-3;
+    for (i, j) in [(0, 0), (1, 255), (2, 511), (0, 300)] {
+        let at = |delta: f64| {
+            let mut v = base.clone();
+            v[i][j] += delta;
+            loss(&Tensor::new(v, &dev).unwrap())
+        };
+        let numeric = (at(h) - at(-h)) / (2.0 * h);
+        assert!(
+            (numeric - g[i][j]).abs() <= 1e-6 * numeric.abs().max(1.0),
+            "x[{i}][{j}]: analytic {} numeric {numeric}",
+            g[i][j]
+        );
+        assert!(numeric.abs() > 1e-3);
+    }
 }
 
 #[test]

@@ -49,6 +49,8 @@ pub(super) struct Fitting<'a> {
     pub(super) fingerprint: &'a ModelFingerprint,
     pub(super) progress: &'a Progress,
     pub(super) model: Option<FitModel<'a>>,
+    /// Whether the model recomputes activations in training ([`check_memory`]).
+    pub(super) recompute: bool,
     pub(super) data: Vec<((usize, Objective), FitTask)>,
     pub(super) orders: Vec<((usize, Method), Choice)>,
 }
@@ -57,7 +59,11 @@ impl<'a> Fitting<'a> {
     pub(super) fn model(&mut self) -> Result<&FitModel<'a>, PipelineError> {
         if self.model.is_none() {
             self.progress.note("loading the model for fitting");
-            self.model = Some(FitModel::load(self.ck, self.fingerprint.clone())?);
+            self.model = Some(FitModel::load(
+                self.ck,
+                self.fingerprint.clone(),
+                self.recompute,
+            )?);
         }
         Ok(self.model.as_ref().expect("loaded above"))
     }
@@ -110,6 +116,7 @@ pub(super) fn fit_all(
     fingerprint: &ModelFingerprint,
     layout: &Layout,
     units: &mut Units,
+    recompute: bool,
     progress: &Progress,
 ) -> Result<Vec<Slim>, PipelineError> {
     let mut fitting = Fitting {
@@ -118,6 +125,7 @@ pub(super) fn fit_all(
         fingerprint,
         progress,
         model: None,
+        recompute,
         data: Vec::new(),
         orders: Vec::new(),
     };

@@ -276,7 +276,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
         objective: Objective::Kl,
         ..req.fit.clone()
     };
-    check_memory(&ck, &heaviest, progress)?;
+    let memory = check_memory(&ck, &heaviest, progress)?;
     let fingerprint = ModelFingerprint::of(&ck);
     let layout = Layout {
         dir: req.out_dir.clone(),
@@ -363,6 +363,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
         &fingerprint,
         &layout,
         &mut units,
+        memory.recompute,
         progress,
     )?;
     seconds.fit += phase.elapsed().as_secs_f64();

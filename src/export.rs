@@ -24,13 +24,13 @@ use crate::fold::{fold_values, Fold, FoldError};
 use crate::gguf::consts::{arch_key, QuantType};
 use crate::gguf::imatrix::Imatrix;
 use crate::gguf::vocab::Vocab;
-use crate::gguf::Value;
+use crate::gguf::{GgmlType, Value};
 use crate::output::{check_overwrite, AtomicFile, OutputError};
 use crate::plan::{Plan, PlanError};
 use crate::quantize::original_attn_v_types;
 use crate::write::{
-    checkpoint_kvs, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job, rope_heads,
-    write_gguf, write_typed, FloatType, TensorJob, WriteError, WriteSummary,
+    checkpoint_kvs, convert_plain, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job,
+    rope_heads, write_gguf, write_typed, FloatType, TensorJob, WriteError, WriteSummary,
 };
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
@@ -150,64 +150,15 @@ pub fn export(
         threads,
         imatrix,
     } = *opts;
-    plan.validate().map_err(|message| PlanError::Invalid {
-        path: plan_path.display().to_string(),
-        message,
-    })?;
-    plan.check_model(ck, plan_path)?;
+    let fold = fold_for(ck, plan, plan_path)?;
     let n_layer = ck.arch.n_layer;
-    if n_layer > LLAMA_MAX_LAYERS {
-        return Err(ExportError::TooManyLayers {
-            model: ck.display_path(),
-            n_layer,
-            max: LLAMA_MAX_LAYERS,
-        });
-    }
     let skip = plan.skip_mask();
-    let fold = Fold::new(n_layer, ck.arch.n_embd, &skip, &plan.scales).map_err(|source| {
-        ExportError::Fold {
-            plan: plan_path.to_path_buf(),
-            source,
-        }
-    })?;
     let modelfile = modelfile_path(target);
     check_overwrite(target, force)?;
     check_overwrite(&modelfile, force)?;
-
     let slim = skip.iter().any(|&s| s);
     let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
-    let interleave = slim || ck.arch.family == Family::Llama;
-    // the kept attention blocks get the types the original's would, whatever their new index
-    let overrides = if slim {
-        let kept: Vec<usize> = (0..n_layer).filter(|&l| !skip[l]).collect();
-        original_attn_v_types(qtype, &ck.arch, &kept)
-    } else {
-        Vec::new()
-    };
-    let gguf = write_typed(
-        target,
-        qtype,
-        force,
-        threads,
-        imatrix,
-        &overrides,
-        progress,
-        |path, float, bar| {
-            let kvs = if slim {
-                deci_kvs(ck, &fold, float.file_type())
-            } else {
-                checkpoint_kvs(ck, gguf_arch, float.file_type())
-            };
-            write_gguf(
-                path,
-                true,
-                kvs,
-                folded_jobs(ck, &fold, float, interleave),
-                bar,
-            )
-        },
-        FloatType::intermediate_for(ck),
-    )?;
+    let gguf = write_slim(ck, &fold, target, qtype, force, threads, imatrix, progress)?;
 
     let skipped_blocks: Vec<usize> = (0..n_layer).filter(|&l| skip[l]).collect();
     let chat_template = ck
@@ -250,6 +201,83 @@ pub fn export(
     })
 }
 
+/// The fold of `plan` (read from `plan_path`, named in messages) into `ck`: refuses an invalid
+/// plan, one fitted on another model, and a model with more layers than llama.cpp's per-layer
+/// arrays hold.
+pub fn fold_for(ck: &Checkpoint, plan: &Plan, plan_path: &Path) -> Result<Fold, ExportError> {
+    plan.validate().map_err(|message| PlanError::Invalid {
+        path: plan_path.display().to_string(),
+        message,
+    })?;
+    plan.check_model(ck, plan_path)?;
+    let n_layer = ck.arch.n_layer;
+    if n_layer > LLAMA_MAX_LAYERS {
+        return Err(ExportError::TooManyLayers {
+            model: ck.display_path(),
+            n_layer,
+            max: LLAMA_MAX_LAYERS,
+        });
+    }
+    Fold::new(n_layer, ck.arch.n_embd, &plan.skip_mask(), &plan.scales).map_err(|source| {
+        ExportError::Fold {
+            plan: plan_path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Writes `ck` folded by `fold` to `target` as `qtype`: a `deci` GGUF when the fold skips an
+/// attention block, else a plain `llama`/`qwen2` one. The kept attention blocks' `attn_v` get
+/// the types llama.cpp's preset gives them in the whole model.
+#[allow(clippy::too_many_arguments)]
+pub fn write_slim(
+    ck: &Checkpoint,
+    fold: &Fold,
+    target: &Path,
+    qtype: QuantType,
+    force: bool,
+    threads: usize,
+    imatrix: Option<&Imatrix>,
+    progress: &indicatif::ProgressBar,
+) -> Result<WriteSummary, WriteError> {
+    let slim = fold.layers.iter().any(|l| l.attn_skipped);
+    let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
+    let interleave = slim || ck.arch.family == Family::Llama;
+    // the kept attention blocks get the types the original's would, whatever their new index
+    let overrides = if slim {
+        let kept: Vec<usize> = (0..fold.layers.len())
+            .filter(|&l| !fold.layers[l].attn_skipped)
+            .collect();
+        original_attn_v_types(qtype, &ck.arch, &kept)
+    } else {
+        Vec::new()
+    };
+    write_typed(
+        target,
+        qtype,
+        force,
+        threads,
+        imatrix,
+        &overrides,
+        progress,
+        |path, float, bar| {
+            let kvs = if slim {
+                deci_kvs(ck, fold, float.file_type())
+            } else {
+                checkpoint_kvs(ck, gguf_arch, float.file_type())
+            };
+            write_gguf(
+                path,
+                true,
+                kvs,
+                folded_jobs(ck, fold, float, interleave),
+                bar,
+            )
+        },
+        FloatType::intermediate_for(ck),
+    )
+}
+
 fn join(v: &[usize]) -> String {
     v.iter()
         .map(|x| x.to_string())
@@ -264,20 +292,13 @@ fn join(v: &[usize]) -> String {
 pub fn deci_kvs(ck: &Checkpoint, fold: &Fold, file_type: u32) -> Vec<(String, Value)> {
     let a = &ck.arch;
     // A linear stand-in is a layer with heads and no KV heads: deci's "linear attention".
-    let heads = Value::i32s(fold.layers.iter().map(|l| {
-        if l.has_attn_branch() {
-            a.n_head as i32
-        } else {
-            0
-        }
-    }));
-    let kv_heads = Value::i32s(fold.layers.iter().map(|l| {
-        if l.attn_skipped {
-            0
-        } else {
-            a.n_head_kv as i32
-        }
-    }));
+    let counts: Vec<(usize, usize)> = fold
+        .attention_kinds()
+        .iter()
+        .map(|k| k.head_counts(a))
+        .collect();
+    let heads = Value::i32s(counts.iter().map(|&(h, _)| h as i32));
+    let kv_heads = Value::i32s(counts.iter().map(|&(_, kv)| kv as i32));
     let k = |s: &str| arch_key(DECI_ARCH, s);
     let arrays = [
         (k("attention.head_count"), heads),
@@ -316,19 +337,10 @@ pub fn folded_jobs<'a>(
             shape,
             dtype,
             produce: Box::new(move || {
-                // a linear stand-in's matrix comes from the plan, every other tensor from `ck`
-                let mut values = match fold.linear_weight(&name) {
-                    Some(w) => w.to_vec(),
-                    None => {
-                        let e = ck.require(&name)?;
-                        if !fold.alters(&name) {
-                            return gguf_tensor_bytes(ck, e, dtype, interleave_rope);
-                        }
-                        ck.f32_values(e)?
-                    }
-                };
-                fold_values(fold, &name, &mut values);
-                let bytes = encode_f32(&values, dtype);
+                if !fold.alters(&name) {
+                    return gguf_tensor_bytes(ck, ck.require(&name)?, dtype, interleave_rope);
+                }
+                let bytes = folded_hf_bytes(ck, fold, &name, dtype)?;
                 Ok(match rope_heads(&ck.arch, &name) {
                     Some(n_head) if interleave_rope => {
                         permute_rope_rows(&bytes, bytes.len() / rows, n_head, true)
@@ -339,6 +351,34 @@ pub fn folded_jobs<'a>(
         });
     }
     jobs
+}
+
+/// Tensor `name` (GGUF name) of the folded model as `dtype` bytes in Hugging Face layout: a
+/// linear stand-in's matrix from the plan, every other tensor from `ck`, times its fold
+/// factor; a tensor the fold leaves alone is converted as stored.
+pub fn folded_hf_bytes(
+    ck: &Checkpoint,
+    fold: &Fold,
+    name: &str,
+    dtype: GgmlType,
+) -> Result<Vec<u8>, WriteError> {
+    let mut values = match fold.linear_weight(name) {
+        Some(w) => w.to_vec(),
+        None => {
+            let e = ck.require(name)?;
+            if !fold.alters(name) {
+                return convert_plain(e.dtype, &ck.hf_bytes(e), e.n_elements(), dtype).map_err(
+                    |message| WriteError::Tensor {
+                        name: name.to_string(),
+                        message,
+                    },
+                );
+            }
+            ck.f32_values(e)?
+        }
+    };
+    fold_values(fold, name, &mut values);
+    Ok(encode_f32(&values, dtype))
 }
 
 /// The Modelfile beside a GGUF: `slim.gguf` -> `slim.Modelfile` (so several exports can share a

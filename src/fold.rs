@@ -28,6 +28,7 @@
 
 use crate::arch::Arch;
 use crate::checkpoint::{Checkpoint, CheckpointError, TensorSource};
+use crate::deci::{split_block, AttentionKind};
 use crate::plan::{LinearAttention, ScaleValues, StandInError};
 
 /// Errors folding a plan's scalars.
@@ -101,6 +102,11 @@ impl LayerFold {
     /// Whether the layer has an attention branch: its own block, or a linear stand-in.
     pub fn has_attn_branch(&self) -> bool {
         !self.attn_skipped || self.attn_linear
+    }
+
+    /// The layer's attention block: its own, a linear stand-in, or none.
+    pub fn attention_kind(&self) -> AttentionKind {
+        AttentionKind::of(self.attn_skipped, self.attn_linear)
     }
 }
 
@@ -260,14 +266,17 @@ impl Fold {
     /// stand-in's matrix).
     pub fn keeps(&self, name: &str) -> bool {
         match split_block(name) {
-            Some((l, suffix)) => match self.layers.get(l) {
-                Some(f) if f.attn_skipped && suffix.starts_with("attn_") => {
-                    f.attn_linear && matches!(suffix, "attn_norm.weight" | "attn_output.weight")
-                }
-                _ => true,
-            },
+            Some((l, suffix)) => self
+                .layers
+                .get(l)
+                .is_none_or(|f| f.attention_kind().keeps(suffix)),
             None => true,
         }
+    }
+
+    /// Each layer's attention block in the folded model.
+    pub fn attention_kinds(&self) -> Vec<AttentionKind> {
+        self.layers.iter().map(LayerFold::attention_kind).collect()
     }
 
     /// The multiplier of tensor `name` (GGUF name) in the folded model.
@@ -292,21 +301,29 @@ impl Fold {
 
     /// The tensors of the folded model, by GGUF name, with torch-order shapes.
     pub fn kept_tensors(&self, arch: &Arch) -> Vec<(String, Vec<usize>)> {
-        arch.expected_tensors()
-            .into_iter()
-            .filter(|(name, _)| self.keeps(name))
-            .map(|(name, shape)| match self.linear_weight(&name) {
-                Some(_) => (name, vec![arch.n_embd, arch.n_embd]),
-                None => (name, shape),
-            })
-            .collect()
+        crate::deci::expected_tensors(arch, &self.attention_kinds())
     }
-}
 
-/// `blk.N.rest` as `(N, rest)`.
-fn split_block(name: &str) -> Option<(usize, &str)> {
-    let (index, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    Some((index.parse().ok()?, rest))
+    /// The fold of a model that is already folded: every multiplier 1, the layers' attention
+    /// blocks as `kinds` say, a stand-in's matrix read from the model's own `attn_output`.
+    pub fn identity(kinds: &[AttentionKind]) -> Fold {
+        let layers = kinds
+            .iter()
+            .map(|&kind| LayerFold {
+                attn_skipped: kind != AttentionKind::Attention,
+                attn_linear: kind == AttentionKind::Linear,
+                residual_in: 1.0,
+                residual_mid: 1.0,
+                residual_out: 1.0,
+                attn_output_scale: 1.0,
+                ffn_down_scale: 1.0,
+            })
+            .collect();
+        Fold {
+            layers,
+            linear: Vec::new(),
+        }
+    }
 }
 
 /// Multiplies f32 values by a fold multiplier (nothing to do when it is 1).

@@ -11,11 +11,14 @@
 pub mod arch;
 pub mod checkpoint;
 pub mod convert;
+pub mod deci;
 pub mod eval;
 pub mod export;
+pub mod export_hf;
 pub mod fit;
 pub mod fold;
 pub mod gguf;
+pub mod hf_write;
 pub mod imatrix;
 pub mod inspect;
 pub mod llamacpp;

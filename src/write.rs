@@ -50,7 +50,7 @@ pub enum WriteError {
 }
 
 /// The plain float types written directly (everything else goes through llama.cpp's quantizer).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FloatType {
     /// 32-bit float.
     F32,
@@ -66,6 +66,24 @@ impl FloatType {
             FloatType::F32 => GgmlType::F32,
             FloatType::F16 => GgmlType::F16,
             FloatType::BF16 => GgmlType::BF16,
+        }
+    }
+
+    /// The name as llama.cpp's tools spell it (`f32`, `f16`, `bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "f32",
+            FloatType::F16 => "f16",
+            FloatType::BF16 => "bf16",
+        }
+    }
+
+    /// The `torch_dtype` a Hugging Face config.json gives this type.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
         }
     }
 

@@ -25,6 +25,20 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     let config_path = dir.join("config.json");
     let config = read_json(&config_path)?;
     let arch = arch_from_config(&config, &config_path)?;
+    let ck = open_folder(dir, &config, arch, &hf_to_gguf_name)?;
+    ck.validate_tensors()?;
+    Ok(ck)
+}
+
+/// Opens the tokenizer and the safetensors of a folder whose config.json (`config`) describes
+/// `arch`, naming each tensor by `gguf_name` (a tensor it does not name is refused). The
+/// tensors are not checked against the architecture.
+pub(super) fn open_folder(
+    dir: &Path,
+    config: &Json,
+    arch: Arch,
+    gguf_name: &dyn Fn(&str) -> Option<String>,
+) -> Result<Checkpoint, CheckpointError> {
     let tok = dir.join("tokenizer.json");
     if !tok.is_file() {
         return Err(CheckpointError::Invalid {
@@ -38,7 +52,7 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         tok_cfg.is_file().then_some(tok_cfg.as_path()),
         arch.vocab_size,
     )?;
-    vocab.fill_special_ids_from_config_json(&config);
+    vocab.fill_special_ids_from_config_json(config);
     // convert_hf_to_gguf.py's LlamaModel: models with a 49152-token vocabulary (SmolLM,
     // Granite small) are written with add_bos_token = false.
     if arch.family == Family::Llama && arch.vocab_size == 49152 {
@@ -65,7 +79,7 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
             if ignored_hf_tensor(&hf_name) {
                 continue;
             }
-            let name = hf_to_gguf_name(&hf_name).ok_or_else(|| CheckpointError::Invalid {
+            let name = gguf_name(&hf_name).ok_or_else(|| CheckpointError::Invalid {
                 path: fname.clone(),
                 message: format!(
                     "tensor {hf_name} has no GGUF counterpart for {}",
@@ -109,7 +123,7 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         Some(n) if !n.is_empty() => vec![("general.name".to_string(), Value::String(n.into()))],
         _ => Vec::new(),
     };
-    let ck = Checkpoint {
+    Ok(Checkpoint {
         path: dir.to_path_buf(),
         format: SourceFormat::HfFolder,
         arch,
@@ -117,12 +131,11 @@ pub(super) fn open(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         general,
         tensors,
         maps,
-    };
-    ck.validate_tensors()?;
-    Ok(ck)
+    })
 }
 
-fn read_json(path: &Path) -> Result<Json, CheckpointError> {
+/// Reads and parses a JSON file.
+pub(super) fn read_json(path: &Path) -> Result<Json, CheckpointError> {
     let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
         path: path.display().to_string(),
         source,

@@ -5,10 +5,12 @@
 //! lays them out (torch shape order `[out, in]`, q/k rows not rope-permuted), whatever the source.
 //! Nothing is read until a stage asks for a tensor, so peak memory stays near one tensor.
 
+mod from_deci;
 mod from_gguf;
 mod from_hf;
 mod stored;
 
+pub use from_deci::{is_deci_folder, DeciCheckpoint};
 pub use from_gguf::SUPPORTED_GGUF_ARCHS;
 pub use from_hf::{arch_from_config, config_json, SUPPORTED_HF_ARCHS};
 pub use stored::StoredTensor;
@@ -153,6 +155,11 @@ impl TensorEntry {
     pub fn n_bytes(&self) -> usize {
         self.len
     }
+
+    /// Which of the checkpoint's files holds it (0 for a GGUF; a shard's place for a folder).
+    pub fn file_index(&self) -> usize {
+        self.file
+    }
 }
 
 /// An opened model: architecture, tokenizer, descriptive metadata and lazy tensors.
@@ -247,6 +254,11 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+
+    /// How many files the tensors are stored in (a folder's safetensors shards).
+    pub fn file_count(&self) -> usize {
+        self.maps.len()
     }
 
     /// The file bytes of the weights (sum of stored tensor sizes).

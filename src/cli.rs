@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 use hopscotch::imatrix::ImatrixRequest;
 use hopscotch::plan::{FitSettings, Method, Objective};
+use hopscotch::write::FloatType;
 
 #[derive(Parser)]
 #[command(
@@ -99,9 +100,12 @@ impl ChoiceArgs {
     }
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+/// What `convert` and `export` write.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
+    /// A GGUF file.
     Gguf,
+    /// A Hugging Face folder.
     Hf,
 }
 
@@ -238,11 +242,20 @@ pub struct ExportArgs {
     /// The plan (JSON) written by `hopscotch fit`.
     #[arg(long)]
     pub plan: PathBuf,
-    /// Output GGUF; the Modelfile goes beside it (slim.gguf -> slim.Modelfile).
+    /// Output GGUF, the Modelfile beside it (slim.gguf -> slim.Modelfile); or, with --to hf,
+    /// the Hugging Face folder.
     #[arg(short, long)]
     pub output: PathBuf,
     #[command(flatten)]
     pub typed: OutputType,
+    /// Output format: a GGUF for llama.cpp and Ollama, or a Hugging Face folder (DeciLM layout
+    /// when blocks are skipped) for engines such as vLLM.
+    #[arg(long, value_enum, default_value = "gguf")]
+    pub to: Target,
+    /// Float type of the Hugging Face folder's matrices (default: the input's; f32 for a
+    /// quantized input). Only with --to hf.
+    #[arg(long, value_enum)]
+    pub dtype: Option<FloatType>,
     /// Overwrite existing outputs.
     #[arg(long)]
     pub force: bool,

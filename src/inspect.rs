@@ -6,7 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::checkpoint::{is_deci_folder, Checkpoint, CheckpointError, DeciCheckpoint};
 use crate::gguf::consts::arch_key;
 use crate::gguf::reader::GgufFile;
 use crate::gguf::Value;
@@ -131,8 +131,19 @@ fn inspect_imatrix(path: &Path, f: &GgufFile) -> Result<Summary, InspectError> {
     })
 }
 
-/// Summarises a GGUF file or HF folder.
+/// Summarises a GGUF file or HF folder (a DeciLM one with its layers' head counts as `deci`
+/// GGUF arrays hold them: a linear stand-in has heads and no KV heads, a skipped block neither).
 pub fn inspect(path: &Path) -> Result<Summary, InspectError> {
+    if is_deci_folder(path) {
+        let deci = DeciCheckpoint::open(path)?;
+        let a = &deci.checkpoint.arch;
+        let (heads, kv_heads) = deci.attention.iter().map(|k| k.head_counts(a)).unzip();
+        return Ok(Summary {
+            head_count: heads,
+            head_count_kv: kv_heads,
+            ..inspect_hf(&deci.checkpoint)
+        });
+    }
     if path.is_dir() {
         return Ok(inspect_hf(&Checkpoint::open(path)?));
     }

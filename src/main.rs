@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use cli::{Cli, Command, Target};
-use hopscotch::checkpoint::Checkpoint;
+use hopscotch::checkpoint::{is_deci_folder, Checkpoint, DeciCheckpoint};
 use hopscotch::convert;
 use hopscotch::eval::perplexity::perplexity;
 use hopscotch::eval::speed::{compare_prompt_speed, SpeedReport};
@@ -108,9 +108,23 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(a) => {
             let q = QuantType::from_name(&a.typed.qtype)?;
             let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
-            let ck = open(&a.input)?;
             let bar = bytes_bar(format!("writing {}", a.output.display()));
             let (out, threads) = (&a.output, a.threads.count());
+            if is_deci_folder(&a.input) {
+                if a.to == Target::Hf {
+                    bail!(
+                        "{} is already a Hugging Face folder (DeciLM); convert writes it as GGUF",
+                        a.input.display()
+                    );
+                }
+                let deci = DeciCheckpoint::open(&a.input)
+                    .with_context(|| format!("opening {}", a.input.display()))?;
+                let summary =
+                    convert::deci_to_gguf(&deci, out, q, a.force, threads, imatrix.as_ref(), &bar)?;
+                eprintln!("wrote {summary} in {:.1}s", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            let ck = open(&a.input)?;
             let summary = match a.to {
                 Target::Gguf => {
                     convert::to_gguf(&ck, out, q, a.force, threads, imatrix.as_ref(), &bar)?
@@ -167,7 +181,21 @@ fn run(cli: Cli) -> Result<()> {
             let rep = evaluate(&m, r.as_ref(), &data, &selection, ctx, threads, &docs_bar())?;
             print_eval(&rep, a.json, &rep.heading(&a.model, task))?;
         }
+        Command::Export(a) if a.to == Target::Hf => {
+            if a.typed.qtype != "f16" || a.typed.imatrix.is_some() {
+                bail!("--type and --imatrix apply to GGUF output; give a Hugging Face folder's float type with --dtype");
+            }
+            let (ck, plan) = (open(&a.model)?, Plan::load(&a.plan)?);
+            let bar = bytes_bar(format!("writing {}", a.output.display()));
+            let s = hopscotch::export_hf::export_hf(
+                &ck, &plan, &a.plan, &a.output, a.dtype, a.force, &bar,
+            )?;
+            eprintln!("{s}\ntook {:.1}s", started.elapsed().as_secs_f64());
+        }
         Command::Export(a) => {
+            if a.dtype.is_some() {
+                bail!("--dtype applies to --to hf; a GGUF's type is --type");
+            }
             let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
             let opts = hopscotch::export::ExportOptions {
                 qtype: QuantType::from_name(&a.typed.qtype)?,

@@ -7,15 +7,17 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{bin, candle_logits, llama_logits, max_abs_diff, sample_tokens, write_tiny, Tiny};
+use common::{
+    add_stand_ins, bin, candle_logits, llama_logits, max_abs_diff, plan_for, sample_tokens,
+    write_tiny, Tiny,
+};
 use hopscotch::arch::Arch;
 use hopscotch::checkpoint::{Checkpoint, CheckpointError, TensorSource};
 use hopscotch::fold::{Fold, FoldedWeights};
 use hopscotch::gguf::reader::GgufFile;
 use hopscotch::llamacpp::LoadedModel;
-use hopscotch::plan::{FitSettings, LossTokens, ModelFingerprint, Plan, TaskRef};
+use hopscotch::plan::Plan;
 use hopscotch::plan::{LinearAttention, ScaleValues};
-use rand::{Rng, SeedableRng};
 
 fn hopscotch(args: &[&str]) -> std::process::Output {
     Command::new(bin())
@@ -26,65 +28,6 @@ fn hopscotch(args: &[&str]) -> std::process::Output {
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// A plan for `ck` skipping `skipped`, with scalars drawn uniformly from 0.7..1.3 (the attention
-/// scalars of skipped layers stay 1, as the fit leaves them).
-fn plan_for(ck: &Checkpoint, skipped: &[usize], seed: u64) -> Plan {
-    let n = ck.arch.n_layer;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut draw = |skip: bool| -> Vec<f32> {
-        (0..n)
-            .map(|l| {
-                if skip && skipped.contains(&l) {
-                    1.0
-                } else {
-                    rng.gen_range(0.7..1.3)
-                }
-            })
-            .collect()
-    };
-    let scales = ScaleValues {
-        b_att: draw(true),
-        s_att: draw(true),
-        b_mlp: draw(false),
-        s_mlp: draw(false),
-        linear: vec![],
-    };
-    Plan {
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        model: ModelFingerprint::of(ck),
-        task: TaskRef {
-            path: "test.jsonl".into(),
-            sha256: "0".repeat(64),
-            format: "test".into(),
-        },
-        fit_doc_ids: vec![],
-        final_doc_ids: vec![],
-        skipped_blocks: skipped.to_vec(),
-        scales,
-        rounds: vec![],
-        final_loss_history: vec![],
-        final_loss: None,
-        final_loss_untrained: None,
-        attn_importance: None,
-        settings: FitSettings {
-            skip: skipped.len(),
-            fit_docs: 0,
-            candidate_steps: Some(0),
-            final_steps: Some(0),
-            batch_size: 1,
-            max_seq_len: 64,
-            seed,
-            exhaustive: true,
-            shortlist: 0,
-            screen_batches: 0,
-            rescreen: 0,
-            teacher_top_k: 0,
-            loss_tokens: LossTokens::Targets,
-            ..FitSettings::default()
-        },
-    }
 }
 
 /// The folded weights, with a skipped layer's dropped attention tensors served from the
@@ -135,21 +78,6 @@ fn export(hf: &Path, plan: &Path, out: &Path, ty: &str) {
 //   (2e-4 absolute in tests/equivalence.rs); measured equal to the fold difference to 1e-6.
 const FOLD_BOUND: f32 = 1e-4;
 const LLAMA_CPP_EXTRA: f32 = 2e-4;
-
-/// Linear stand-ins for `layers`, entries drawn uniformly from -0.2..0.2, with the layers'
-/// attention scalars drawn as a kept block's are (the fit trains them).
-fn add_stand_ins(ck: &Checkpoint, plan: &mut Plan, layers: &[usize], seed: u64) {
-    let d = ck.arch.n_embd;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for &layer in layers {
-        plan.scales.b_att[layer] = rng.gen_range(0.7..1.3);
-        plan.scales.s_att[layer] = rng.gen_range(0.7..1.3);
-        plan.scales.linear.push(LinearAttention {
-            layer,
-            weight: (0..d * d).map(|_| rng.gen_range(-0.2..0.2)).collect(),
-        });
-    }
-}
 
 /// The fold of a plan with `skipped` blocks (`linear` of them with stand-ins), `negative`: one
 /// negative `s_mlp`: candle with the scalars against candle on the

@@ -9,6 +9,10 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use hopscotch::plan::{
+    FitSettings, LinearAttention, LossTokens, ModelFingerprint, Plan, ScaleValues, TaskRef,
+};
+
 /// Element type of the safetensors a fixture is written in.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Dtype {
@@ -345,4 +349,83 @@ pub fn write_choice_task(dir: &Path, name: &str, docs: &[(String, Vec<String>, u
     let path = dir.join(format!("{name}.jsonl"));
     std::fs::write(&path, lines).unwrap();
     path
+}
+
+/// A plan for `ck` skipping `skipped`, with scalars drawn uniformly from 0.7..1.3 (the attention
+/// scalars of skipped layers stay 1, as the fit leaves them).
+pub fn plan_for(ck: &hopscotch::checkpoint::Checkpoint, skipped: &[usize], seed: u64) -> Plan {
+    let n = ck.arch.n_layer;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut draw = |skip: bool| -> Vec<f32> {
+        (0..n)
+            .map(|l| {
+                if skip && skipped.contains(&l) {
+                    1.0
+                } else {
+                    rng.gen_range(0.7..1.3)
+                }
+            })
+            .collect()
+    };
+    let scales = ScaleValues {
+        b_att: draw(true),
+        s_att: draw(true),
+        b_mlp: draw(false),
+        s_mlp: draw(false),
+        linear: vec![],
+    };
+    Plan {
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        model: ModelFingerprint::of(ck),
+        task: TaskRef {
+            path: "test.jsonl".into(),
+            sha256: "0".repeat(64),
+            format: "test".into(),
+        },
+        fit_doc_ids: vec![],
+        final_doc_ids: vec![],
+        skipped_blocks: skipped.to_vec(),
+        scales,
+        rounds: vec![],
+        final_loss_history: vec![],
+        final_loss: None,
+        final_loss_untrained: None,
+        attn_importance: None,
+        settings: FitSettings {
+            skip: skipped.len(),
+            fit_docs: 0,
+            candidate_steps: Some(0),
+            final_steps: Some(0),
+            batch_size: 1,
+            max_seq_len: 64,
+            seed,
+            exhaustive: true,
+            shortlist: 0,
+            screen_batches: 0,
+            rescreen: 0,
+            teacher_top_k: 0,
+            loss_tokens: LossTokens::Targets,
+            ..FitSettings::default()
+        },
+    }
+}
+
+/// Linear stand-ins for `layers`, entries drawn uniformly from -0.2..0.2, with the layers'
+/// attention scalars drawn as a kept block's are (the fit trains them).
+pub fn add_stand_ins(
+    ck: &hopscotch::checkpoint::Checkpoint,
+    plan: &mut Plan,
+    layers: &[usize],
+    seed: u64,
+) {
+    let d = ck.arch.n_embd;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for &layer in layers {
+        plan.scales.b_att[layer] = rng.gen_range(0.7..1.3);
+        plan.scales.s_att[layer] = rng.gen_range(0.7..1.3);
+        plan.scales.linear.push(LinearAttention {
+            layer,
+            weight: (0..d * d).map(|_| rng.gen_range(-0.2..0.2)).collect(),
+        });
+    }
 }

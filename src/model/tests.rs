@@ -891,3 +891,77 @@ fn stand_ins_of_the_wrong_shape_or_layer_are_refused() {
         "linear stand-in of layer 2: value 5 is not finite"
     );
 }
+
+/// The tiny model's logits and scalar gradients on `device` against the CPU's, with a shared
+/// prefix, a skipped block and activation recomputation: the largest logit difference relative
+/// to the largest |logit|, and the largest gradient difference relative to the largest
+/// |gradient|.
+pub(crate) fn device_parity(device: &Device) -> (f32, f32) {
+    let arch = tiny_arch();
+    let src = random_source(&arch, 8);
+    let ids = ids_sharing_prefix(&arch, 3, 10, 4, 9);
+    let skip = SkipMask::from_layers(arch.n_layer, &[1]).unwrap();
+    let values = perturbed_scales(arch.n_layer, 10);
+    let run = |device: &Device| -> (Vec<f32>, Vec<f32>) {
+        let model = Model::load(&src, device).unwrap().with_recompute(true);
+        let scales = model.scales(&values).unwrap();
+        let ids = ids.to_device(device).unwrap();
+        let hidden = model
+            .forward_hidden(&ids, &scales, skip.as_slice())
+            .unwrap();
+        let all = Tensor::arange(0u32, 30, device).unwrap();
+        let logits = model.logits_at(&hidden, &all).unwrap();
+        let loss = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
+            .narrow(1, 0, 7)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .neg()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> {
+            t.to_device(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let grads = scales
+            .vars()
+            .iter()
+            .flat_map(|v| flat(grads.get(v.as_tensor()).unwrap()))
+            .collect();
+        (flat(&logits), grads)
+    };
+    let (cpu_logits, cpu_grads) = run(&Device::Cpu);
+    let (logits, grads) = run(device);
+    let relative = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    };
+    (relative(&logits, &cpu_logits), relative(&grads, &cpu_grads))
+}
+
+/// The harness the GPU test uses, on the CPU against itself: the fit's passes are deterministic
+/// (the same logits and gradients bit for bit, prefix sharing and recomputation included).
+#[test]
+fn device_parity_is_exact_on_the_cpu_itself() {
+    assert_eq!(device_parity(&Device::Cpu), (0.0, 0.0));
+}
+
+/// Run by scripts/check-gpu.sh on a machine with an NVIDIA GPU: candle's CUDA kernels against
+/// the CPU's, f32 throughout (TF32 off in candle's default), within 1e-3 of the largest value.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs an NVIDIA GPU: scripts/check-gpu.sh"]
+fn the_gpu_gives_the_cpus_logits_and_gradients() {
+    let device = Device::new_cuda(0).expect("a CUDA device");
+    let (logits, grads) = device_parity(&device);
+    eprintln!("gpu against cpu: logits {logits:.2e}, scalar gradients {grads:.2e} (relative)");
+    assert!(
+        logits < 1e-3 && grads < 1e-3,
+        "logits {logits}, gradients {grads}"
+    );
+}

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{bin, facts, write_choice_task, write_safetensors, write_tiny, Dtype, Tiny};
+use common::{bin, dead_blocks_model, facts, write_choice_task, write_tiny, Tiny};
 use hopscotch::plan::{LossTokens, Plan};
 
 /// The layer whose attention output projection is zeroed in [`dead_block_model`].
@@ -17,24 +16,7 @@ const DEAD: usize = 2;
 /// A tiny 4-layer random Llama (real SmolLM2 tokenizer) whose layer [`DEAD`] attention adds
 /// nothing: its output projection is all zeros.
 fn dead_block_model(dir: &Path) -> PathBuf {
-    let model = write_tiny(dir, &Tiny::llama());
-    let file = model.join("model.safetensors");
-    let bytes = std::fs::read(&file).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let mut values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        if name == format!("model.layers.{DEAD}.self_attn.o_proj.weight") {
-            values.iter_mut().for_each(|v| *v = 0.0);
-        }
-        tensors.insert(name, (view.shape().to_vec(), values));
-    }
-    write_safetensors(&model, &tensors, Dtype::F32, 1);
-    model
+    dead_blocks_model(dir, &[DEAD])
 }
 
 /// Sixteen short English texts, one `{"text"}` line each.

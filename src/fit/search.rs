@@ -110,6 +110,18 @@ pub struct Choice {
     pub attn_importance: Option<Vec<f32>>,
 }
 
+impl Choice {
+    /// The first `k` blocks of the order, with their rounds: what a search for `k` blocks
+    /// chooses.
+    pub fn first(&self, k: usize) -> Choice {
+        Choice {
+            skipped: self.skipped[..k.min(self.skipped.len())].to_vec(),
+            rounds: self.rounds[..k.min(self.rounds.len())].to_vec(),
+            attn_importance: self.attn_importance.clone(),
+        }
+    }
+}
+
 /// Runs the search and the training steps, keeping the statistics and the progress bars.
 pub(super) struct Searcher<'a> {
     input: &'a SearchInput<'a>,

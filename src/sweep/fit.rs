@@ -32,15 +32,6 @@ pub(super) fn plan_is_current(
             }
 }
 
-/// The first `k` blocks of an order, with their rounds.
-pub(super) fn prefix(choice: &Choice, k: usize) -> Choice {
-    Choice {
-        skipped: choice.skipped[..k.min(choice.skipped.len())].to_vec(),
-        rounds: choice.rounds[..k.min(choice.rounds.len())].to_vec(),
-        attn_importance: choice.attn_importance.clone(),
-    }
-}
-
 /// What the fit phase keeps loaded: the candle model (loaded on first need), fit data per
 /// (task, objective), baseline orders per (task, method).
 pub(super) struct Fitting<'a> {
@@ -177,7 +168,7 @@ pub(super) fn fit_all(
             };
             let model = fitting.model.as_ref().expect("loaded with the data");
             for (slot, &k) in current.iter_mut().zip(skips) {
-                let choice = prefix(&order, k);
+                let choice = order.first(k);
                 if slot
                     .as_ref()
                     .is_some_and(|p| p.skipped_blocks == choice.skipped)

@@ -228,6 +228,33 @@ pub fn cache_dir() -> PathBuf {
         })
 }
 
+/// A tiny 4-layer random Llama (real SmolLM2 tokenizer, f32) whose attention blocks at `dead`
+/// add nothing: their output projections are all zeros.
+pub fn dead_blocks_model(dir: &Path, dead: &[usize]) -> PathBuf {
+    let model = write_tiny(dir, &Tiny::llama());
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeroed: Vec<String> = dead
+        .iter()
+        .map(|l| format!("model.layers.{l}.self_attn.o_proj.weight"))
+        .collect();
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        if zeroed.contains(&name) {
+            values.iter_mut().for_each(|v| *v = 0.0);
+        }
+        tensors.insert(name, (view.shape().to_vec(), values));
+    }
+    write_safetensors(&model, &tensors, Dtype::F32, 1);
+    model
+}
+
 /// The hopscotch binary built for this test run.
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hopscotch"))

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use hopscotch::imatrix::ImatrixRequest;
-use hopscotch::plan::{FitSettings, Method, Objective};
+use hopscotch::plan::{FitSettings, Method, Objective, QualityBudget};
 use hopscotch::write::FloatType;
 
 #[derive(Parser)]
@@ -220,7 +220,7 @@ pub struct EvalArgs {
     /// Score the first N docs in file order, after --exclude-fit (--task).
     #[arg(long, requires = "task")]
     pub limit: Option<usize>,
-    /// Hold out the docs this plan was fitted on (--task).
+    /// Hold out the docs this plan was fitted on, and those that chose its K (--task).
     #[arg(long, value_name = "PLAN", requires = "task")]
     pub exclude_fit: Option<PathBuf>,
     /// Reference model: KL and top-1 agreement (--text); answer agreement, accuracy
@@ -314,12 +314,15 @@ pub struct RunArgs {
     /// The task file (log-likelihood requests, .jsonl or .jsonl.gz).
     #[arg(long)]
     pub task: PathBuf,
-    /// Attention blocks to skip (layer 0's always stays).
+    /// Attention blocks to skip (layer 0's always stays). Or give a quality budget instead
+    /// (--max-drop, --min-agreement), and K is chosen on validation documents.
     #[arg(long)]
-    pub skip: usize,
+    pub skip: Option<usize>,
     /// Output folder.
     #[arg(short, long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub budget: QualityBudget,
     #[command(flatten)]
     pub eval: Evaluation,
     #[command(flatten)]

@@ -9,6 +9,7 @@
 //! ```
 
 pub mod arch;
+pub mod budget;
 pub mod checkpoint;
 pub mod convert;
 pub mod deci;

@@ -232,17 +232,19 @@ fn run(cli: Cli) -> Result<()> {
             )?;
         }
         Command::Run(a) => {
+            let budget = a.budget.resolve(a.skip)?;
             let request = hopscotch::pipeline::RunRequest {
                 model: a.model,
                 task: a.task,
                 out_dir: a.output,
                 qtype: QuantType::from_name(&a.eval.qtype)?,
                 limit: a.eval.limit,
-                fit: a.choice.settings(a.skip, a.fit),
+                fit: a.choice.settings(a.skip.unwrap_or_default(), a.fit),
                 force: a.force,
                 threads: set_threads(a.eval.threads.count()),
                 n_ctx: a.eval.ctx,
                 imatrix: a.imatrix,
+                budget,
             };
             let report = hopscotch::pipeline::run(&request, &Progress::stderr())?;
             print_report(&report, a.json, &request.out_dir.join("report.md"))?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::eval::speed::compare_prompt_speed;
-use crate::eval::task::{evaluate, select_docs, wilson_ci95, TaskEvalError};
+use crate::eval::task::{evaluate, select_docs, wilson_ci95, Selection, TaskEvalError};
 use crate::export::{export, ExportError, ExportOptions};
 use crate::fit::options::FitError;
 use crate::fit::session::{fit_plan, FitRequest};
@@ -16,11 +16,13 @@ use crate::gguf::consts::QuantType;
 use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
 use crate::output::{file_bytes, write_text, OutputError};
-use crate::plan::{FitSettings, PlanError};
+use crate::plan::{BudgetError, FitSettings, Plan, PlanError, QualityBudget};
 use crate::progress::Progress;
 use crate::quantize::{require_imatrix, QuantizeError};
-use crate::report::{kv_bytes_per_token, ModelFigures, Paired, RoundPoint, RunReport, Seconds};
-use crate::task::{self, DocBody, TaskError};
+use crate::report::{
+    kv_bytes_per_token, BudgetFigures, ModelFigures, Paired, RoundPoint, RunReport, Seconds,
+};
+use crate::task::{self, DocBody, TaskData, TaskError};
 use crate::write::WriteError;
 
 /// Errors of `run` and `sweep`, each from the stage that failed or naming the input at fault.
@@ -141,6 +143,48 @@ pub enum PipelineError {
     /// An importance matrix could not be computed or written.
     #[error(transparent)]
     Imatrix(Box<ImatrixError>),
+    /// The quality budget cannot be used.
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    /// Not one K stays within the quality budget.
+    #[error(
+        "no K stays within the budget on the {n_docs} validation documents: K = 1 (block \
+         {block}) drops {drop_points:+.2} points with {:.2}% agreement; every K's plan and \
+         model are in {}",
+        agreement * 100.0,
+        curve_dir.display()
+    )]
+    NothingWithinBudget {
+        /// Validation documents.
+        n_docs: usize,
+        /// The block K = 1 skips.
+        block: usize,
+        /// Its accuracy drop, in points.
+        drop_points: f64,
+        /// Its answer agreement with the original.
+        agreement: f64,
+        /// Where the curve's files are.
+        curve_dir: PathBuf,
+    },
+    /// The task has too few documents for the three parts of a budget run.
+    #[error(
+        "{}: {docs} documents leave {validation} for validation and {test} for the test after \
+         the {trained} trained on; a quality budget needs at least one of each (lower \
+         --fit-docs/--final-docs or --validation-docs)",
+        path.display()
+    )]
+    TooFewDocs {
+        /// The task file.
+        path: PathBuf,
+        /// Its documents.
+        docs: usize,
+        /// Documents trained on.
+        trained: usize,
+        /// Validation documents left.
+        validation: usize,
+        /// Test documents left.
+        test: usize,
+    },
 }
 
 impl From<FitError> for PipelineError {
@@ -179,6 +223,8 @@ pub struct RunRequest {
     /// Quantize each file with its own importance matrix from the plan's fit documents (the
     /// slim model's with its skips and scalars), written as `*.imatrix.gguf` beside it.
     pub imatrix: bool,
+    /// Choose K by this budget ([`crate::budget::run`]) instead of `fit.skip`.
+    pub budget: Option<QualityBudget>,
 }
 
 /// The importance matrices `run --imatrix` writes: the slim model's and the original's.
@@ -201,24 +247,42 @@ pub fn outputs(dir: &Path) -> [PathBuf; 6] {
     ]
 }
 
-/// Runs the pipeline and returns the report (also written to the folder).
-pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
-    let started = Instant::now();
-    std::fs::create_dir_all(&req.out_dir).map_err(|e| PipelineError::OutDir {
-        path: req.out_dir.clone(),
-        message: e.to_string(),
-    })?;
-    let [plan_path, slim_path, orig_path, md_path, json_path, svg_path] = outputs(&req.out_dir);
-    let [slim_imatrix, orig_imatrix] = imatrix_outputs(&req.out_dir);
-    if !req.force {
-        let mut all = outputs(&req.out_dir).to_vec();
-        if req.imatrix {
-            all.extend([slim_imatrix.clone(), orig_imatrix.clone()]);
-        }
-        if let Some(p) = all.iter().find(|p| p.exists()) {
-            return Err(OutputError::Exists(p.clone()).into());
-        }
+/// Refuses outputs of a run that exist in `dir` (`outputs`, with `--imatrix` its matrices too)
+/// unless `force`.
+pub(crate) fn check_outputs(req: &RunRequest, extra: &[PathBuf]) -> Result<(), PipelineError> {
+    if req.force {
+        return Ok(());
     }
+    let mut all = outputs(&req.out_dir).to_vec();
+    if req.imatrix {
+        all.extend(imatrix_outputs(&req.out_dir));
+    }
+    all.extend_from_slice(extra);
+    match all.iter().find(|p| p.exists()) {
+        Some(p) => Err(OutputError::Exists(p.clone()).into()),
+        None => Ok(()),
+    }
+}
+
+/// Creates the output folder.
+pub(crate) fn create_out_dir(dir: &Path) -> Result<(), PipelineError> {
+    std::fs::create_dir_all(dir).map_err(|e| PipelineError::OutDir {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Runs the pipeline and returns the report (also written to the folder). With a quality
+/// budget, [`crate::budget::run`] chooses K.
+pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
+    if let Some(budget) = &req.budget {
+        return crate::budget::run(req, budget, progress);
+    }
+    let started = Instant::now();
+    create_out_dir(&req.out_dir)?;
+    let [plan_path, slim_path, orig_path, ..] = outputs(&req.out_dir);
+    let [slim_imatrix, orig_imatrix] = imatrix_outputs(&req.out_dir);
+    check_outputs(req, &[])?;
     // A type that needs an importance matrix is refused before any work without one.
     require_imatrix(req.qtype, req.imatrix)?;
     // The task must be a multiple-choice one before minutes go into the fit.
@@ -227,7 +291,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
     let ck = Checkpoint::open(&req.model)?;
-    let (plan, fit_report) = fit_plan(
+    let (plan, _) = fit_plan(
         &ck,
         &FitRequest {
             model: req.model.clone(),
@@ -294,13 +358,55 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
 
     progress.note("evaluating both models in llama.cpp on the held-out documents");
     let selection = select_docs(&task_data, Some((&plan_path, &plan)), req.limit)?;
+    let measured = measure(req, &ck, &plan, &task_data, &selection)?;
+    let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
+    let report = run_report(
+        req,
+        &plan,
+        measured,
+        Seconds {
+            fit: t_fit,
+            export: t_export,
+            eval: t_eval,
+            total: started.elapsed().as_secs_f64(),
+        },
+        imatrices.as_ref().map(|m| m.2),
+        None,
+    );
+    write_report(&req.out_dir, &report)?;
+    Ok(report)
+}
+
+/// The original and the slim model of a run's folder, measured on the same documents.
+pub(crate) struct Measured {
+    /// The original's figures.
+    pub(crate) original: ModelFigures,
+    /// The slim model's figures.
+    pub(crate) slim: ModelFigures,
+    /// The slim model paired against the original.
+    pub(crate) paired: Paired,
+    /// The documents evaluated, in file order.
+    pub(crate) doc_ids: Vec<String>,
+}
+
+/// Evaluates the folder's `slim.gguf` (of `plan`) against its `original.gguf` in llama.cpp on
+/// `selection`, and measures both files' prompt speed on the contexts of its first documents.
+pub(crate) fn measure(
+    req: &RunRequest,
+    ck: &Checkpoint,
+    plan: &Plan,
+    task_data: &TaskData,
+    selection: &Selection<'_>,
+) -> Result<Measured, PipelineError> {
+    let [_, slim_path, orig_path, ..] = outputs(&req.out_dir);
+    let bar = indicatif::ProgressBar::hidden();
     let slim = LoadedModel::load(&slim_path)?;
     let orig = LoadedModel::load(&orig_path)?;
     let rep = evaluate(
         &slim,
         Some(&orig),
-        &task_data,
-        &selection,
+        task_data,
+        selection,
         req.n_ctx,
         req.threads,
         &bar,
@@ -319,32 +425,12 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     let tokens = orig.tokenize(&text, true);
     let speeds = compare_prompt_speed(&[&orig, &slim], &tokens, 512, 2, 3, req.threads)?;
     let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
-    let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
 
     let n = rep.n_docs;
     let reference = rep.reference.clone().expect("evaluated with a reference");
     let mut skipped_sorted = plan.skipped_blocks.clone();
     skipped_sorted.sort_unstable();
-    let report = RunReport {
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        model: req.model.display().to_string(),
-        task: req.task.display().to_string(),
-        quant_type: req.qtype.name().to_string(),
-        method: fit_report.method.name().to_string(),
-        objective: fit_report.objective.clone(),
-        skipped_blocks: plan.skipped_blocks.clone(),
-        linear_stand_ins: !plan.scales.linear.is_empty(),
-        rounds: fit_report
-            .rounds
-            .iter()
-            .map(|r| RoundPoint {
-                k: r.round,
-                chosen: r.chosen,
-                loss: r.loss,
-            })
-            .collect(),
-        fit_loss_untrained: fit_report.final_loss_untrained,
-        fit_loss: fit_report.final_loss,
+    Ok(Measured {
         original: ModelFigures {
             path: orig_path.display().to_string(),
             skipped_blocks: Vec::new(),
@@ -373,19 +459,57 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
             accuracy_diff_ci95: rep.accuracy_diff_ci95.unwrap_or([0.0, 0.0]),
             choice_kl_mean: rep.choice_kl_mean.unwrap_or(0.0),
         },
-        seconds: Seconds {
-            fit: t_fit,
-            export: t_export,
-            eval: t_eval,
-            total: started.elapsed().as_secs_f64(),
-        },
-        imatrix_docs: imatrices.as_ref().map(|m| m.2),
-    };
+        doc_ids: rep.docs.iter().map(|d| d.doc_id.clone()).collect(),
+    })
+}
+
+/// The report of a run that exported `plan` and measured it.
+pub(crate) fn run_report(
+    req: &RunRequest,
+    plan: &Plan,
+    measured: Measured,
+    seconds: Seconds,
+    imatrix_docs: Option<usize>,
+    budget: Option<BudgetFigures>,
+) -> RunReport {
+    RunReport {
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        model: req.model.display().to_string(),
+        task: req.task.display().to_string(),
+        quant_type: req.qtype.name().to_string(),
+        method: plan.settings.method.name().to_string(),
+        objective: plan.settings.objective.name().to_string(),
+        skipped_blocks: plan.skipped_blocks.clone(),
+        linear_stand_ins: !plan.scales.linear.is_empty(),
+        rounds: plan
+            .rounds
+            .iter()
+            .enumerate()
+            .map(|(i, r)| RoundPoint {
+                k: i + 1,
+                chosen: r.chosen,
+                loss: r.loss,
+            })
+            .collect(),
+        fit_loss_untrained: plan.final_loss_untrained.unwrap_or(f32::NAN),
+        fit_loss: plan.final_loss.unwrap_or(f32::NAN),
+        original: measured.original,
+        slim: measured.slim,
+        paired: measured.paired,
+        seconds,
+        imatrix_docs,
+        budget,
+    }
+}
+
+/// Writes a run's report into its folder: report.md, report.json and report.svg.
+pub(crate) fn write_report(dir: &Path, report: &RunReport) -> Result<(), PipelineError> {
+    let [_, _, _, md_path, json_path, svg_path] = outputs(dir);
     write_text(&md_path, &report.markdown())?;
     write_text(
         &json_path,
-        &(serde_json::to_string_pretty(&report).expect("report serializes") + "\n"),
+        &(serde_json::to_string_pretty(report).expect("report serializes") + "\n"),
     )?;
     write_text(&svg_path, &report.svg())?;
-    Ok(report)
+    Ok(())
 }

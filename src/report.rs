@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::arch::Arch;
+use crate::plan::QualityBudget;
 
 /// KV cache bytes per token in llama.cpp's default f16 cache: keys and values of every layer
 /// that keeps its attention.
@@ -59,6 +60,66 @@ pub struct RoundPoint {
     pub loss: f32,
 }
 
+/// A model's figures on the validation documents of a quality-budget run, against the original
+/// on the same documents.
+#[derive(Debug, Clone, Serialize)]
+pub struct ValidationFigures {
+    /// Fraction of the validation documents answered correctly.
+    pub accuracy: f64,
+    /// Fraction where the model picks the original's answer.
+    pub agreement: f64,
+    /// Mean KL(original || model) of the choice distributions.
+    pub choice_kl: f64,
+    /// Validation documents evaluated.
+    pub n_docs: usize,
+}
+
+/// One K of a quality-budget run's curve (K = 0: the original).
+#[derive(Debug, Clone, Serialize)]
+pub struct CurvePoint {
+    /// Attention blocks skipped.
+    pub k: usize,
+    /// The blocks skipped, in the order chosen.
+    pub skipped_blocks: Vec<usize>,
+    /// Its figures on the validation documents.
+    pub validation: ValidationFigures,
+    /// The original's accuracy minus this model's on the validation documents, in points.
+    pub drop_points: f64,
+    /// Whether this K and every smaller one stay within the budget.
+    pub within_budget: bool,
+    /// Size of its GGUF.
+    pub file_bytes: u64,
+    /// KV cache bytes per token (f16 cache).
+    pub kv_bytes_per_token: u64,
+}
+
+/// The documents one stage of a run read, in the order the stages ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageRead {
+    /// `fit` (the search and the final trainings), `validation` (one K's evaluation) or `test`
+    /// (the final figures).
+    pub stage: String,
+    /// The K evaluated (validation), or exported (test).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    /// The documents' ids, in file order.
+    pub doc_ids: Vec<String>,
+}
+
+/// What a quality-budget run adds to the report: the budget, the curve, the K chosen and which
+/// documents each stage read.
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetFigures {
+    /// The budget.
+    pub budget: QualityBudget,
+    /// The K exported.
+    pub chosen_skip: usize,
+    /// One point per K, from the original (K = 0) to `--max-skip`.
+    pub curve: Vec<CurvePoint>,
+    /// The documents each stage read, in the order read.
+    pub reads: Vec<StageRead>,
+}
+
 /// Everything `hopscotch run` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
@@ -96,6 +157,10 @@ pub struct RunReport {
     /// Fit documents each file's own importance matrix was computed on (`run --imatrix`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub imatrix_docs: Option<usize>,
+    /// With a quality budget: the curve and the K chosen (`original` and `slim` are then
+    /// measured on the test documents).
+    #[serde(flatten)]
+    pub budget: Option<BudgetFigures>,
 }
 
 /// Wall time per phase.
@@ -175,8 +240,13 @@ impl RunReport {
         } else {
             ""
         };
+        let held_out = if self.budget.is_some() {
+            "test"
+        } else {
+            "held-out"
+        };
         let mut s = format!(
-            "# hopscotch run\n\nModel `{}`, task `{}`, {} held-out documents, both files {}{imatrix}.\n\
+            "# hopscotch run\n\nModel `{}`, task `{}`, {} {held_out} documents, both files {}{imatrix}.\n\
              Fit: method {}, objective {}{stand_ins}, loss {:.4} (scalars at 1: {:.4}).\n\n",
             self.model,
             self.task,
@@ -196,6 +266,9 @@ impl RunReport {
             self.paired.accuracy_diff_ci95[0] * 100.0,
             self.paired.accuracy_diff_ci95[1] * 100.0
         );
+        if let Some(b) = &self.budget {
+            s += &b.markdown();
+        }
         if !self.rounds.is_empty() {
             s += "| k | block skipped | fit loss |\n|---|---|---|\n";
             for r in &self.rounds {
@@ -278,5 +351,51 @@ impl RunReport {
         }
         s += "</svg>\n";
         s
+    }
+}
+
+impl BudgetFigures {
+    /// The budget, the K chosen and the curve table (markdown), the chosen K marked.
+    pub fn markdown(&self) -> String {
+        let mut limits = Vec::new();
+        if let Some(d) = self.budget.max_drop {
+            limits.push(format!("an accuracy drop of at most {d} points"));
+        }
+        if let Some(a) = self.budget.min_agreement {
+            limits.push(format!("answer agreement of at least {:.2}%", a * 100.0));
+        }
+        let n_docs = self.curve.first().map_or(0, |p| p.validation.n_docs);
+        let mut s = format!(
+            "## K chosen by the quality budget\n\nBudget: {} on {n_docs} validation documents \
+             (held out of the fit; the figures above are on test documents that neither the fit \
+             nor the choice of K read). Chosen: K = {}, the largest K that stays within the \
+             budget with every smaller K.\n\n\
+             | K | skipped blocks | validation accuracy | drop (points) | agreement | choice KL | file | KV bytes/token |\n\
+             |---|---|---|---|---|---|---|---|\n",
+            limits.join(" and "),
+            self.chosen_skip
+        );
+        for p in &self.curve {
+            let k = if p.k == self.chosen_skip {
+                format!("**{}** (chosen)", p.k)
+            } else {
+                p.k.to_string()
+            };
+            s += &format!(
+                "| {k} | {} | {:.2}% | {:+.2} | {:.2}% | {:.4} | {} | {} |\n",
+                if p.skipped_blocks.is_empty() {
+                    "-".to_string()
+                } else {
+                    format!("{:?}", p.skipped_blocks)
+                },
+                p.validation.accuracy * 100.0,
+                p.drop_points,
+                p.validation.agreement * 100.0,
+                p.validation.choice_kl,
+                mib(p.file_bytes),
+                p.kv_bytes_per_token
+            );
+        }
+        s + "\n"
     }
 }

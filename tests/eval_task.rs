@@ -563,6 +563,8 @@ fn exclude_fit_drops_exactly_the_plans_docs_and_limit_takes_the_first() {
     // the documents only the final training used are held out too
     let more = Plan {
         final_doc_ids: vec!["2".into()],
+        validation_doc_ids: Vec::new(),
+        test_doc_ids: Vec::new(),
         ..plan.clone()
     };
     let sel = select_docs(&data, Some((&plan_path, &more)), None).unwrap();

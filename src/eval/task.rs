@@ -214,7 +214,7 @@ pub fn select_docs<'a>(
                     found: task.sha256.clone(),
                 });
             }
-            plan.trained_doc_ids().collect()
+            plan.seen_doc_ids().collect()
         }
         None => Default::default(),
     };

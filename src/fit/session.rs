@@ -391,6 +391,8 @@ impl FitTask {
             } else {
                 Vec::new()
             },
+            validation_doc_ids: Vec::new(),
+            test_doc_ids: Vec::new(),
             skipped_blocks: Vec::new(),
             scales: ScaleValues::ones(model.ck.arch.n_layer),
             rounds: Vec::new(),

@@ -9,8 +9,11 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod budget;
 mod scales;
 mod settings;
+
+pub use budget::{BudgetError, QualityBudget, DEFAULT_VALIDATION_DOCS};
 
 pub use scales::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, SkipMask, StandInError};
 pub use settings::{
@@ -191,6 +194,14 @@ pub struct Plan {
     /// evaluation too), in file order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub final_doc_ids: Vec<String>,
+    /// Documents that chose K in a quality-budget run (`run --max-drop`), in file order: held
+    /// out of the fit and, like the trained documents, of evaluation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation_doc_ids: Vec<String>,
+    /// Documents a quality-budget run measured its final figures on, in file order: read by
+    /// neither the fit nor the choice of K.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_doc_ids: Vec<String>,
     /// Layers whose attention block is skipped, in the order chosen.
     pub skipped_blocks: Vec<usize>,
     /// The four scalars per layer.
@@ -218,6 +229,13 @@ impl Plan {
             .iter()
             .chain(&self.final_doc_ids)
             .map(String::as_str)
+    }
+
+    /// Every document the plan has seen: those it was trained on and those that chose its K
+    /// (what evaluation holds out).
+    pub fn seen_doc_ids(&self) -> impl Iterator<Item = &str> {
+        self.trained_doc_ids()
+            .chain(self.validation_doc_ids.iter().map(String::as_str))
     }
 
     /// Reads and validates a plan file.

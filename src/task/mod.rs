@@ -460,6 +460,21 @@ pub fn split(docs: &[Doc], n_fit: usize, seed: u64) -> (Vec<usize>, Vec<usize>) 
     (fit, held_out)
 }
 
+/// The three disjoint parts of a task that a quality-budget run reads, as indices in file
+/// order: the first `n_fit` documents of the seeded [`split`] (what the fit trains on), the next
+/// `n_validation` of the same order (what chooses K), and every other document (what the final
+/// figures are measured on). Deterministic by (seed, doc id), as [`split`] is.
+pub fn split_three(docs: &[Doc], n_fit: usize, n_validation: usize, seed: u64) -> [Vec<usize>; 3] {
+    let (fit, _) = split(docs, n_fit, seed);
+    let (fit_and_validation, test) = split(docs, n_fit.saturating_add(n_validation), seed);
+    let fit_set: std::collections::HashSet<usize> = fit.iter().copied().collect();
+    let validation = fit_and_validation
+        .into_iter()
+        .filter(|i| !fit_set.contains(i))
+        .collect();
+    [fit, validation, test]
+}
+
 /// The ids of the first `n` documents of the seeded [`split`], in file order.
 pub fn split_ids(docs: &[Doc], n: usize, seed: u64) -> Vec<String> {
     let (idx, _) = split(docs, n, seed);

@@ -405,6 +405,33 @@ fn the_split_is_deterministic_disjoint_and_nested() {
     assert_eq!(split(&[], 3, 1), (vec![], vec![]));
 }
 
+#[test]
+fn the_three_splits_are_disjoint_complete_and_deterministic_by_seed() {
+    let docs = text_docs(100);
+    let [fit, validation, test] = split_three(&docs, 20, 30, 7);
+    assert_eq!((fit.len(), validation.len(), test.len()), (20, 30, 50));
+    let mut all: Vec<usize> = fit
+        .iter()
+        .chain(&validation)
+        .chain(&test)
+        .copied()
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (0..100).collect::<Vec<_>>(), "disjoint and complete");
+    // the fit part is the fit's own split, so plans and the budget run agree on it
+    assert_eq!(fit, split(&docs, 20, 7).0);
+    assert_eq!(
+        split_three(&docs, 20, 30, 7),
+        [fit.clone(), validation.clone(), test]
+    );
+    let other = split_three(&docs, 20, 30, 8);
+    assert_ne!(other[0], fit);
+    assert_ne!(other[1], validation);
+    // fewer documents than asked: validation takes what the fit leaves, the test part is empty
+    let [f, v, t] = split_three(&docs[..10], 4, 30, 7);
+    assert_eq!((f.len(), v.len(), t.len()), (4, 6, 0));
+}
+
 const WORDS: &[&str] = &[
     "[UNK]",
     "<s>",

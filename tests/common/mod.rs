@@ -411,6 +411,8 @@ pub fn plan_for(ck: &hopscotch::checkpoint::Checkpoint, skipped: &[usize], seed:
         },
         fit_doc_ids: vec![],
         final_doc_ids: vec![],
+        validation_doc_ids: vec![],
+        test_doc_ids: vec![],
         skipped_blocks: skipped.to_vec(),
         scales,
         rounds: vec![],

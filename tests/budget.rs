@@ -1,0 +1,262 @@
+//! `hopscotch run --max-drop`: K chosen by a quality budget on validation documents, the final
+//! figures on test documents; on a tiny random model with dead attention blocks.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{bin, dead_blocks_model, write_choice_task};
+use hopscotch::eval::task::{evaluate, select_docs};
+use hopscotch::llamacpp::LoadedModel;
+use hopscotch::plan::Plan;
+use serde_json::Value;
+
+/// The layers whose attention adds nothing in [`model_and_task`]'s model (layer 3 is live).
+const DEAD: [usize; 2] = [1, 2];
+
+/// Documents of the task: 4 fitted on, 16 for validation, 20 for the test.
+const DOCS: usize = 40;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Forty three-choice questions, `gold` giving each document's answer.
+fn questions(gold: impl Fn(usize) -> usize) -> Vec<(String, Vec<String>, usize)> {
+    let things = ["stone", "river", "teacher", "window", "song"];
+    let words = [
+        [" heavy.", " green.", " loud."],
+        [" cold.", " old.", " bright."],
+        [" kind.", " slow.", " empty."],
+        [" tall.", " sweet.", " broken."],
+    ];
+    (0..DOCS)
+        .map(|i| {
+            (
+                format!("The {} number {i} is", things[i % things.len()]),
+                words[i % words.len()]
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect(),
+                gold(i),
+            )
+        })
+        .collect()
+}
+
+/// The model with [`DEAD`] blocks, and a task whose gold answers are the original model's own
+/// (scored in llama.cpp at f32), so that every answer a slim model changes costs accuracy.
+fn model_and_task(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dead_blocks_model(dir, &DEAD);
+    let gguf = dir.join("original-f32.gguf");
+    let o = Command::new(bin())
+        .args(["convert", s(&model), "-o", s(&gguf), "--type", "f32"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let draft = write_choice_task(dir, "draft", &questions(|_| 0));
+    let data = hopscotch::task::load(&draft).unwrap();
+    let report = evaluate(
+        &LoadedModel::load(&gguf).unwrap(),
+        None,
+        &data,
+        &select_docs(&data, None, None).unwrap(),
+        4096,
+        1,
+        &indicatif::ProgressBar::hidden(),
+    )
+    .unwrap();
+    let preds: Vec<usize> = report.docs.iter().map(|d| d.pred).collect();
+    let task = write_choice_task(dir, "task", &questions(|i| preds[i]));
+    (model, task)
+}
+
+/// `hopscotch run` on the tiny model at f32 with `extra` arguments (the budget): no scalars
+/// trained, so a dead block skipped leaves every answer as it was.
+fn budget_run(model: &Path, task: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "run",
+        s(model),
+        "--task",
+        s(task),
+        "--type",
+        "f32",
+        "--no-scales",
+        "--fit-docs",
+        "4",
+        "--batch-size",
+        "2",
+        "--validation-docs",
+        "16",
+        "--threads",
+        "1",
+        "--json",
+        "-o",
+        s(out),
+    ];
+    args.extend(extra);
+    Command::new(bin()).args(&args).output().unwrap()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A budget of no drop at all takes exactly the dead blocks and stops at the live one; the
+/// three parts of the task are disjoint, the seeded split's, and the test part is read only
+/// after K is chosen.
+#[test]
+fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, task) = model_and_task(dir.path());
+    let out = dir.path().join("out");
+    let o = budget_run(&model, &task, &out, &["--max-drop", "0", "--max-skip", "3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let written: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report, written);
+
+    // the curve: the original and K = 1..3; the dead blocks cost nothing, the live one costs
+    assert_eq!(report["chosen_skip"], 2);
+    let mut skipped: Vec<u64> = report["skipped_blocks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    skipped.sort_unstable();
+    assert_eq!(skipped, vec![1, 2]);
+    let curve = report["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 4);
+    for (k, p) in curve.iter().enumerate() {
+        assert_eq!(p["k"], k);
+        assert_eq!(p["validation"]["n_docs"], 16);
+        for key in ["accuracy", "agreement", "choice_kl"] {
+            assert!(p["validation"][key].is_number(), "curve[{k}].{key}");
+        }
+        assert!(p["file_bytes"].as_u64().unwrap() > 0);
+        assert!(p["kv_bytes_per_token"].as_u64().unwrap() > 0);
+        assert_eq!(p["within_budget"], k <= 2, "{p}");
+    }
+    assert_eq!(curve[0]["validation"]["accuracy"], 1.0);
+    for p in &curve[1..3] {
+        assert_eq!(p["validation"]["agreement"], 1.0, "{p}");
+        assert_eq!(p["drop_points"], 0.0, "{p}");
+    }
+    assert!(
+        curve[3]["drop_points"].as_f64().unwrap() > 0.0,
+        "{}",
+        curve[3]
+    );
+    assert!(curve[3]["skipped_blocks"]
+        .as_array()
+        .unwrap()
+        .contains(&3.into()));
+    // KV cache per token falls by one layer's share per K
+    let kv = |k: usize| curve[k]["kv_bytes_per_token"].as_u64().unwrap();
+    assert_eq!(kv(2) * 4, kv(0) * 2);
+    for m in ["original", "slim"] {
+        assert_eq!(report[m]["n_docs"], 20, "{m}: the test documents");
+    }
+    assert_eq!(report["slim"]["kv_bytes_per_token"], kv(2));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| **2** (chosen) |"), "{md}");
+    for k in 1..=3 {
+        assert!(out.join(format!("curve/slim-k{k}.gguf")).is_file());
+    }
+
+    // the stages' documents: fit, validation per K, then the test, once K is chosen
+    let reads = report["reads"].as_array().unwrap();
+    let stages: Vec<(&str, Option<u64>)> = reads
+        .iter()
+        .map(|r| (r["stage"].as_str().unwrap(), r["k"].as_u64()))
+        .collect();
+    assert_eq!(
+        stages,
+        vec![
+            ("fit", None),
+            ("validation", Some(0)),
+            ("validation", Some(1)),
+            ("validation", Some(2)),
+            ("validation", Some(3)),
+            ("test", Some(2)),
+        ]
+    );
+    let fit = ids(&reads[0]["doc_ids"]);
+    let validation = ids(&reads[1]["doc_ids"]);
+    let test = ids(&reads[5]["doc_ids"]);
+    for r in &reads[1..5] {
+        assert_eq!(ids(&r["doc_ids"]), validation);
+    }
+    assert_eq!((fit.len(), validation.len(), test.len()), (4, 16, 20));
+    let sets: Vec<HashSet<&String>> = [&fit, &validation, &test]
+        .iter()
+        .map(|v| v.iter().collect())
+        .collect();
+    assert!(sets[0].is_disjoint(&sets[1]));
+    assert!(sets[0].is_disjoint(&sets[2]));
+    assert!(sets[1].is_disjoint(&sets[2]));
+    // they are the seeded split's parts, which another seed changes
+    let data = hopscotch::task::load(&task).unwrap();
+    let part = |seed, p: usize| -> Vec<String> {
+        hopscotch::task::split_three(&data.docs, 4, 16, seed)[p]
+            .iter()
+            .map(|&i| data.docs[i].id.clone())
+            .collect()
+    };
+    assert_eq!(
+        (part(0, 0), part(0, 1), part(0, 2)),
+        (fit, validation.clone(), test.clone())
+    );
+    assert_ne!(part(1, 1), validation);
+    // and the plan records them
+    let plan = Plan::load(&out.join("plan.json")).unwrap();
+    assert_eq!(plan.validation_doc_ids, validation);
+    assert_eq!(plan.test_doc_ids, test);
+    assert_eq!(plan.skipped_blocks.len(), 2);
+}
+
+/// Bad budgets are refused with a clear error before anything is written.
+#[test]
+fn a_bad_budget_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_blocks_model(dir.path(), &DEAD);
+    let task = write_choice_task(dir.path(), "task", &questions(|_| 0));
+    let out = dir.path().join("out");
+    for (extra, message) in [
+        (
+            &["--max-drop", "1", "--skip", "2"][..],
+            "--skip 2 and a quality budget",
+        ),
+        (&["--max-drop", "-1"][..], "--max-drop -1: give the points"),
+        (
+            &["--min-agreement", "1.5"][..],
+            "--min-agreement 1.5: give a fraction",
+        ),
+        (
+            &["--max-drop", "1", "--max-skip", "4"][..],
+            "--max-skip 4: the model has 4 layers, so at most 3",
+        ),
+        (
+            &["--max-skip", "2", "--skip", "1"][..],
+            "--max-skip applies only with a quality budget",
+        ),
+        (
+            &[][..],
+            "--validation-docs applies only with a quality budget",
+        ),
+    ] {
+        let o = budget_run(&model, &task, &out, extra);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} succeeded");
+        assert!(err.contains(message), "{extra:?}: {err}");
+        assert!(!out.exists(), "{extra:?} wrote {}", out.display());
+    }
+}

@@ -296,7 +296,14 @@ impl RunReport {
             )
         };
         s += &panel(0.0, "fit loss of the block chosen, per round");
-        s += &panel(360.0, "accuracy per k (held-out docs)");
+        s += &panel(
+            360.0,
+            if self.budget.is_some() {
+                "validation accuracy per k (chosen k in red)"
+            } else {
+                "accuracy per k (held-out docs)"
+            },
+        );
         // loss panel
         let losses: Vec<f32> = self.rounds.iter().map(|r| r.loss).collect();
         if !losses.is_empty() {
@@ -325,6 +332,11 @@ impl RunReport {
                     x(i), y(r.loss as f64), x(i), r.k, r.chosen, x(i), y(r.loss as f64) - 8.0, r.loss
                 );
             }
+        }
+        if let Some(b) = &self.budget {
+            s += &b.svg_panel();
+            s += "</svg>\n";
+            return s;
         }
         // accuracy panel
         let pts = [
@@ -355,6 +367,43 @@ impl RunReport {
 }
 
 impl BudgetFigures {
+    /// The SVG elements of the curve's panel in [`RunReport::svg`]: validation accuracy per K,
+    /// the chosen K in red.
+    fn svg_panel(&self) -> String {
+        let accuracies = self.curve.iter().map(|p| p.validation.accuracy);
+        let lo = accuracies.clone().fold(1.0, f64::min) - 0.02;
+        let hi = accuracies.fold(0.0, f64::max) + 0.02;
+        let span = (hi - lo).max(1e-6);
+        let kmax = self.curve.last().map_or(1, |p| p.k.max(1)) as f64;
+        let x = |k: usize| 430.0 + 230.0 * k as f64 / kmax;
+        let y = |v: f64| 250.0 - 200.0 * (v - lo) / span;
+        let line: Vec<String> = self
+            .curve
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", x(p.k), y(p.validation.accuracy)))
+            .collect();
+        let mut s = format!(
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"darkorange\" stroke-width=\"2\"/>\n",
+            line.join(" ")
+        );
+        for p in &self.curve {
+            let colour = if p.k == self.chosen_skip {
+                "red"
+            } else {
+                "darkorange"
+            };
+            s += &format!(
+                "<circle cx=\"{0:.1}\" cy=\"{1:.1}\" r=\"5\" fill=\"{colour}\"/><text x=\"{0:.1}\" y=\"275\" text-anchor=\"middle\">k={2}</text><text x=\"{0:.1}\" y=\"{3:.1}\" text-anchor=\"middle\">{4:.1}%</text>\n",
+                x(p.k),
+                y(p.validation.accuracy),
+                p.k,
+                y(p.validation.accuracy) - 9.0,
+                p.validation.accuracy * 100.0
+            );
+        }
+        s
+    }
+
     /// The budget, the K chosen and the curve table (markdown), the chosen K marked.
     pub fn markdown(&self) -> String {
         let mut limits = Vec::new();

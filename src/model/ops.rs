@@ -234,6 +234,18 @@ where
     })
 }
 
+/// The body of a [`Precomputed`] forward pass on one backend: a copy of the value's storage.
+macro_rules! precomputed_forward {
+    ($op:expr, $variant:ident, $device:literal) => {{
+        let value = $op.take()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::$variant(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("{}: value is not on the {}", $op.name, $device),
+        }
+    }};
+}
+
 impl<F> Precomputed<F> {
     fn take(&self) -> Result<Tensor> {
         let mut slot = self
@@ -254,30 +266,15 @@ where
     }
 
     fn cpu_fwd(&self, _x: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the cpu", self.name),
-        }
+        precomputed_forward!(self, Cpu, "cpu")
     }
 
     fn cuda_fwd(&self, _x: &CudaStorage, _layout: &Layout) -> Result<(CudaStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the cuda device", self.name),
-        }
+        precomputed_forward!(self, Cuda, "cuda device")
     }
 
     fn metal_fwd(&self, _x: &MetalStorage, _layout: &Layout) -> Result<(MetalStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the metal device", self.name),
-        }
+        precomputed_forward!(self, Metal, "metal device")
     }
 
     fn bwd(&self, x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -329,12 +326,7 @@ where
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the cpu", self.name),
-        }
+        precomputed_forward!(self, Cpu, "cpu")
     }
 
     fn cuda_fwd(
@@ -344,12 +336,7 @@ where
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the cuda device", self.name),
-        }
+        precomputed_forward!(self, Cuda, "cuda device")
     }
 
     fn metal_fwd(
@@ -359,12 +346,7 @@ where
         _: &MetalStorage,
         _: &Layout,
     ) -> Result<(MetalStorage, Shape)> {
-        let value = self.take()?;
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            Storage::Metal(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("{}: value is not on the metal device", self.name),
-        }
+        precomputed_forward!(self, Metal, "metal device")
     }
 
     fn bwd(

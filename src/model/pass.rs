@@ -413,9 +413,8 @@ impl Geometry {
         // their rows (the stream's first row is the first of the prefix, the first row's own
         // tokens follow it): `(n, heads, len, head_dim)`, rope'd when `rotate`
         let heads = |x: &Tensor, heads: usize, n: usize, (start, len): (usize, usize), rotate| {
-            let first = start;
             let x = x
-                .narrow(0, first, n * len)?
+                .narrow(0, start, n * len)?
                 .reshape((n, len, heads, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;

@@ -590,7 +590,7 @@ impl TrainBatch {
         Ok(model.forward_hidden_no_grad(&self.input_ids, &scales, &vec![false; n_layer])?)
     }
 
-    /// `f(targets, log_probs)` for each run of at most [`LOGIT_ROWS`] target positions, in
+    /// `f(targets, log_probs)` for each run of at most [`whole_logit_rows`] target positions, in
     /// order: `targets` the run's range among the batch's targets, `log_probs` the next-token
     /// log-probabilities there, `(len, vocab)`, from the model's final `hidden` states. A
     /// position's row depends on that position alone, so the runs give the values the whole
@@ -602,9 +602,10 @@ impl TrainBatch {
         mut f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<T, TrainError>,
     ) -> Result<Vec<T>, TrainError> {
         let n = self.n_targets();
-        let mut out = Vec::with_capacity(n.div_ceil(LOGIT_ROWS));
-        for start in (0..n).step_by(LOGIT_ROWS) {
-            let len = LOGIT_ROWS.min(n - start);
+        let rows = whole_logit_rows(model.arch().vocab_size);
+        let mut out = Vec::with_capacity(n.div_ceil(rows));
+        for start in (0..n).step_by(rows) {
+            let len = rows.min(n - start);
             let positions = self.target_positions.narrow(0, start, len)?;
             let logits = model.logits_at(hidden, &positions)?;
             let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -620,11 +621,28 @@ impl TrainBatch {
         model: &Model,
         hidden: &Tensor,
     ) -> Result<Tensor, TrainError> {
-        let rows = self.log_prob_chunks(model, hidden, |range, log_probs| {
-            let targets = self.targets.narrow(0, range.start, range.len())?;
-            Ok(log_probs.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?)
-        })?;
-        Ok(Tensor::cat(&rows, 0)?)
+        Ok(self
+            .log_probs_of(model, hidden, &self.targets.unsqueeze(1)?)?
+            .squeeze(1)?)
+    }
+
+    /// The log-probabilities of tokens `ids` `(n, k)` (distinct per row) at each target
+    /// position, `(n, k)`, under the next-token distributions of the model's final `hidden`
+    /// states: [`Model::log_probs_at`], a run of [`LOGIT_ROWS`] positions at a time.
+    pub(crate) fn log_probs_of(
+        &self,
+        model: &Model,
+        hidden: &Tensor,
+        ids: &Tensor,
+    ) -> Result<Tensor, TrainError> {
+        let n = self.n_targets();
+        let mut runs = Vec::with_capacity(n.div_ceil(LOGIT_ROWS));
+        for start in (0..n).step_by(LOGIT_ROWS) {
+            let len = LOGIT_ROWS.min(n - start);
+            let positions = self.target_positions.narrow(0, start, len)?;
+            runs.push(model.log_probs_at(hidden, &positions, &ids.narrow(0, start, len)?)?);
+        }
+        Ok(Tensor::cat(&runs, 0)?)
     }
 }
 
@@ -632,6 +650,16 @@ impl TrainBatch {
 /// vocabulary would take gigabytes (2,048 positions of a 49,152-token vocabulary: 400 MB, and
 /// as much again for their log-softmax).
 pub const LOGIT_ROWS: usize = 512;
+
+/// The logits taken at once where whole rows of the vocabulary are needed (the teacher's top
+/// tokens, the full teacher's KL): 64 MiB of f32.
+const WHOLE_LOGIT_VALUES: usize = 1 << 24;
+
+/// Target positions whose whole rows of logits are taken at once over a vocabulary of `vocab`:
+/// [`LOGIT_ROWS`], fewer where that would take more than [`WHOLE_LOGIT_VALUES`].
+pub(crate) fn whole_logit_rows(vocab: usize) -> usize {
+    (WHOLE_LOGIT_VALUES / vocab.max(1)).clamp(1, LOGIT_ROWS)
+}
 
 /// The `k` largest log-probabilities per row, with the leftover mass; selected on the host.
 fn top_k_teacher(log_probs: &Tensor, k: usize) -> Result<Teacher, TrainError> {

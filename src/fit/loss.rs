@@ -86,37 +86,32 @@ pub(crate) fn hidden_loss(
         (Objective::Choice, _) => choice_loss(model, batch, index, hidden),
         (Objective::Kl, None) => Err(TrainError::MissingTeacher { batch: index }),
         (Objective::Kl, Some(teacher)) => {
-            match teacher {
-                Teacher::Full { log_probs } | Teacher::TopK { log_probs, .. } => {
-                    check_teacher_rows(log_probs, batch)?
+            let rows = match teacher {
+                Teacher::Full { log_probs } => {
+                    check_teacher_rows(log_probs, batch)?;
+                    let rows = batch.log_prob_chunks(model, hidden, |range, log_q| {
+                        let p = log_probs.narrow(0, range.start, range.len())?;
+                        Ok((p.exp()? * (p - log_q)?)?.sum(D::Minus1)?)
+                    })?;
+                    Tensor::cat(&rows, 0)?
                 }
-            }
-            let rows = batch.log_prob_chunks(model, hidden, |range, log_q| {
-                kl_rows(&teacher.narrow(range.start, range.len())?, log_q)
-            })?;
-            Ok(Tensor::cat(&rows, 0)?.mean_all()?)
+                Teacher::TopK {
+                    ids,
+                    log_probs,
+                    tail_prob,
+                    tail_log_prob,
+                } => {
+                    check_teacher_rows(log_probs, batch)?;
+                    let log_q_kept = batch.log_probs_of(model, hidden, ids)?;
+                    let kept = (log_probs.exp()? * (log_probs - &log_q_kept)?)?.sum(D::Minus1)?;
+                    let q_tail =
+                        (1.0 - log_q_kept.exp()?.sum(D::Minus1)?)?.clamp(MIN_TAIL_PROB, 1.0)?;
+                    (kept + (tail_prob * (tail_log_prob - q_tail.log()?)?)?)?
+                }
+            };
+            Ok(rows.mean_all()?)
         }
     }
-}
-
-/// `KL(teacher || q)` per position, `(n)`, from the student's log-probabilities `log_q`
-/// `(n, vocab)` at the teacher's positions.
-fn kl_rows(teacher: &Teacher, log_q: &Tensor) -> Result<Tensor, TrainError> {
-    Ok(match teacher {
-        Teacher::Full { log_probs } => (log_probs.exp()? * (log_probs - log_q)?)?.sum(D::Minus1)?,
-        Teacher::TopK {
-            ids,
-            log_probs,
-            tail_prob,
-            tail_log_prob,
-        } => {
-            let log_q_kept = log_q.gather(ids, 1)?;
-            let kept = (log_probs.exp()? * (log_probs - &log_q_kept)?)?.sum(D::Minus1)?;
-            let q_tail = (1.0 - log_q_kept.exp()?.sum(D::Minus1)?)?.clamp(MIN_TAIL_PROB, 1.0)?;
-            let tail = (tail_prob * (tail_log_prob - q_tail.log()?)?)?;
-            (kept + tail)?
-        }
-    })
 }
 
 /// [`Objective::Choice`]'s loss of `batch`: the mean over its docs of `KL(original || slim)` of

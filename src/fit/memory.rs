@@ -11,9 +11,10 @@
 //!   `teacher_top_k` token ids and log-probabilities;
 //! - per thread, the larger of a training step's part ([`PART_ROWS`] sequences: every layer's
 //!   activations kept for the backward pass, or with recomputation every layer's input and output
-//!   and one layer's activations; and the logits at its targets) and a batch scored without
-//!   gradients (its layers' transient tensors and the logits of one run of [`LOGIT_ROWS`]
-//!   targets, while the screening or the teacher runs);
+//!   and one layer's activations; and the logits of a chunk of the vocabulary at a run of
+//!   [`LOGIT_ROWS`] targets, or whole rows at every target for a full teacher) and a batch scored
+//!   without gradients (its layers' transient tensors and the whole-vocabulary logits of one run
+//!   of targets, while the screening or the teacher runs);
 //! - the residual stream cached at every layer for the screening, and the stand-ins' normal
 //!   equations (f64) with `--linear-attention`;
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
@@ -23,9 +24,9 @@
 
 use std::fmt;
 
-use super::batch::{LOGIT_ROWS, PART_ROWS};
+use super::batch::{whole_logit_rows, LOGIT_ROWS, PART_ROWS};
 use crate::checkpoint::Checkpoint;
-use crate::model::WeightStorage;
+use crate::model::{logit_chunk_tokens, WeightStorage};
 use crate::plan::{FitSettings, Objective};
 
 /// The process's own footprint before the fit's data: the binary with llama.cpp and candle, the
@@ -99,10 +100,18 @@ impl MemoryEstimate {
         } else {
             part_tokens * layers * per_token_layer
         };
-        let train_part = f32s(activations) + f32s(3 * part_tokens * vocab);
+        // the logits at a part's targets: whole rows for a full teacher, else a chunk of the
+        // vocabulary at a time for one run of targets
+        let logits =
+            if settings.objective == Objective::Kl && settings.teacher_top_k >= a.vocab_size {
+                part_tokens * vocab
+            } else {
+                part_tokens.min(LOGIT_ROWS as u64) * logit_chunk_tokens(a.n_embd) as u64
+            };
+        let train_part = f32s(activations) + f32s(3 * logits);
         // a batch scored without gradients: its layers' transient tensors, and the logits of
         // one run of its targets with their log-softmax and the teacher's host copy
-        let logit_rows = (b * t).min(LOGIT_ROWS as u64);
+        let logit_rows = (b * t).min(whole_logit_rows(a.vocab_size) as u64);
         let scored_batch =
             f32s(3 * logit_rows * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
         let stand_ins = if settings.linear_attention {

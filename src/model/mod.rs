@@ -25,11 +25,13 @@ mod pass;
 mod scales;
 #[cfg(test)]
 pub(crate) mod tests;
+mod vocab;
 mod weight;
 
 pub use layer::{WeightInput, WeightInputTap};
 pub use pass::{LayerOutput, Pass};
 pub use scales::Scales;
+pub use vocab::chunk_tokens as logit_chunk_tokens;
 pub use weight::WeightStorage;
 
 use candle_core::{DType, Device, Tensor};
@@ -427,6 +429,30 @@ impl Model {
     /// Logits `(n, vocab)` at `positions` (u32, `(n)`, flat indices `batch_index * t + token`
     /// into `hidden` of shape `(b, t, n_embd)`). Only the gathered rows go through the LM head.
     pub fn logits_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor, ModelError> {
+        let rows = self.rows_at(hidden, positions)?;
+        Ok(self.lm_head.linear(&rows, None)?)
+    }
+
+    /// Next-token log-probabilities at `positions` (as [`Model::logits_at`]) of the tokens `ids`
+    /// `(n, k)` u32, `k` distinct ids per position: `(n, k)`. The logits are computed a chunk of
+    /// the vocabulary at a time and none are kept for the backward pass, which computes them
+    /// again: training memory does not grow with the vocabulary.
+    pub fn log_probs_at(
+        &self,
+        hidden: &Tensor,
+        positions: &Tensor,
+        ids: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let rows = self.rows_at(hidden, positions)?;
+        let n = positions.dim(0)?;
+        if ids.rank() != 2 || ids.dtype() != DType::U32 || ids.dim(0)? != n {
+            return Err(input_error("ids", ids, "(n, k) of u32, a row per position"));
+        }
+        Ok(vocab::log_softmax_at(&rows, &self.lm_head, ids)?)
+    }
+
+    /// The rows of `hidden` `(b, t, n_embd)` at `positions`, `(n, n_embd)`.
+    fn rows_at(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor, ModelError> {
         let (b, t, d) = hidden
             .dims3()
             .map_err(|_| input_error("hidden", hidden, "(b, t, n_embd)"))?;
@@ -443,8 +469,7 @@ impl Model {
                 len: b * t,
             });
         }
-        let rows = hidden.reshape((b * t, d))?.index_select(positions, 0)?;
-        Ok(self.lm_head.linear(&rows, None)?)
+        Ok(hidden.reshape((b * t, d))?.index_select(positions, 0)?)
     }
 }
 
@@ -457,28 +482,32 @@ fn invalid(name: &str, message: String) -> ModelError {
     .into()
 }
 
-/// Dequantizes `t` a panel at a time and refuses it at its first non-finite value.
+/// Dequantizes `t` a panel at a time, the panels side by side on rayon's pool, and refuses it
+/// at its first non-finite value.
 fn check_finite(t: &StoredTensor) -> Result<(), ModelError> {
+    use rayon::prelude::*;
     let cols = t.cols().max(1);
-    let step = ((1 << 20) / cols).max(1);
-    let mut values = vec![0f32; step * cols];
-    for first in (0..t.rows()).step_by(step) {
-        let n = step.min(t.rows() - first);
-        let panel = &mut values[..n * cols];
-        t.rows_into(first, panel)
-            .map_err(|message| invalid(t.name(), message))?;
-        if let Some(i) = panel.iter().position(|v| !v.is_finite()) {
-            return Err(invalid(
-                t.name(),
-                format!(
-                    "holds a non-finite value ({}) at flat index {}",
-                    panel[i],
-                    first * cols + i
-                ),
-            ));
-        }
-    }
-    Ok(())
+    let panels: Vec<(usize, usize)> = ops::panels(t).collect();
+    let found = panels
+        .par_iter()
+        .map_init(Vec::new, |values: &mut Vec<f32>, &(first, n)| {
+            values.resize(n * cols, 0.0);
+            t.rows_into(first, values)
+                .map_err(|message| invalid(t.name(), message))?;
+            match values.iter().position(|v| !v.is_finite()) {
+                Some(i) => Err(invalid(
+                    t.name(),
+                    format!(
+                        "holds a non-finite value ({}) at flat index {}",
+                        values[i],
+                        first * cols + i
+                    ),
+                )),
+                None => Ok(()),
+            }
+        })
+        .collect::<Vec<_>>();
+    found.into_iter().collect()
 }
 
 /// An [`ModelError::Input`] describing `tensor`.

@@ -149,7 +149,7 @@ pub fn stored_linear(
 }
 
 /// The panels of `weight`'s rows: `(first row, rows)`.
-fn panels(weight: &StoredTensor) -> impl Iterator<Item = (usize, usize)> {
+pub(super) fn panels(weight: &StoredTensor) -> impl Iterator<Item = (usize, usize)> {
     let rows = weight.rows();
     let step = (PANEL_VALUES / weight.cols().max(1)).max(1);
     (0..rows)
@@ -158,7 +158,12 @@ fn panels(weight: &StoredTensor) -> impl Iterator<Item = (usize, usize)> {
 }
 
 /// Rows `first..first + n` of `weight` as an `(n, cols)` tensor like `like`.
-fn panel(weight: &StoredTensor, first: usize, n: usize, like: &Tensor) -> Result<Tensor> {
+pub(super) fn panel(
+    weight: &StoredTensor,
+    first: usize,
+    n: usize,
+    like: &Tensor,
+) -> Result<Tensor> {
     let cols = weight.cols();
     let mut values = vec![0f32; n * cols];
     weight
@@ -217,7 +222,12 @@ struct Precomputed<F> {
 /// Attaches `backward` to `value`, the freshly computed result of a kernel applied to
 /// `x.detach()`. `value` must own its storage (offset 0, contiguous, nothing else in it), as a
 /// kernel's output does.
-fn with_backward<F>(x: &Tensor, value: Tensor, name: &'static str, backward: F) -> Result<Tensor>
+pub(super) fn with_backward<F>(
+    x: &Tensor,
+    value: Tensor,
+    name: &'static str,
+    backward: F,
+) -> Result<Tensor>
 where
     F: Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 {

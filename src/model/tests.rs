@@ -421,15 +421,18 @@ fn scalar_gradients_match_finite_differences_with(storage: WeightStorage, recomp
             model.forward_hidden_no_grad(&ids, scales, skip.as_slice())
         }
         .unwrap();
+        // the fit's path: the targets' log-probabilities a chunk of the vocabulary at a time,
+        // which equal the whole rows' log-softmax
+        let picked = model
+            .log_probs_at(&hidden, &positions, &targets.unsqueeze(1).unwrap())
+            .unwrap();
         let logits = model.logits_at(&hidden, &positions).unwrap();
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-        log_probs
+        let whole = candle_nn::ops::log_softmax(&logits, D::Minus1)
+            .unwrap()
             .gather(&targets.unsqueeze(1).unwrap(), 1)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .neg()
-            .unwrap()
+            .unwrap();
+        assert!(max_abs_diff(&picked, &whole) < 1e-12);
+        picked.mean_all().unwrap().neg().unwrap()
     };
     let scales = model.scales(&perturbed_scales(arch.n_layer, 10)).unwrap();
     let grads = loss_of(&scales, true).backward().unwrap();
@@ -502,7 +505,7 @@ fn frozen_linear_gives_the_matmul_input_gradient_and_no_weight_gradient() {
 }
 
 /// `values` (`rows x cols`) stored as `dtype`, by ggml's own quantizer for block types.
-fn stored_as(dtype: GgmlType, values: &[f32], rows: usize, cols: usize) -> StoredTensor {
+pub(crate) fn stored_as(dtype: GgmlType, values: &[f32], rows: usize, cols: usize) -> StoredTensor {
     let bytes = match dtype {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         GgmlType::F16 => values
@@ -963,5 +966,23 @@ fn the_gpu_gives_the_cpus_logits_and_gradients() {
     assert!(
         logits < 1e-3 && grads < 1e-3,
         "logits {logits}, gradients {grads}"
+    );
+}
+
+/// The finiteness check runs its panels side by side and still names the first bad value.
+#[test]
+fn the_finiteness_check_names_the_first_non_finite_value_of_many_panels() {
+    let (rows, cols) = (1000, 600);
+    let mut values = vec![0.5f32; rows * cols];
+    assert!(ops::panels(&stored_as(GgmlType::F32, &values, rows, cols)).count() >= 3);
+    super::check_finite(&stored_as(GgmlType::F32, &values, rows, cols)).unwrap();
+    values[900 * cols] = f32::INFINITY;
+    values[500 * cols + 7] = f32::NAN;
+    let err = super::check_finite(&stored_as(GgmlType::F32, &values, rows, cols))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tensor w: holds a non-finite value (NaN) at flat index 300007"),
+        "{err}"
     );
 }

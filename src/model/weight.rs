@@ -47,6 +47,30 @@ impl Weight {
         }
     }
 
+    /// `(rows, cols)`.
+    pub(super) fn dims(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(w) => {
+                let dims = w.dims();
+                (dims[0], dims[1])
+            }
+            Weight::Stored(w) => (w.rows(), w.cols()),
+        }
+    }
+
+    /// Rows `first..first + n` as `(n, cols)` in `like`'s dtype on its device.
+    pub(super) fn rows(
+        &self,
+        first: usize,
+        n: usize,
+        like: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Weight::Dense(w) => w.narrow(0, first, n)?.to_dtype(like.dtype()),
+            Weight::Stored(w) => ops::panel(w, first, n, like),
+        }
+    }
+
     /// Rows `ids` `(n)` as `(n, cols)`.
     pub(super) fn gather(&self, ids: &Tensor, dtype: DType) -> Result<Tensor, ModelError> {
         match self {

@@ -21,8 +21,8 @@ use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitT
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
-    check_outputs, create_out_dir, measure, outputs, run_report, write_report, PipelineError,
-    RunRequest,
+    check_outputs, create_out_dir, measure, outputs, prompt_speed, run_report, speed_tokens,
+    write_report, PipelineError, RunRequest,
 };
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
@@ -179,6 +179,7 @@ pub fn run(
     ));
     let validation = selection(&task_data, &validation_idx, None);
     let orig = LoadedModel::load(&orig_path)?;
+    let speed_text = speed_tokens(&orig, &validation);
     let original = evaluate(
         &orig,
         None,
@@ -188,6 +189,7 @@ pub fn run(
         req.threads,
         &bar,
     )?;
+    let original_speed = prompt_speed(&orig, &speed_text, req.threads)?;
     drop(orig);
     reads.push(StageRead {
         stage: "validation".into(),
@@ -207,6 +209,7 @@ pub fn run(
         within_budget: true,
         file_bytes: file_bytes(&orig_path),
         kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
+        prompt_tokens_per_s: original_speed,
     }];
     for ((plan, path), k) in plans.iter().zip(&slim_paths).zip(1..) {
         let slim = LoadedModel::load(path)?;
@@ -220,6 +223,7 @@ pub fn run(
             &bar,
         )?;
         let paired = pair_with_reference(&mut rep.docs, &original.docs)?;
+        let speed = prompt_speed(&slim, &speed_text, req.threads)?;
         reads.push(StageRead {
             stage: "validation".into(),
             k: Some(k),
@@ -238,6 +242,7 @@ pub fn run(
             within_budget: false,
             file_bytes: file_bytes(path),
             kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
+            prompt_tokens_per_s: speed,
         });
     }
     let measured: Vec<(usize, f64, f64)> = points[1..]

@@ -412,17 +412,7 @@ pub(crate) fn measure(
         &bar,
     )?;
     // Prompt speed on the same real text for both: the contexts of the evaluated documents.
-    let text: String = selection
-        .docs
-        .iter()
-        .take(8)
-        .filter_map(|d| match &d.body {
-            DocBody::Choices(c) => Some(c.context(0).to_string()),
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("\n\n");
-    let tokens = orig.tokenize(&text, true);
+    let tokens = speed_tokens(&orig, selection);
     let speeds = compare_prompt_speed(&[&orig, &slim], &tokens, 512, 2, 3, req.threads)?;
     let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
 
@@ -461,6 +451,32 @@ pub(crate) fn measure(
         },
         doc_ids: rep.docs.iter().map(|d| d.doc_id.clone()).collect(),
     })
+}
+
+/// The text prompt speed is measured on, tokenized by `model`: the contexts of the first 8
+/// documents of `selection`, real text of the task.
+pub(crate) fn speed_tokens(model: &LoadedModel, selection: &Selection<'_>) -> Vec<u32> {
+    let text: String = selection
+        .docs
+        .iter()
+        .take(8)
+        .filter_map(|d| match &d.body {
+            DocBody::Choices(c) => Some(c.context(0).to_string()),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    model.tokenize(&text, true)
+}
+
+/// Prompt tokens per second of `model` on `tokens`: its fastest of 3 turns of 2 x 512 tokens,
+/// as [`measure`] takes it.
+pub(crate) fn prompt_speed(
+    model: &LoadedModel,
+    tokens: &[u32],
+    threads: usize,
+) -> Result<f64, PipelineError> {
+    Ok(compare_prompt_speed(&[model], tokens, 512, 2, 3, threads)?[0])
 }
 
 /// The report of a run that exported `plan` and measured it.

@@ -91,6 +91,8 @@ pub struct CurvePoint {
     pub file_bytes: u64,
     /// KV cache bytes per token (f16 cache).
     pub kv_bytes_per_token: u64,
+    /// Prompt processing speed in llama.cpp, on the validation documents' contexts.
+    pub prompt_tokens_per_s: f64,
 }
 
 /// The documents one stage of a run read, in the order the stages ran.
@@ -419,8 +421,8 @@ impl BudgetFigures {
              (held out of the fit; the figures above are on test documents that neither the fit \
              nor the choice of K read). Chosen: K = {}, the largest K that stays within the \
              budget with every smaller K.\n\n\
-             | K | skipped blocks | validation accuracy | drop (points) | agreement | choice KL | file | KV bytes/token |\n\
-             |---|---|---|---|---|---|---|---|\n",
+             | K | skipped blocks | validation accuracy | drop (points) | agreement | choice KL | file | KV bytes/token | prompt tokens/s |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
             limits.join(" and "),
             self.chosen_skip
         );
@@ -431,7 +433,7 @@ impl BudgetFigures {
                 p.k.to_string()
             };
             s += &format!(
-                "| {k} | {} | {:.2}% | {:+.2} | {:.2}% | {:.4} | {} | {} |\n",
+                "| {k} | {} | {:.2}% | {:+.2} | {:.2}% | {:.4} | {} | {} | {:.0} |\n",
                 if p.skipped_blocks.is_empty() {
                     "-".to_string()
                 } else {
@@ -442,7 +444,8 @@ impl BudgetFigures {
                 p.validation.agreement * 100.0,
                 p.validation.choice_kl,
                 mib(p.file_bytes),
-                p.kv_bytes_per_token
+                p.kv_bytes_per_token,
+                p.prompt_tokens_per_s
             );
         }
         s + "\n"

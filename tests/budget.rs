@@ -143,6 +143,7 @@ fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last
         }
         assert!(p["file_bytes"].as_u64().unwrap() > 0);
         assert!(p["kv_bytes_per_token"].as_u64().unwrap() > 0);
+        assert!(p["prompt_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert_eq!(p["within_budget"], k <= 2, "{p}");
     }
     assert_eq!(curve[0]["validation"]["accuracy"], 1.0);

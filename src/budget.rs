@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::eval::task::{evaluate, pair_with_reference, select_docs, DocScore, Selection};
-use crate::export::{export, ExportOptions};
+use crate::export::export;
 use crate::fit::options::FitError;
 use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitTask};
 use crate::llamacpp::LoadedModel;
@@ -30,6 +30,7 @@ use crate::report::{
     kv_bytes_per_token, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead, ValidationFigures,
 };
 use crate::task::{self, TaskData};
+use crate::write::WriteOptions;
 
 /// The folder of a budget run's curve: the search's rounds and every K's plan and model.
 pub fn curve_dir(out_dir: &Path) -> PathBuf {
@@ -98,7 +99,7 @@ pub fn run(
     create_out_dir(&curve)?;
     let [plan_path, slim_path, orig_path, ..] = outputs(&req.out_dir);
     let bar = indicatif::ProgressBar::hidden();
-    let export_options = ExportOptions {
+    let export_options = WriteOptions {
         qtype: req.qtype,
         force: true,
         threads: req.threads,
@@ -156,7 +157,7 @@ pub fn run(
         plans.len(),
         req.qtype.name()
     ));
-    crate::convert::to_gguf(&ck, &orig_path, req.qtype, true, req.threads, None, &bar)?;
+    crate::convert::to_gguf(&ck, &orig_path, &export_options, &bar)?;
     let mut slim_paths = Vec::new();
     for (plan, k) in plans.iter().zip(1..) {
         let path = curve.join(format!("slim-k{k}.gguf"));

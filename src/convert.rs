@@ -6,32 +6,25 @@ use std::path::Path;
 use crate::checkpoint::{Checkpoint, DeciCheckpoint};
 use crate::export::write_slim;
 use crate::fold::Fold;
-use crate::gguf::consts::{gguf_to_hf_name, QuantType};
-use crate::gguf::imatrix::Imatrix;
+use crate::gguf::consts::gguf_to_hf_name;
 use crate::gguf::GgmlType;
 use crate::hf_write::{write_hf_folder, HfTensor};
 use crate::write::{
     checkpoint_jobs, checkpoint_kvs, convert_plain, write_gguf, write_typed, FloatType, TensorJob,
-    WriteError, WriteSummary,
+    WriteError, WriteOptions, WriteSummary,
 };
 
-/// Converts a checkpoint to a GGUF of quant type `qtype` at `target`.
+/// Converts a checkpoint to a GGUF at `target` as `opts` say.
 pub fn to_gguf(
     ck: &Checkpoint,
     target: &Path,
-    qtype: QuantType,
-    force: bool,
-    threads: usize,
-    imatrix: Option<&Imatrix>,
+    opts: &WriteOptions<'_>,
     progress: &indicatif::ProgressBar,
 ) -> Result<WriteSummary, WriteError> {
     let arch_name = ck.arch.gguf_arch();
     write_typed(
         target,
-        qtype,
-        force,
-        threads,
-        imatrix,
+        opts,
         &[],
         progress,
         |path, float, bar| {
@@ -42,29 +35,16 @@ pub fn to_gguf(
     )
 }
 
-/// Converts a DeciLM folder to a `deci` GGUF of quant type `qtype` at `target`, through the
-/// writer `export` uses for a slim model: the folder's layers are a fold with every
-/// multiplier 1.
+/// Converts a DeciLM folder to a `deci` GGUF at `target` as `opts` say, through the writer
+/// `export` uses for a slim model: the folder's layers are a fold with every multiplier 1.
 pub fn deci_to_gguf(
     deci: &DeciCheckpoint,
     target: &Path,
-    qtype: QuantType,
-    force: bool,
-    threads: usize,
-    imatrix: Option<&Imatrix>,
+    opts: &WriteOptions<'_>,
     progress: &indicatif::ProgressBar,
 ) -> Result<WriteSummary, WriteError> {
     let fold = Fold::identity(&deci.attention);
-    write_slim(
-        &deci.checkpoint,
-        &fold,
-        target,
-        qtype,
-        force,
-        threads,
-        imatrix,
-        progress,
-    )
+    write_slim(&deci.checkpoint, &fold, target, opts, progress)
 }
 
 /// Writes a Hugging Face folder (model.safetensors, config.json, tokenizer.json,

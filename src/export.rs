@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use crate::arch::{permute_rope_rows, Family};
 use crate::checkpoint::Checkpoint;
 use crate::fold::{fold_values, Fold, FoldError};
-use crate::gguf::consts::{arch_key, QuantType};
-use crate::gguf::imatrix::Imatrix;
+use crate::gguf::consts::arch_key;
 use crate::gguf::vocab::Vocab;
 use crate::gguf::{GgmlType, Value};
 use crate::output::{check_overwrite, AtomicFile, OutputError};
@@ -30,7 +29,8 @@ use crate::plan::{Plan, PlanError};
 use crate::quantize::original_attn_v_types;
 use crate::write::{
     checkpoint_kvs, convert_plain, encode_f32, float_out_type, gguf_tensor_bytes, rope_freqs_job,
-    rope_heads, write_gguf, write_typed, FloatType, TensorJob, WriteError, WriteSummary,
+    rope_heads, write_gguf, write_typed, FloatType, TensorJob, WriteError, WriteOptions,
+    WriteSummary,
 };
 
 /// llama.cpp's `LLAMA_MAX_LAYERS` (`src/llama-hparams.h`): per-layer arrays hold at most this
@@ -70,19 +70,6 @@ pub enum ExportError {
     /// The Modelfile could not be written.
     #[error(transparent)]
     Output(#[from] OutputError),
-}
-
-/// How to write the export.
-#[derive(Debug, Clone, Copy)]
-pub struct ExportOptions<'a> {
-    /// Output type: a float type written directly or any llama.cpp quantization preset.
-    pub qtype: QuantType,
-    /// Replace existing outputs.
-    pub force: bool,
-    /// Threads for quantization.
-    pub threads: usize,
-    /// The slim model's importance matrix for the quantizer (`hopscotch imatrix --plan`).
-    pub imatrix: Option<&'a Imatrix>,
 }
 
 /// What an export wrote.
@@ -141,15 +128,10 @@ pub fn export(
     plan: &Plan,
     plan_path: &Path,
     target: &Path,
-    opts: &ExportOptions<'_>,
+    opts: &WriteOptions<'_>,
     progress: &indicatif::ProgressBar,
 ) -> Result<ExportSummary, ExportError> {
-    let ExportOptions {
-        qtype,
-        force,
-        threads,
-        imatrix,
-    } = *opts;
+    let force = opts.force;
     let fold = fold_for(ck, plan, plan_path)?;
     let n_layer = ck.arch.n_layer;
     let skip = plan.skip_mask();
@@ -158,7 +140,7 @@ pub fn export(
     check_overwrite(&modelfile, force)?;
     let slim = skip.iter().any(|&s| s);
     let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
-    let gguf = write_slim(ck, &fold, target, qtype, force, threads, imatrix, progress)?;
+    let gguf = write_slim(ck, &fold, target, opts, progress)?;
 
     let skipped_blocks: Vec<usize> = (0..n_layer).filter(|&l| skip[l]).collect();
     let chat_template = ck
@@ -226,20 +208,17 @@ pub fn fold_for(ck: &Checkpoint, plan: &Plan, plan_path: &Path) -> Result<Fold, 
     })
 }
 
-/// Writes `ck` folded by `fold` to `target` as `qtype`: a `deci` GGUF when the fold skips an
+/// Writes `ck` folded by `fold` to `target` as `opts.qtype`: a `deci` GGUF when the fold skips an
 /// attention block, else a plain `llama`/`qwen2` one. The kept attention blocks' `attn_v` get
 /// the types llama.cpp's preset gives them in the whole model.
-#[allow(clippy::too_many_arguments)]
 pub fn write_slim(
     ck: &Checkpoint,
     fold: &Fold,
     target: &Path,
-    qtype: QuantType,
-    force: bool,
-    threads: usize,
-    imatrix: Option<&Imatrix>,
+    opts: &WriteOptions<'_>,
     progress: &indicatif::ProgressBar,
 ) -> Result<WriteSummary, WriteError> {
+    let qtype = opts.qtype;
     let slim = fold.layers.iter().any(|l| l.attn_skipped);
     let gguf_arch = if slim { DECI_ARCH } else { ck.arch.gguf_arch() };
     let interleave = slim || ck.arch.family == Family::Llama;
@@ -254,10 +233,7 @@ pub fn write_slim(
     };
     write_typed(
         target,
-        qtype,
-        force,
-        threads,
-        imatrix,
+        opts,
         &overrides,
         progress,
         |path, float, bar| {

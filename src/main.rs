@@ -109,7 +109,13 @@ fn run(cli: Cli) -> Result<()> {
             let q = QuantType::from_name(&a.typed.qtype)?;
             let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
             let bar = bytes_bar(format!("writing {}", a.output.display()));
-            let (out, threads) = (&a.output, a.threads.count());
+            let out = &a.output;
+            let opts = hopscotch::write::WriteOptions {
+                qtype: q,
+                force: a.force,
+                threads: a.threads.count(),
+                imatrix: imatrix.as_ref(),
+            };
             if is_deci_folder(&a.input) {
                 if a.to == Target::Hf {
                     bail!(
@@ -119,16 +125,13 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 let deci = DeciCheckpoint::open(&a.input)
                     .with_context(|| format!("opening {}", a.input.display()))?;
-                let summary =
-                    convert::deci_to_gguf(&deci, out, q, a.force, threads, imatrix.as_ref(), &bar)?;
+                let summary = convert::deci_to_gguf(&deci, out, &opts, &bar)?;
                 eprintln!("wrote {summary} in {:.1}s", started.elapsed().as_secs_f64());
                 return Ok(());
             }
             let ck = open(&a.input)?;
             let summary = match a.to {
-                Target::Gguf => {
-                    convert::to_gguf(&ck, out, q, a.force, threads, imatrix.as_ref(), &bar)?
-                }
+                Target::Gguf => convert::to_gguf(&ck, out, &opts, &bar)?,
                 Target::Hf if a.typed.qtype != "f16" => bail!("--type applies to GGUF output; a Hugging Face folder keeps float tensors (quantized ones become f32)"),
                 Target::Hf => convert::to_hf(&ck, out, a.force, &bar)?,
             };
@@ -197,7 +200,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--dtype applies to --to hf; a GGUF's type is --type");
             }
             let imatrix = read_imatrix(a.typed.imatrix.as_deref())?;
-            let opts = hopscotch::export::ExportOptions {
+            let opts = hopscotch::write::WriteOptions {
                 qtype: QuantType::from_name(&a.typed.qtype)?,
                 force: a.force,
                 threads: a.threads.count(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, Selection, TaskEvalError};
-use crate::export::{export, ExportError, ExportOptions};
+use crate::export::{export, ExportError};
 use crate::fit::options::FitError;
 use crate::fit::session::{fit_plan, FitRequest};
 use crate::gguf::consts::QuantType;
@@ -24,6 +24,7 @@ use crate::report::{
 };
 use crate::task::{self, DocBody, TaskData, TaskError};
 use crate::write::WriteError;
+use crate::write::WriteOptions;
 
 /// Errors of `run` and `sweep`, each from the stage that failed or naming the input at fault.
 #[derive(Debug, thiserror::Error)]
@@ -338,22 +339,18 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     } else {
         None
     };
-    let opts = ExportOptions {
+    let opts = WriteOptions {
         qtype: req.qtype,
         force: req.force,
         threads: req.threads,
         imatrix: imatrices.as_ref().map(|m| &m.0),
     };
     export(&ck, &plan, &plan_path, &slim_path, &opts, &bar)?;
-    crate::convert::to_gguf(
-        &ck,
-        &orig_path,
-        req.qtype,
-        req.force,
-        req.threads,
-        imatrices.as_ref().map(|m| &m.1),
-        &bar,
-    )?;
+    let original_opts = WriteOptions {
+        imatrix: imatrices.as_ref().map(|m| &m.1),
+        ..opts
+    };
+    crate::convert::to_gguf(&ck, &orig_path, &original_opts, &bar)?;
     let t_export = started.elapsed().as_secs_f64() - t_fit;
 
     progress.note("evaluating both models in llama.cpp on the held-out documents");

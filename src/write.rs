@@ -590,17 +590,27 @@ pub fn checkpoint_kvs(ck: &Checkpoint, gguf_arch: &str, file_type: u32) -> Vec<(
     kvs
 }
 
-/// Writes `target` as `qtype`: float types directly through `write`, quantized types by
+/// How a GGUF is written: its type, whether it may replace a file, the quantizer's threads and
+/// importance matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions<'a> {
+    /// Output type: a float type written directly or any llama.cpp quantization preset.
+    pub qtype: QuantType,
+    /// Replace existing outputs.
+    pub force: bool,
+    /// Threads for quantization.
+    pub threads: usize,
+    /// An importance matrix for the quantizer.
+    pub imatrix: Option<&'a Imatrix>,
+}
+
+/// Writes `target` as `opts.qtype`: float types directly through `write`, quantized types by
 /// writing an intermediate float file next to the target and running llama.cpp's quantizer
-/// (with `imatrix`, when given; a type that needs one is refused before any work without it;
-/// `overrides` give tensors their own types).
-#[allow(clippy::too_many_arguments)]
+/// (with the importance matrix, when given; a type that needs one is refused before any work
+/// without it; `overrides` give tensors their own types).
 pub fn write_typed<F>(
     target: &Path,
-    qtype: QuantType,
-    force: bool,
-    threads: usize,
-    imatrix: Option<&Imatrix>,
+    opts: &WriteOptions<'_>,
     overrides: &[TypeOverride],
     progress: &indicatif::ProgressBar,
     write: F,
@@ -609,6 +619,12 @@ pub fn write_typed<F>(
 where
     F: FnOnce(&Path, FloatType, &indicatif::ProgressBar) -> Result<WriteSummary, WriteError>,
 {
+    let WriteOptions {
+        qtype,
+        force,
+        threads,
+        imatrix,
+    } = *opts;
     check_overwrite(target, force)?;
     require_imatrix(qtype, imatrix.is_some())?;
     if let Some(float) = FloatType::from_quant(qtype) {

@@ -59,7 +59,7 @@ use serde::Serialize;
 
 use crate::checkpoint::Checkpoint;
 use crate::eval::task::{evaluate, TaskEvalError};
-use crate::export::{export, ExportOptions};
+use crate::export::export;
 use crate::fit::options::FitError;
 use crate::fit::session::check_memory;
 use crate::gguf::consts::QuantType;
@@ -69,6 +69,7 @@ use crate::pipeline::PipelineError;
 use crate::plan::{FitSettings, Method, ModelFingerprint, Objective, Plan};
 use crate::progress::Progress;
 use crate::task::{self, DocBody};
+use crate::write::WriteOptions;
 
 use report::SweepReport;
 
@@ -338,15 +339,13 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
         units.reused.original += 1;
     } else {
         progress.note(&format!("writing original.gguf as {}", req.qtype.name()));
-        crate::convert::to_gguf(
-            &ck,
-            &layout.original(),
-            req.qtype,
-            false,
-            req.threads,
-            None,
-            &bar,
-        )?;
+        let opts = WriteOptions {
+            qtype: req.qtype,
+            force: false,
+            threads: req.threads,
+            imatrix: None,
+        };
+        crate::convert::to_gguf(&ck, &layout.original(), &opts, &bar)?;
         units.computed.original += 1;
     }
     seconds.export += phase.elapsed().as_secs_f64();
@@ -380,7 +379,7 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
             continue;
         }
         progress.note(&format!("exporting {}", s.name));
-        let opts = ExportOptions {
+        let opts = WriteOptions {
             qtype: req.qtype,
             force: true,
             threads: req.threads,

@@ -21,7 +21,7 @@ use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitT
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
-    check_outputs, create_out_dir, measure, outputs, prompt_speed, run_report, speed_tokens,
+    check_outputs, create_out_dir, measure, outputs, prompt_speeds, run_report, speed_tokens,
     write_report, PipelineError, RunRequest,
 };
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
@@ -190,7 +190,7 @@ pub fn run(
         req.threads,
         &bar,
     )?;
-    let original_speed = prompt_speed(&orig, &speed_text, req.threads)?;
+    let original_speed = prompt_speeds(&[&orig], &speed_text, req.threads)?[0];
     drop(orig);
     reads.push(StageRead {
         stage: "validation".into(),
@@ -224,7 +224,7 @@ pub fn run(
             &bar,
         )?;
         let paired = pair_with_reference(&mut rep.docs, &original.docs)?;
-        let speed = prompt_speed(&slim, &speed_text, req.threads)?;
+        let speed = prompt_speeds(&[&slim], &speed_text, req.threads)?[0];
         reads.push(StageRead {
             stage: "validation".into(),
             k: Some(k),

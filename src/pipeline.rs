@@ -410,7 +410,7 @@ pub(crate) fn measure(
     )?;
     // Prompt speed on the same real text for both: the contexts of the evaluated documents.
     let tokens = speed_tokens(&orig, selection);
-    let speeds = compare_prompt_speed(&[&orig, &slim], &tokens, 512, 2, 3, req.threads)?;
+    let speeds = prompt_speeds(&[&orig, &slim], &tokens, req.threads)?;
     let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
 
     let n = rep.n_docs;
@@ -466,14 +466,14 @@ pub(crate) fn speed_tokens(model: &LoadedModel, selection: &Selection<'_>) -> Ve
     model.tokenize(&text, true)
 }
 
-/// Prompt tokens per second of `model` on `tokens`: its fastest of 3 turns of 2 x 512 tokens,
-/// as [`measure`] takes it.
-pub(crate) fn prompt_speed(
-    model: &LoadedModel,
+/// Prompt tokens per second of each of `models` on `tokens`, as `run` reports them: each
+/// model's fastest of 3 turns of 2 x 512 tokens, the models taking turns.
+pub(crate) fn prompt_speeds(
+    models: &[&LoadedModel],
     tokens: &[u32],
     threads: usize,
-) -> Result<f64, PipelineError> {
-    Ok(compare_prompt_speed(&[model], tokens, 512, 2, 3, threads)?[0])
+) -> Result<Vec<f64>, PipelineError> {
+    Ok(compare_prompt_speed(models, tokens, 512, 2, 3, threads)?)
 }
 
 /// The report of a run that exported `plan` and measured it.

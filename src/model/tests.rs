@@ -239,7 +239,7 @@ fn model_logits(
         .reshape((b, t, model.arch().vocab_size))?)
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
@@ -478,7 +478,7 @@ fn scalar_gradients_match_finite_differences_with(storage: WeightStorage, recomp
 }
 
 /// Input gradient of `f(x)` under the loss `sum(f(x) * r)`, with the forward value.
-fn grad_through(
+pub(crate) fn grad_through(
     x: &Tensor,
     r: &Tensor,
     f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,

@@ -148,49 +148,29 @@ impl Chunk {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var, D};
+    use candle_core::{DType, Device, Tensor, D};
 
     use super::*;
     use crate::gguf::GgmlType;
-    use crate::model::tests::stored_as;
+    use crate::model::tests::{grad_through, max_abs_diff, stored_as};
 
     /// `log_softmax(x @ w^T)` at `ids` with candle's whole-row ops.
     fn whole(x: &Tensor, w: &Tensor, ids: &Tensor) -> Result<Tensor> {
         candle_nn::ops::log_softmax(&x.matmul(&w.t()?)?, D::Minus1)?.gather(ids, 1)
     }
 
-    /// The values and the input gradient of `sum(r * f(x))`.
-    fn with_grad(
-        x: &Tensor,
-        r: &Tensor,
-        f: impl Fn(&Tensor) -> Result<Tensor>,
-    ) -> (Tensor, Tensor) {
-        let var = Var::from_tensor(x).unwrap();
-        let y = f(var.as_tensor()).unwrap();
-        let grads = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
-        (y, grads.get(var.as_tensor()).unwrap().clone())
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
+    /// A random head: a vocabulary of 50 (in chunks of 7, the last one is short), 32 wide.
+    fn random_head(dtype: DType) -> Tensor {
+        Tensor::randn(0f32, 1.0, (50, 32), &Device::Cpu)
             .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
+            .to_dtype(dtype)
             .unwrap()
     }
 
-    /// 5 rows, 3 distinct ids each, a vocabulary of 50 in chunks of 7 (the last one short).
-    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor, Tensor) {
+    /// 5 random rows `x`, 3 distinct ids each, and the weights `r` of the loss `sum(r * y)`.
+    fn inputs(dtype: DType) -> (Tensor, Tensor, Tensor) {
         let dev = Device::Cpu;
         let x = (Tensor::randn(0f32, 1.0, (5, 32), &dev).unwrap() * 3.0).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (50, 32), &dev).unwrap();
         let ids = Tensor::new(
             &[
                 [0u32, 49, 7],
@@ -204,40 +184,45 @@ mod tests {
         .unwrap();
         let r = Tensor::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let to = |t: Tensor| t.to_dtype(dtype).unwrap();
-        (to(x), to(w), ids, to(r))
+        (to(x), ids, to(r))
+    }
+
+    /// Asserts that `head` in chunks of `chunk` gives the values and input gradient (of
+    /// `sum(r * y)`) that the whole rows of `dense` give, within `bound`.
+    fn assert_equals_whole(head: &Weight, dense: &Tensor, chunk: usize, bound: f32, what: &str) {
+        let (x, ids, r) = inputs(dense.dtype());
+        let (y1, g1, _, _) =
+            grad_through(&x, &r, |x| log_softmax_at_in_chunks(x, head, &ids, chunk));
+        let (y2, g2, _, _) = grad_through(&x, &r, |x| whole(x, dense, &ids));
+        assert!(max_abs_diff(&y1, &y2) < bound, "{what}: values");
+        assert!(max_abs_diff(&g1, &g2) < bound, "{what}: gradient");
     }
 
     #[test]
     fn chunked_log_probs_and_gradient_equal_the_whole_rows() {
-        let (x, w, ids, r) = inputs(DType::F64);
+        let w = random_head(DType::F64);
         let head = Weight::Dense(w.clone());
         for chunk in [1, 7, 50, 64] {
-            let (y1, g1) = with_grad(&x, &r, |x| log_softmax_at_in_chunks(x, &head, &ids, chunk));
-            let (y2, g2) = with_grad(&x, &r, |x| whole(x, &w, &ids));
-            assert!(max_diff(&y1, &y2) < 1e-12, "chunk {chunk}: values");
-            assert!(max_diff(&g1, &g2) < 1e-12, "chunk {chunk}: gradient");
+            assert_equals_whole(&head, &w, chunk, 1e-12, &format!("chunk {chunk}"));
         }
     }
 
     #[test]
     fn chunked_log_probs_of_a_stored_head_equal_its_dequantized_rows() {
-        let (x, w, ids, r) = inputs(DType::F32);
+        let w = random_head(DType::F32);
         let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for dtype in [GgmlType::BF16, GgmlType::Q8_0] {
             let stored = stored_as(dtype, &values, 50, 32);
             let dense = Tensor::from_vec(stored.to_f32().unwrap(), (50, 32), &Device::Cpu).unwrap();
             let head = Weight::Stored(std::sync::Arc::new(stored));
-            let (y1, g1) = with_grad(&x, &r, |x| log_softmax_at_in_chunks(x, &head, &ids, 7));
-            let (y2, g2) = with_grad(&x, &r, |x| whole(x, &dense, &ids));
-            assert!(max_diff(&y1, &y2) < 1e-5, "{dtype:?}: values");
-            assert!(max_diff(&g1, &g2) < 1e-5, "{dtype:?}: gradient");
+            assert_equals_whole(&head, &dense, 7, 1e-5, &format!("{dtype:?}"));
         }
     }
 
     #[test]
     fn ids_outside_the_vocabulary_or_of_another_shape_are_refused() {
-        let (x, w, _, _) = inputs(DType::F32);
-        let head = Weight::Dense(w);
+        let (x, _, _) = inputs(DType::F32);
+        let head = Weight::Dense(random_head(DType::F32));
         let out = Tensor::new(&[[50u32]; 5], &Device::Cpu).unwrap();
         let err = log_softmax_at(&x, &head, &out).unwrap_err().to_string();
         assert!(

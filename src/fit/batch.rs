@@ -12,6 +12,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::model::ops::runs;
 use crate::model::{Model, ModelError};
 use crate::plan::{Objective, ScaleValues};
 
@@ -486,10 +487,7 @@ impl TrainBatch {
         }
         let groups: Vec<usize> = match (objective, &self.choices) {
             (Objective::Choice, Some(g)) => g.choices_per_doc.clone(),
-            _ => (0..rows)
-                .step_by(PART_ROWS)
-                .map(|first| PART_ROWS.min(rows - first))
-                .collect(),
+            _ => runs(rows, PART_ROWS).map(|(_, len)| len).collect(),
         };
         let docs = groups.len();
         let n = positions.len();
@@ -601,11 +599,8 @@ impl TrainBatch {
         hidden: &Tensor,
         mut f: impl FnMut(std::ops::Range<usize>, &Tensor) -> Result<T, TrainError>,
     ) -> Result<Vec<T>, TrainError> {
-        let n = self.n_targets();
-        let rows = whole_logit_rows(model.arch().vocab_size);
-        let mut out = Vec::with_capacity(n.div_ceil(rows));
-        for start in (0..n).step_by(rows) {
-            let len = rows.min(n - start);
+        let mut out = Vec::new();
+        for (start, len) in runs(self.n_targets(), whole_logit_rows(model.arch().vocab_size)) {
             let positions = self.target_positions.narrow(0, start, len)?;
             let logits = model.logits_at(hidden, &positions)?;
             let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
@@ -635,14 +630,12 @@ impl TrainBatch {
         hidden: &Tensor,
         ids: &Tensor,
     ) -> Result<Tensor, TrainError> {
-        let n = self.n_targets();
-        let mut runs = Vec::with_capacity(n.div_ceil(LOGIT_ROWS));
-        for start in (0..n).step_by(LOGIT_ROWS) {
-            let len = LOGIT_ROWS.min(n - start);
+        let mut parts = Vec::new();
+        for (start, len) in runs(self.n_targets(), LOGIT_ROWS) {
             let positions = self.target_positions.narrow(0, start, len)?;
-            runs.push(model.log_probs_at(hidden, &positions, &ids.narrow(0, start, len)?)?);
+            parts.push(model.log_probs_at(hidden, &positions, &ids.narrow(0, start, len)?)?);
         }
-        Ok(Tensor::cat(&runs, 0)?)
+        Ok(Tensor::cat(&parts, 0)?)
     }
 }
 

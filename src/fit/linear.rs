@@ -19,6 +19,7 @@ use candle_core::{DType, Tensor};
 
 use crate::fit::batch::TrainBatch;
 use crate::fit::parallel;
+use crate::model::ops::runs;
 use crate::model::{Model, ModelError, WeightInput};
 use crate::plan::{LinearAttention, ScaleValues};
 
@@ -129,9 +130,7 @@ pub fn fit(
     };
     // a few batches side by side, their sums added in batch order
     let n_batches = batches.len().min(lengths.len());
-    let at_once = rayon::current_num_threads().max(1);
-    for start in (0..n_batches).step_by(at_once) {
-        let n = at_once.min(n_batches - start);
+    for (start, n) in runs(n_batches, rayon::current_num_threads()) {
         for batch in parallel::map(model.device(), n, |i| batch_sums(start + i))? {
             for (sum, b) in sums.iter_mut().zip(batch) {
                 sum.add(b)?;

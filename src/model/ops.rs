@@ -148,13 +148,18 @@ pub fn stored_linear(
     })
 }
 
+/// `0..total` in consecutive runs of `step` (at least 1), the last one shorter:
+/// `(first, len)`.
+pub fn runs(total: usize, step: usize) -> impl Iterator<Item = (usize, usize)> {
+    let step = step.max(1);
+    (0..total)
+        .step_by(step)
+        .map(move |first| (first, step.min(total - first)))
+}
+
 /// The panels of `weight`'s rows: `(first row, rows)`.
 pub(super) fn panels(weight: &StoredTensor) -> impl Iterator<Item = (usize, usize)> {
-    let rows = weight.rows();
-    let step = (PANEL_VALUES / weight.cols().max(1)).max(1);
-    (0..rows)
-        .step_by(step)
-        .map(move |first| (first, step.min(rows - first)))
+    runs(weight.rows(), PANEL_VALUES / weight.cols().max(1))
 }
 
 /// Rows `first..first + n` of `weight` as an `(n, cols)` tensor like `like`.

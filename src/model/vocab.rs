@@ -46,9 +46,7 @@ fn log_softmax_at_in_chunks(
     if let Some(&bad) = id_values.iter().find(|&&i| i as usize >= rows) {
         candle_core::bail!("log_softmax_at: token id {bad} is outside the vocabulary of {rows}");
     }
-    let chunks: Vec<Chunk> = (0..rows)
-        .step_by(chunk.max(1))
-        .map(|first| (first, chunk.max(1).min(rows - first)))
+    let chunks: Vec<Chunk> = ops::runs(rows, chunk)
         .map(|(first, len)| Chunk::new(first, len, &id_values, (n, k), &x))
         .collect::<Result<_>>()?;
 

@@ -556,7 +556,7 @@ impl TrainBatch {
         let hidden = self.original_hidden(model)?;
         let vocab = model.arch().vocab_size;
         let chunks = self.log_prob_chunks(model, &hidden, |_, log_probs| {
-            Ok(if top_k >= vocab {
+            Ok(if whole_teacher(top_k, vocab) {
                 Teacher::Full {
                     log_probs: log_probs.clone(),
                 }
@@ -652,6 +652,12 @@ const WHOLE_LOGIT_VALUES: usize = 1 << 24;
 /// [`LOGIT_ROWS`], fewer where that would take more than [`WHOLE_LOGIT_VALUES`].
 pub(crate) fn whole_logit_rows(vocab: usize) -> usize {
     (WHOLE_LOGIT_VALUES / vocab.max(1)).clamp(1, LOGIT_ROWS)
+}
+
+/// Whether a teacher keeping the `top_k` most likely tokens of a `vocab`-token vocabulary keeps
+/// whole rows ([`Teacher::Full`]).
+pub(crate) fn whole_teacher(top_k: usize, vocab: usize) -> bool {
+    top_k >= vocab
 }
 
 /// The `k` largest log-probabilities per row, with the leftover mass; selected on the host.

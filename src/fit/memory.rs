@@ -24,7 +24,7 @@
 
 use std::fmt;
 
-use super::batch::{whole_logit_rows, LOGIT_ROWS, PART_ROWS};
+use super::batch::{whole_logit_rows, whole_teacher, LOGIT_ROWS, PART_ROWS};
 use crate::checkpoint::Checkpoint;
 use crate::model::{logit_chunk_tokens, WeightStorage};
 use crate::plan::{FitSettings, Objective};
@@ -102,12 +102,13 @@ impl MemoryEstimate {
         };
         // the logits at a part's targets: whole rows for a full teacher, else a chunk of the
         // vocabulary at a time for one run of targets
-        let logits =
-            if settings.objective == Objective::Kl && settings.teacher_top_k >= a.vocab_size {
-                part_tokens * vocab
-            } else {
-                part_tokens.min(LOGIT_ROWS as u64) * logit_chunk_tokens(a.n_embd) as u64
-            };
+        let logits = if settings.objective == Objective::Kl
+            && whole_teacher(settings.teacher_top_k, a.vocab_size)
+        {
+            part_tokens * vocab
+        } else {
+            part_tokens.min(LOGIT_ROWS as u64) * logit_chunk_tokens(a.n_embd) as u64
+        };
         let train_part = f32s(activations) + f32s(3 * logits);
         // a batch scored without gradients: its layers' transient tensors, and the logits of
         // one run of its targets with their log-softmax and the teacher's host copy

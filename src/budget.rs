@@ -14,10 +14,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
-use crate::eval::task::{evaluate, pair_with_reference, select_docs, DocScore, Selection};
+use crate::eval::task::{
+    evaluate, pair_with_reference, select_docs, DocScore, PairedFigures, Selection, TaskReport,
+};
 use crate::export::export;
 use crate::fit::options::FitError;
-use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitTask};
+use crate::fit::session::{check_memory, load_tasks, search_order, write_plan, FitModel, FitTask};
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
@@ -27,7 +29,8 @@ use crate::pipeline::{
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
 use crate::report::{
-    kv_bytes_per_token, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead, ValidationFigures,
+    kv_bytes_per_token, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead, TaskValidation,
+    ValidationFigures,
 };
 use crate::task::{self, TaskData};
 use crate::write::WriteOptions;
@@ -55,9 +58,59 @@ fn selection<'a>(task: &'a TaskData, indices: &[usize], limit: Option<usize>) ->
     }
 }
 
+/// The three parts ([`task::split_three`]) of each task, by document index: the documents the
+/// fit trains on (its even share of them), the validation documents, the test documents.
+/// Refuses a task with no validation or no test document left.
+fn task_parts(
+    tasks: &[TaskData],
+    options: &FitSettings,
+    budget: &QualityBudget,
+) -> Result<Vec<[Vec<usize>; 3]>, PipelineError> {
+    let trained = options.resolved_final_docs();
+    tasks
+        .iter()
+        .zip(task::even_shares(trained, tasks.len()))
+        .map(|(task_data, share)| {
+            let parts = task::split_three(
+                &task_data.docs,
+                share,
+                budget.resolved_validation_docs(),
+                options.seed,
+            );
+            let [_, validation, test] = &parts;
+            if validation.is_empty() || test.is_empty() {
+                return Err(PipelineError::TooFewDocs {
+                    path: task_data.path.clone(),
+                    docs: task_data.docs.len(),
+                    trained: share.min(task_data.docs.len()),
+                    validation: validation.len(),
+                    test: test.len(),
+                });
+            }
+            Ok(parts)
+        })
+        .collect()
+}
+
+/// A model's validation figures on one task: its own report, paired against the original's
+/// (for the original itself, `paired` is `None`).
+fn validation_figures(
+    rep: &TaskReport,
+    paired: Option<&PairedFigures>,
+) -> (ValidationFigures, f64) {
+    let figures = ValidationFigures {
+        accuracy: rep.accuracy,
+        agreement: paired.map_or(1.0, |p| p.agreement),
+        choice_kl: paired.map_or(0.0, |p| p.choice_kl_mean),
+        n_docs: rep.n_docs,
+    };
+    (figures, paired.map_or(0.0, |p| -p.accuracy_diff * 100.0))
+}
+
 /// Runs `hopscotch run` with a quality budget: fit every K up to `--max-skip`, evaluate each on
-/// the validation documents, export the largest K within `budget`, measure it on the test
-/// documents, and write the report. Bad input is refused before anything is written.
+/// the validation documents of every task, export the largest K within `budget` on all of them,
+/// measure it on the test documents, and write the report. Bad input is refused before
+/// anything is written.
 pub fn run(
     req: &RunRequest,
     budget: &QualityBudget,
@@ -71,29 +124,16 @@ pub fn run(
     let max_skip = budget.resolved_max_skip(ck.arch.n_layer)?;
     let curve = curve_dir(&req.out_dir);
     check_outputs(req, std::slice::from_ref(&curve))?;
-    let task_data = task::load(&req.task)?;
-    select_docs(&task_data, None, Some(1))?;
     let options = FitSettings {
         skip: max_skip,
         ..req.fit.clone()
     };
     options.validate().map_err(FitError::from)?;
-    let trained = options.resolved_final_docs();
-    let [_, validation_idx, test_idx] = task::split_three(
-        &task_data.docs,
-        trained,
-        budget.resolved_validation_docs(),
-        options.seed,
-    );
-    if validation_idx.is_empty() || test_idx.is_empty() {
-        return Err(PipelineError::TooFewDocs {
-            path: req.task.clone(),
-            docs: task_data.docs.len(),
-            trained: trained.min(task_data.docs.len()),
-            validation: validation_idx.len(),
-            test: test_idx.len(),
-        });
+    let tasks = load_tasks(&req.tasks, options.fit_docs)?;
+    for task_data in &tasks {
+        select_docs(task_data, None, Some(1))?;
     }
+    let parts = task_parts(&tasks, &options, budget)?;
     ck.validate_tensors()?;
     let memory = check_memory(&ck, &options, progress)?;
     create_out_dir(&curve)?;
@@ -105,13 +145,15 @@ pub fn run(
         threads: req.threads,
         imatrix: None,
     };
+    let name = |t: &TaskData| t.path.display().to_string();
 
     // The fit: one search up to --max-skip, a final training and an export per K.
     let fit_model = FitModel::load(&ck, ModelFingerprint::of(&ck), memory.recompute)?;
-    let fit_task = FitTask::build(&fit_model, &req.task, &task_data, &options, progress)?;
+    let fit_task = FitTask::build(&fit_model, &tasks, &options, progress)?;
+    let n_validation: usize = parts.iter().map(|[_, v, _]| v.len()).sum();
     progress.note(&format!(
-        "choosing up to {max_skip} blocks to skip; K is then chosen on {} validation documents",
-        validation_idx.len()
+        "choosing up to {max_skip} blocks to skip; K is then chosen on {n_validation} validation \
+         documents"
     ));
     let (order, _) = search_order(
         &fit_model,
@@ -137,17 +179,17 @@ pub fn run(
         )?;
         plans.push(plan);
     }
-    let mut reads = vec![StageRead {
-        stage: "fit".into(),
-        k: None,
-        doc_ids: fit_task
-            .data
-            .fit_doc_ids
-            .iter()
-            .cloned()
-            .chain(fit_task.final_only_doc_ids())
-            .collect(),
-    }];
+    let mut reads: Vec<StageRead> = tasks
+        .iter()
+        .zip(&fit_task.data.doc_ids)
+        .zip(fit_task.final_only_doc_ids())
+        .map(|((task_data, fit), final_only)| StageRead {
+            stage: "fit".into(),
+            k: None,
+            task: name(task_data),
+            doc_ids: fit.iter().cloned().chain(final_only).collect(),
+        })
+        .collect();
     drop(fit_task);
     drop(fit_model);
     let t_fit = started.elapsed().as_secs_f64();
@@ -173,94 +215,115 @@ pub fn run(
     }
     let t_export = started.elapsed().as_secs_f64() - t_fit;
 
-    // K chosen on the validation documents.
+    // K chosen on the validation documents of every task.
     progress.note(&format!(
-        "evaluating the original and every K on {} validation documents",
-        validation_idx.len()
+        "evaluating the original and every K on {n_validation} validation documents"
     ));
-    let validation = selection(&task_data, &validation_idx, None);
+    let validations: Vec<Selection<'_>> = tasks
+        .iter()
+        .zip(&parts)
+        .map(|(task_data, [_, v, _])| selection(task_data, v, None))
+        .collect();
     let orig = LoadedModel::load(&orig_path)?;
-    let speed_text = speed_tokens(&orig, &validation);
-    let original = evaluate(
-        &orig,
-        None,
-        &task_data,
-        &validation,
-        req.n_ctx,
-        req.threads,
-        &bar,
-    )?;
+    let speed_text = speed_tokens(&orig, &validations[0]);
+    let originals = tasks
+        .iter()
+        .zip(&validations)
+        .map(|(task_data, v)| evaluate(&orig, None, task_data, v, req.n_ctx, req.threads, &bar))
+        .collect::<Result<Vec<_>, _>>()?;
     let original_speed = prompt_speeds(&[&orig], &speed_text, req.threads)?[0];
     drop(orig);
-    reads.push(StageRead {
-        stage: "validation".into(),
-        k: Some(0),
-        doc_ids: ids(&original.docs),
-    });
-    let mut points = vec![CurvePoint {
-        k: 0,
-        skipped_blocks: Vec::new(),
-        validation: ValidationFigures {
-            accuracy: original.accuracy,
-            agreement: 1.0,
-            choice_kl: 0.0,
-            n_docs: original.n_docs,
-        },
-        drop_points: 0.0,
-        within_budget: true,
-        file_bytes: file_bytes(&orig_path),
-        kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
-        prompt_tokens_per_s: original_speed,
-    }];
-    for ((plan, path), k) in plans.iter().zip(&slim_paths).zip(1..) {
-        let slim = LoadedModel::load(path)?;
-        let mut rep = evaluate(
-            &slim,
-            None,
-            &task_data,
-            &validation,
-            req.n_ctx,
-            req.threads,
-            &bar,
-        )?;
-        let paired = pair_with_reference(&mut rep.docs, &original.docs)?;
-        let speed = prompt_speeds(&[&slim], &speed_text, req.threads)?[0];
+    // One model's curve point from its reports on every task (paired with the original's).
+    let point = |k: usize,
+                 skipped_blocks: Vec<usize>,
+                 figures: Vec<(ValidationFigures, f64)>,
+                 path: &Path,
+                 speed: f64| {
+        let mut figures = tasks.iter().zip(figures);
+        let (_, (validation, drop_points)) = figures.next().expect("a run has a task");
+        CurvePoint {
+            k,
+            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &skipped_blocks),
+            skipped_blocks,
+            validation,
+            drop_points,
+            other_tasks: figures
+                .map(|(task_data, (validation, drop_points))| TaskValidation {
+                    task: name(task_data),
+                    validation,
+                    drop_points,
+                })
+                .collect(),
+            within_budget: k == 0,
+            file_bytes: file_bytes(path),
+            prompt_tokens_per_s: speed,
+        }
+    };
+    for (task_data, original) in tasks.iter().zip(&originals) {
         reads.push(StageRead {
             stage: "validation".into(),
-            k: Some(k),
-            doc_ids: ids(&rep.docs),
-        });
-        points.push(CurvePoint {
-            k,
-            skipped_blocks: plan.skipped_blocks.clone(),
-            validation: ValidationFigures {
-                accuracy: rep.accuracy,
-                agreement: paired.agreement,
-                choice_kl: paired.choice_kl_mean,
-                n_docs: rep.n_docs,
-            },
-            drop_points: -paired.accuracy_diff * 100.0,
-            within_budget: false,
-            file_bytes: file_bytes(path),
-            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
-            prompt_tokens_per_s: speed,
+            k: Some(0),
+            task: name(task_data),
+            doc_ids: ids(&original.docs),
         });
     }
-    let measured: Vec<(usize, f64, f64)> = points[1..]
-        .iter()
-        .map(|p| (p.k, p.drop_points, p.validation.agreement))
+    let mut points = vec![point(
+        0,
+        Vec::new(),
+        originals
+            .iter()
+            .map(|o| validation_figures(o, None))
+            .collect(),
+        &orig_path,
+        original_speed,
+    )];
+    for ((plan, path), k) in plans.iter().zip(&slim_paths).zip(1..) {
+        let slim = LoadedModel::load(path)?;
+        let mut figures = Vec::new();
+        for ((task_data, v), original) in tasks.iter().zip(&validations).zip(&originals) {
+            let mut rep = evaluate(&slim, None, task_data, v, req.n_ctx, req.threads, &bar)?;
+            let paired = pair_with_reference(&mut rep.docs, &original.docs)?;
+            reads.push(StageRead {
+                stage: "validation".into(),
+                k: Some(k),
+                task: name(task_data),
+                doc_ids: ids(&rep.docs),
+            });
+            figures.push(validation_figures(&rep, Some(&paired)));
+        }
+        let speed = prompt_speeds(&[&slim], &speed_text, req.threads)?[0];
+        points.push(point(k, plan.skipped_blocks.clone(), figures, path, speed));
+    }
+    // The largest K within the budget on every task, and the task that limits it.
+    let per_task: Vec<Vec<(usize, f64, f64)>> = (0..tasks.len())
+        .map(|t| {
+            points[1..]
+                .iter()
+                .map(|p| {
+                    let (drop, agreement) = match t {
+                        0 => (p.drop_points, p.validation.agreement),
+                        _ => {
+                            let o = &p.other_tasks[t - 1];
+                            (o.drop_points, o.validation.agreement)
+                        }
+                    };
+                    (p.k, drop, agreement)
+                })
+                .collect()
+        })
         .collect();
-    let chosen = budget.choose(&measured);
+    let (chosen, limiting) = budget.choose_on_every_task(&per_task);
     for p in &mut points[1..=chosen] {
         p.within_budget = true;
     }
     if chosen == 0 {
-        let first = &points[1];
+        let (_, drop_points, agreement) = per_task[limiting][0];
         return Err(PipelineError::NothingWithinBudget {
-            n_docs: first.validation.n_docs,
-            block: first.skipped_blocks[0],
-            drop_points: first.drop_points,
-            agreement: first.validation.agreement,
+            task: name(&tasks[limiting]),
+            n_docs: originals[limiting].n_docs,
+            block: points[1].skipped_blocks[0],
+            drop_points,
+            agreement,
             curve_dir: curve,
         });
     }
@@ -270,22 +333,31 @@ pub fn run(
     ));
 
     // Only now, with K chosen, are the test documents read.
-    let test = selection(&task_data, &test_idx, req.limit);
+    let tests: Vec<Selection<'_>> = tasks
+        .iter()
+        .zip(&parts)
+        .map(|(task_data, [_, _, test])| selection(task_data, test, req.limit))
+        .collect();
     let mut plan = plans.swap_remove(chosen - 1);
-    plan.validation_doc_ids = ids(&original.docs);
-    plan.test_doc_ids = test.docs.iter().map(|d| d.id.clone()).collect();
+    for ((recorded, original), test) in plan.tasks_mut().zip(&originals).zip(&tests) {
+        recorded.validation_doc_ids = ids(&original.docs);
+        recorded.test_doc_ids = test.docs.iter().map(|d| d.id.clone()).collect();
+    }
     plan.save(&plan_path, true)?;
     export(&ck, &plan, &plan_path, &slim_path, &export_options, &bar)?;
+    let n_test: usize = tests.iter().map(|t| t.docs.len()).sum();
     progress.note(&format!(
-        "evaluating the original and K = {chosen} on {} test documents",
-        test.docs.len()
+        "evaluating the original and K = {chosen} on {n_test} test documents"
     ));
-    let final_figures = measure(req, &ck, &plan, &task_data, &test)?;
-    reads.push(StageRead {
-        stage: "test".into(),
-        k: Some(chosen),
-        doc_ids: final_figures.doc_ids.clone(),
-    });
+    let final_figures = measure(req, &ck, &plan, &tasks, &tests)?;
+    for (task_data, measured) in tasks.iter().zip(&final_figures) {
+        reads.push(StageRead {
+            stage: "test".into(),
+            k: Some(chosen),
+            task: name(task_data),
+            doc_ids: measured.doc_ids.clone(),
+        });
+    }
     let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
     let report = run_report(
         req,

@@ -280,9 +280,11 @@ pub struct ImatrixArgs {
 pub struct FitArgs {
     /// The model: a Hugging Face folder or a .gguf file (quantized ones are dequantized).
     pub model: PathBuf,
-    /// The task file (JSON lines, plain or gzip): requests, text, chat or prompts.
-    #[arg(long)]
-    pub task: PathBuf,
+    /// The task file (JSON lines, plain or gzip): requests, text, chat or prompts. Give it
+    /// more than once to fit one plan to several tasks: the fit documents (and the final
+    /// training's) are drawn evenly from them.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<PathBuf>,
     /// Attention blocks to skip (layer 0's always stays).
     #[arg(long)]
     pub skip: usize,
@@ -311,9 +313,11 @@ pub struct FitArgs {
 pub struct RunArgs {
     /// The model: a Hugging Face folder or a .gguf file.
     pub model: PathBuf,
-    /// The task file (log-likelihood requests, .jsonl or .jsonl.gz).
-    #[arg(long)]
-    pub task: PathBuf,
+    /// The task file (log-likelihood requests, .jsonl or .jsonl.gz). Give it more than once
+    /// to slim for several tasks: the fit draws its documents evenly from them, every task is
+    /// evaluated, and a quality budget must hold on each.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<PathBuf>,
     /// Attention blocks to skip (layer 0's always stays). Or give a quality budget instead
     /// (--max-drop, --min-agreement), and K is chosen on validation documents.
     #[arg(long)]
@@ -329,9 +333,9 @@ pub struct RunArgs {
     pub choice: ChoiceArgs,
     #[command(flatten)]
     pub fit: FitSettings,
-    /// Quantize each file with its own importance matrix from the fit documents (the slim
-    /// model's with its skips and scalars), written beside it as *.imatrix.gguf. iq1_s,
-    /// iq1_m, iq2_* and q2_k_s need it.
+    /// Quantize each file with its own importance matrix from the fit documents of the first
+    /// --task (the slim model's with its skips and scalars), written beside it as
+    /// *.imatrix.gguf. iq1_s, iq1_m, iq2_* and q2_k_s need it.
     #[arg(long)]
     pub imatrix: bool,
     /// Overwrite existing outputs in the folder.

@@ -249,7 +249,7 @@ pub fn run(
     imatrix.datasets = vec![format!(
         "{} ({} documents, seed {seed})",
         request.task.display(),
-        fit_data.fit_doc_ids.len()
+        fit_data.n_docs()
     )];
     imatrix.chunk_size = request.max_seq_len as u32;
     imatrix.write(&request.output, request.force)?;
@@ -257,18 +257,23 @@ pub fn run(
     let summary = ImatrixSummary {
         output: request.output.clone(),
         entries: imatrix.entries.len(),
-        docs: fit_data.fit_doc_ids.len(),
+        docs: fit_data.n_docs(),
         tokens: fit_data.n_tokens(),
         beyond_plan: plan.as_ref().map_or(0, |p| {
-            let trained: std::collections::HashSet<&str> = p.trained_doc_ids().collect();
+            let trained: std::collections::HashSet<&str> = p
+                .task_with_sha256(&task_data.sha256)
+                .into_iter()
+                .flat_map(|t| t.trained_doc_ids())
+                .collect();
             fit_data
-                .fit_doc_ids
+                .doc_ids
                 .iter()
+                .flatten()
                 .filter(|id| !trained.contains(id.as_str()))
                 .count()
         }),
         skipped_blocks: plan.map(|p| p.skipped_blocks).unwrap_or_default(),
-        doc_ids: fit_data.fit_doc_ids,
+        doc_ids: fit_data.doc_ids.concat(),
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok((summary, imatrix))

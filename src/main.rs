@@ -223,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
             set_threads(a.threads.count());
             let request = hopscotch::fit::session::FitRequest {
                 model: a.model,
-                task: a.task,
+                tasks: a.tasks,
                 output: a.output,
                 force: a.force,
                 resume: a.resume,
@@ -238,7 +238,7 @@ fn run(cli: Cli) -> Result<()> {
             let budget = a.budget.resolve(a.skip)?;
             let request = hopscotch::pipeline::RunRequest {
                 model: a.model,
-                task: a.task,
+                tasks: a.tasks,
                 out_dir: a.output,
                 qtype: QuantType::from_name(&a.eval.qtype)?,
                 limit: a.eval.limit,

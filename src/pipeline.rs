@@ -11,7 +11,7 @@ use crate::eval::speed::compare_prompt_speed;
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, Selection, TaskEvalError};
 use crate::export::{export, ExportError};
 use crate::fit::options::FitError;
-use crate::fit::session::{fit_plan, FitRequest};
+use crate::fit::session::{fit_plan, load_tasks, FitRequest};
 use crate::gguf::consts::QuantType;
 use crate::imatrix::{ImatrixError, ImatrixRequest};
 use crate::llamacpp::{LlamaError, LoadedModel};
@@ -21,8 +21,9 @@ use crate::progress::Progress;
 use crate::quantize::{require_imatrix, QuantizeError};
 use crate::report::{
     kv_bytes_per_token, BudgetFigures, ModelFigures, Paired, RoundPoint, RunReport, Seconds,
+    TaskFigures,
 };
-use crate::task::{self, DocBody, TaskData, TaskError};
+use crate::task::{DocBody, TaskData, TaskError};
 use crate::write::WriteError;
 use crate::write::WriteOptions;
 
@@ -149,13 +150,15 @@ pub enum PipelineError {
     Budget(#[from] BudgetError),
     /// Not one K stays within the quality budget.
     #[error(
-        "no K stays within the budget on the {n_docs} validation documents: K = 1 (block \
-         {block}) drops {drop_points:+.2} points with {:.2}% agreement; every K's plan and \
-         model are in {}",
+        "no K stays within the budget on the {n_docs} validation documents of {task}: K = 1 \
+         (block {block}) drops {drop_points:+.2} points with {:.2}% agreement; every K's plan \
+         and model are in {}",
         agreement * 100.0,
         curve_dir.display()
     )]
     NothingWithinBudget {
+        /// The task file K = 1 is out of budget on.
+        task: String,
         /// Validation documents.
         n_docs: usize,
         /// The block K = 1 skips.
@@ -205,8 +208,9 @@ impl From<ImatrixError> for PipelineError {
 pub struct RunRequest {
     /// HF folder or GGUF.
     pub model: PathBuf,
-    /// The task file (log-likelihood requests).
-    pub task: PathBuf,
+    /// The task files (log-likelihood requests): one, or several that the fit draws its
+    /// documents from evenly and the evaluation measures each.
+    pub tasks: Vec<PathBuf>,
     /// Output folder.
     pub out_dir: PathBuf,
     /// Quant type of both evaluated files.
@@ -286,9 +290,11 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     check_outputs(req, &[])?;
     // A type that needs an importance matrix is refused before any work without one.
     require_imatrix(req.qtype, req.imatrix)?;
-    // The task must be a multiple-choice one before minutes go into the fit.
-    let task_data = task::load(&req.task)?;
-    select_docs(&task_data, None, Some(1))?;
+    // The tasks must be multiple-choice ones before minutes go into the fit.
+    let tasks = load_tasks(&req.tasks, req.fit.fit_docs)?;
+    for task_data in &tasks {
+        select_docs(task_data, None, Some(1))?;
+    }
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
     let ck = Checkpoint::open(&req.model)?;
@@ -296,7 +302,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
         &ck,
         &FitRequest {
             model: req.model.clone(),
-            task: req.task.clone(),
+            tasks: req.tasks.clone(),
             output: plan_path.clone(),
             force: req.force,
             resume: true,
@@ -311,17 +317,17 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
         "exporting slim.gguf and original.gguf as {}",
         req.qtype.name()
     ));
-    // Each file's own importance matrix, from the documents the plan was fitted on (held out
-    // of the evaluation below).
+    // Each file's own importance matrix, from the documents the plan was fitted on of the
+    // first task (held out of the evaluation below).
     let imatrices = if req.imatrix {
-        let docs = plan.trained_doc_ids().count();
+        let docs = plan.first_task.trained_doc_ids().count();
         progress.note(&format!(
             "importance matrices of both models from the {docs} fit documents"
         ));
         let make = |plan: Option<&Path>, output: &Path| {
             let request = ImatrixRequest {
                 model: req.model.clone(),
-                task: req.task.clone(),
+                task: req.tasks[0].clone(),
                 plan: plan.map(Path::to_path_buf),
                 docs,
                 seed: req.fit.seed,
@@ -354,8 +360,11 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     let t_export = started.elapsed().as_secs_f64() - t_fit;
 
     progress.note("evaluating both models in llama.cpp on the held-out documents");
-    let selection = select_docs(&task_data, Some((&plan_path, &plan)), req.limit)?;
-    let measured = measure(req, &ck, &plan, &task_data, &selection)?;
+    let selections = tasks
+        .iter()
+        .map(|t| select_docs(t, Some((&plan_path, &plan)), req.limit))
+        .collect::<Result<Vec<_>, _>>()?;
+    let measured = measure(req, &ck, &plan, &tasks, &selections)?;
     let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
     let report = run_report(
         req,
@@ -387,67 +396,71 @@ pub(crate) struct Measured {
 }
 
 /// Evaluates the folder's `slim.gguf` (of `plan`) against its `original.gguf` in llama.cpp on
-/// `selection`, and measures both files' prompt speed on the contexts of its first documents.
+/// each task's selection, and measures both files' prompt speed on the contexts of the first
+/// task's first documents. One [`Measured`] per task, in order.
 pub(crate) fn measure(
     req: &RunRequest,
     ck: &Checkpoint,
     plan: &Plan,
-    task_data: &TaskData,
-    selection: &Selection<'_>,
-) -> Result<Measured, PipelineError> {
+    tasks: &[TaskData],
+    selections: &[Selection<'_>],
+) -> Result<Vec<Measured>, PipelineError> {
     let [_, slim_path, orig_path, ..] = outputs(&req.out_dir);
     let bar = indicatif::ProgressBar::hidden();
     let slim = LoadedModel::load(&slim_path)?;
     let orig = LoadedModel::load(&orig_path)?;
-    let rep = evaluate(
-        &slim,
-        Some(&orig),
-        task_data,
-        selection,
-        req.n_ctx,
-        req.threads,
-        &bar,
-    )?;
     // Prompt speed on the same real text for both: the contexts of the evaluated documents.
-    let tokens = speed_tokens(&orig, selection);
+    let tokens = speed_tokens(&orig, &selections[0]);
     let speeds = prompt_speeds(&[&orig, &slim], &tokens, req.threads)?;
     let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
-
-    let n = rep.n_docs;
-    let reference = rep.reference.clone().expect("evaluated with a reference");
     let mut skipped_sorted = plan.skipped_blocks.clone();
     skipped_sorted.sort_unstable();
-    Ok(Measured {
-        original: ModelFigures {
-            path: orig_path.display().to_string(),
-            skipped_blocks: Vec::new(),
-            accuracy: reference.accuracy,
-            accuracy_ci95: wilson_ci95((reference.accuracy * n as f64).round() as usize, n),
-            acc_norm: reference.acc_norm,
-            n_docs: n,
-            file_bytes: file_bytes(&orig_path),
-            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
-            prompt_tokens_per_s: speed_orig,
-        },
-        slim: ModelFigures {
-            path: slim_path.display().to_string(),
-            skipped_blocks: skipped_sorted,
-            accuracy: rep.accuracy,
-            accuracy_ci95: rep.accuracy_ci95,
-            acc_norm: rep.acc_norm,
-            n_docs: n,
-            file_bytes: file_bytes(&slim_path),
-            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
-            prompt_tokens_per_s: speed_slim,
-        },
-        paired: Paired {
-            agreement: rep.agreement.unwrap_or(0.0),
-            accuracy_diff: rep.accuracy_diff.unwrap_or(0.0),
-            accuracy_diff_ci95: rep.accuracy_diff_ci95.unwrap_or([0.0, 0.0]),
-            choice_kl_mean: rep.choice_kl_mean.unwrap_or(0.0),
-        },
-        doc_ids: rep.docs.iter().map(|d| d.doc_id.clone()).collect(),
-    })
+    let mut measured = Vec::new();
+    for (task_data, selection) in tasks.iter().zip(selections) {
+        let rep = evaluate(
+            &slim,
+            Some(&orig),
+            task_data,
+            selection,
+            req.n_ctx,
+            req.threads,
+            &bar,
+        )?;
+        let n = rep.n_docs;
+        let reference = rep.reference.clone().expect("evaluated with a reference");
+        measured.push(Measured {
+            original: ModelFigures {
+                path: orig_path.display().to_string(),
+                skipped_blocks: Vec::new(),
+                accuracy: reference.accuracy,
+                accuracy_ci95: wilson_ci95((reference.accuracy * n as f64).round() as usize, n),
+                acc_norm: reference.acc_norm,
+                n_docs: n,
+                file_bytes: file_bytes(&orig_path),
+                kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
+                prompt_tokens_per_s: speed_orig,
+            },
+            slim: ModelFigures {
+                path: slim_path.display().to_string(),
+                skipped_blocks: skipped_sorted.clone(),
+                accuracy: rep.accuracy,
+                accuracy_ci95: rep.accuracy_ci95,
+                acc_norm: rep.acc_norm,
+                n_docs: n,
+                file_bytes: file_bytes(&slim_path),
+                kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
+                prompt_tokens_per_s: speed_slim,
+            },
+            paired: Paired {
+                agreement: rep.agreement.unwrap_or(0.0),
+                accuracy_diff: rep.accuracy_diff.unwrap_or(0.0),
+                accuracy_diff_ci95: rep.accuracy_diff_ci95.unwrap_or([0.0, 0.0]),
+                choice_kl_mean: rep.choice_kl_mean.unwrap_or(0.0),
+            },
+            doc_ids: rep.docs.iter().map(|d| d.doc_id.clone()).collect(),
+        });
+    }
+    Ok(measured)
 }
 
 /// The text prompt speed is measured on, tokenized by `model`: the contexts of the first 8
@@ -476,19 +489,22 @@ pub(crate) fn prompt_speeds(
     Ok(compare_prompt_speed(models, tokens, 512, 2, 3, threads)?)
 }
 
-/// The report of a run that exported `plan` and measured it.
+/// The report of a run that exported `plan` and measured it, one [`Measured`] per task of
+/// `req` (the first is the report's top-level figures).
 pub(crate) fn run_report(
     req: &RunRequest,
     plan: &Plan,
-    measured: Measured,
+    measured: Vec<Measured>,
     seconds: Seconds,
     imatrix_docs: Option<usize>,
     budget: Option<BudgetFigures>,
 ) -> RunReport {
+    let mut measured = req.tasks.iter().zip(measured);
+    let (task, first) = measured.next().expect("a run has at least one task");
     RunReport {
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         model: req.model.display().to_string(),
-        task: req.task.display().to_string(),
+        task: task.display().to_string(),
         quant_type: req.qtype.name().to_string(),
         method: plan.settings.method.name().to_string(),
         objective: plan.settings.objective.name().to_string(),
@@ -506,9 +522,17 @@ pub(crate) fn run_report(
             .collect(),
         fit_loss_untrained: plan.final_loss_untrained.unwrap_or(f32::NAN),
         fit_loss: plan.final_loss.unwrap_or(f32::NAN),
-        original: measured.original,
-        slim: measured.slim,
-        paired: measured.paired,
+        original: first.original,
+        slim: first.slim,
+        paired: first.paired,
+        other_tasks: measured
+            .map(|(task, m)| TaskFigures {
+                task: task.display().to_string(),
+                original: m.original,
+                slim: m.slim,
+                paired: m.paired,
+            })
+            .collect(),
         seconds,
         imatrix_docs,
         budget,

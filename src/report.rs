@@ -49,6 +49,20 @@ pub struct Paired {
     pub choice_kl_mean: f64,
 }
 
+/// The original and the slim model on one more task of a run fitted on several (`--task`
+/// given more than once), measured as the report's top-level figures are on the first.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskFigures {
+    /// The task file.
+    pub task: String,
+    /// The original's figures on the task's held-out (or test) documents.
+    pub original: ModelFigures,
+    /// The slim model's on the same documents.
+    pub slim: ModelFigures,
+    /// Paired statistics.
+    pub paired: Paired,
+}
+
 /// One greedy round, for the plot and the table.
 #[derive(Debug, Clone, Serialize)]
 pub struct RoundPoint {
@@ -74,6 +88,17 @@ pub struct ValidationFigures {
     pub n_docs: usize,
 }
 
+/// A model's validation figures on one more task of a run fitted on several.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskValidation {
+    /// The task file.
+    pub task: String,
+    /// The figures on the task's validation documents.
+    pub validation: ValidationFigures,
+    /// The original's accuracy minus this model's on them, in points.
+    pub drop_points: f64,
+}
+
 /// One K of a quality-budget run's curve (K = 0: the original).
 #[derive(Debug, Clone, Serialize)]
 pub struct CurvePoint {
@@ -81,11 +106,14 @@ pub struct CurvePoint {
     pub k: usize,
     /// The blocks skipped, in the order chosen.
     pub skipped_blocks: Vec<usize>,
-    /// Its figures on the validation documents.
+    /// Its figures on the validation documents (of the first task).
     pub validation: ValidationFigures,
     /// The original's accuracy minus this model's on the validation documents, in points.
     pub drop_points: f64,
-    /// Whether this K and every smaller one stay within the budget.
+    /// The same on every other task of a run fitted on several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_tasks: Vec<TaskValidation>,
+    /// Whether this K and every smaller one stay within the budget (on every task).
     pub within_budget: bool,
     /// Size of its GGUF.
     pub file_bytes: u64,
@@ -104,6 +132,8 @@ pub struct StageRead {
     /// The K evaluated (validation), or exported (test).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k: Option<usize>,
+    /// The task file the documents are of.
+    pub task: String,
     /// The documents' ids, in file order.
     pub doc_ids: Vec<String>,
 }
@@ -129,7 +159,7 @@ pub struct RunReport {
     pub tool_version: String,
     /// The input model.
     pub model: String,
-    /// The task file.
+    /// The task file (the first, when the fit drew from several).
     pub task: String,
     /// Quant type of both evaluated files.
     pub quant_type: String,
@@ -148,12 +178,15 @@ pub struct RunReport {
     pub fit_loss_untrained: f32,
     /// Fit loss with the trained scalars.
     pub fit_loss: f32,
-    /// The original at the same quant type.
+    /// The original at the same quant type (on the first task).
     pub original: ModelFigures,
     /// The slim model.
     pub slim: ModelFigures,
     /// Paired statistics.
     pub paired: Paired,
+    /// The same figures on every other task, when the fit drew from several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_tasks: Vec<TaskFigures>,
     /// Seconds per phase: fit, export, evaluation, total.
     pub seconds: Seconds,
     /// Fit documents each file's own importance matrix was computed on (`run --imatrix`).
@@ -268,8 +301,11 @@ impl RunReport {
             self.paired.accuracy_diff_ci95[0] * 100.0,
             self.paired.accuracy_diff_ci95[1] * 100.0
         );
+        if !self.other_tasks.is_empty() {
+            s += &self.tasks_table();
+        }
         if let Some(b) = &self.budget {
-            s += &b.markdown();
+            s += &b.markdown(&self.task);
         }
         if !self.rounds.is_empty() {
             s += "| k | block skipped | fit loss |\n|---|---|---|\n";
@@ -282,6 +318,53 @@ impl RunReport {
             self.seconds.fit, self.seconds.export, self.seconds.eval, self.seconds.total
         );
         s
+    }
+
+    /// Every task of a run fitted on several, a column each: documents, both accuracies, the
+    /// paired difference, agreement and choice KL (markdown).
+    fn tasks_table(&self) -> String {
+        let first = TaskFigures {
+            task: self.task.clone(),
+            original: self.original.clone(),
+            slim: self.slim.clone(),
+            paired: self.paired.clone(),
+        };
+        let tasks: Vec<&TaskFigures> = std::iter::once(&first).chain(&self.other_tasks).collect();
+        let row = |name: &str, cell: &dyn Fn(&TaskFigures) -> String| {
+            let cells: Vec<String> = tasks.iter().map(|t| cell(t)).collect();
+            format!("| {name} | {} |\n", cells.join(" | "))
+        };
+        let names: Vec<String> = tasks
+            .iter()
+            .map(|t| crate::task::task_name(std::path::Path::new(&t.task)))
+            .collect();
+        let mut s = format!(
+            "## Every task\n\n| | {} |\n|---|{}\n",
+            names.join(" | "),
+            "---|".repeat(tasks.len())
+        );
+        s += &row("documents", &|t| t.slim.n_docs.to_string());
+        s += &row("original accuracy", &|t| {
+            format!("{:.2}%", t.original.accuracy * 100.0)
+        });
+        s += &row("slim accuracy", &|t| {
+            format!("{:.2}%", t.slim.accuracy * 100.0)
+        });
+        s += &row("difference [paired 95% CI]", &|t| {
+            format!(
+                "{:+.2} [{:+.2}, {:+.2}]",
+                t.paired.accuracy_diff * 100.0,
+                t.paired.accuracy_diff_ci95[0] * 100.0,
+                t.paired.accuracy_diff_ci95[1] * 100.0
+            )
+        });
+        s += &row("answer agreement", &|t| {
+            format!("{:.2}%", t.paired.agreement * 100.0)
+        });
+        s += &row("choice KL to original", &|t| {
+            format!("{:.4}", t.paired.choice_kl_mean)
+        });
+        s + "\n"
     }
 
     /// An SVG with two panels: the fit loss of the block chosen in each round, and the
@@ -406,8 +489,9 @@ impl BudgetFigures {
         s
     }
 
-    /// The budget, the K chosen and the curve table (markdown), the chosen K marked.
-    pub fn markdown(&self) -> String {
+    /// The budget, the K chosen and the curve table (markdown), the chosen K marked; with
+    /// several tasks, the validation figures of every task (`first_task` names the first).
+    pub fn markdown(&self, first_task: &str) -> String {
         let mut limits = Vec::new();
         if let Some(d) = self.budget.max_drop {
             limits.push(format!("an accuracy drop of at most {d} points"));
@@ -448,6 +532,37 @@ impl BudgetFigures {
                 p.prompt_tokens_per_s
             );
         }
+        if self.curve.iter().any(|p| !p.other_tasks.is_empty()) {
+            s += &self.tasks_markdown(first_task);
+        }
         s + "\n"
+    }
+
+    /// Validation drop and agreement per K on every task, a column each (markdown).
+    fn tasks_markdown(&self, first_task: &str) -> String {
+        let name = |t: &str| crate::task::task_name(std::path::Path::new(t));
+        let mut names = vec![name(first_task)];
+        if let Some(p) = self.curve.first() {
+            names.extend(p.other_tasks.iter().map(|t| name(&t.task)));
+        }
+        let mut s = format!(
+            "\nValidation per task, drop (points) / agreement; K must stay within the budget on \
+             every task:\n\n| K | {} |\n|---|{}\n",
+            names.join(" | "),
+            "---|".repeat(names.len())
+        );
+        for p in &self.curve {
+            let first = (p.drop_points, p.validation.agreement);
+            let cells: Vec<String> = std::iter::once(first)
+                .chain(
+                    p.other_tasks
+                        .iter()
+                        .map(|t| (t.drop_points, t.validation.agreement)),
+                )
+                .map(|(drop, agreement)| format!("{drop:+.2} / {:.2}%", agreement * 100.0))
+                .collect();
+            s += &format!("| {} | {} |\n", p.k, cells.join(" | "));
+        }
+        s
     }
 }

@@ -47,8 +47,9 @@ fn questions(gold: impl Fn(usize) -> usize) -> Vec<(String, Vec<String>, usize)>
 }
 
 /// The model with [`DEAD`] blocks, and a task whose gold answers are the original model's own
-/// (scored in llama.cpp at f32), so that every answer a slim model changes costs accuracy.
-fn model_and_task(dir: &Path) -> (PathBuf, PathBuf) {
+/// (scored in llama.cpp at f32), so that every answer a slim model changes costs accuracy; and
+/// a second such task, the same questions in reverse order.
+fn model_and_tasks(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let model = dead_blocks_model(dir, &DEAD);
     let gguf = dir.join("original-f32.gguf");
     let o = Command::new(bin())
@@ -70,7 +71,9 @@ fn model_and_task(dir: &Path) -> (PathBuf, PathBuf) {
     .unwrap();
     let preds: Vec<usize> = report.docs.iter().map(|d| d.pred).collect();
     let task = write_choice_task(dir, "task", &questions(|i| preds[i]));
-    (model, task)
+    let reversed: Vec<_> = questions(|i| preds[i]).into_iter().rev().collect();
+    let other = write_choice_task(dir, "reversed", &reversed);
+    (model, task, other)
 }
 
 /// `hopscotch run` on the tiny model at f32 with `extra` arguments (the budget): no scalars
@@ -114,7 +117,7 @@ fn ids(v: &Value) -> Vec<String> {
 #[test]
 fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, task) = model_and_task(dir.path());
+    let (model, task, _) = model_and_tasks(dir.path());
     let out = dir.path().join("out");
     let o = budget_run(&model, &task, &out, &["--max-drop", "0", "--max-skip", "3"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -222,9 +225,86 @@ fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last
     assert_ne!(part(1, 1), validation);
     // and the plan records them
     let plan = Plan::load(&out.join("plan.json")).unwrap();
-    assert_eq!(plan.validation_doc_ids, validation);
-    assert_eq!(plan.test_doc_ids, test);
+    assert_eq!(plan.first_task.validation_doc_ids, validation);
+    assert_eq!(plan.first_task.test_doc_ids, test);
     assert_eq!(plan.skipped_blocks.len(), 2);
+}
+
+/// Two tasks: the fit draws 2 documents from each, every K is evaluated on each task's 16
+/// validation documents and must stay within the budget on both, and each task's three parts
+/// are disjoint, its test documents read last.
+#[test]
+fn a_budget_on_two_tasks_holds_on_each_and_reads_each_tasks_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, task, other) = model_and_tasks(dir.path());
+    let out = dir.path().join("out");
+    let o = budget_run(
+        &model,
+        &task,
+        &out,
+        &["--task", s(&other), "--max-drop", "0", "--max-skip", "3"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["chosen_skip"], 2);
+    for (k, p) in report["curve"].as_array().unwrap().iter().enumerate() {
+        let others = p["other_tasks"].as_array().unwrap();
+        assert_eq!(others.len(), 1, "{p}");
+        assert_eq!(others[0]["task"], other.display().to_string());
+        assert_eq!(others[0]["validation"]["n_docs"], 16);
+        let within = |drop: &Value| drop.as_f64().unwrap() <= 0.0;
+        assert_eq!(p["within_budget"], k <= 2, "{p}");
+        if k <= 2 {
+            assert!(
+                within(&p["drop_points"]) && within(&others[0]["drop_points"]),
+                "{p}"
+            );
+        }
+    }
+    // 40 documents per task: 2 trained on, 16 for validation, 22 for the test
+    let others = report["other_tasks"].as_array().unwrap();
+    assert_eq!(others.len(), 1);
+    for figures in [&report, &others[0]] {
+        assert_eq!(figures["slim"]["n_docs"], 22);
+        assert_eq!(figures["original"]["n_docs"], 22);
+    }
+    let reads = report["reads"].as_array().unwrap();
+    let plan = Plan::load(&out.join("plan.json")).unwrap();
+    for (t, recorded) in [&task, &other].into_iter().zip(plan.tasks()) {
+        let name = t.display().to_string();
+        let of = |stage: &str| -> Vec<Vec<String>> {
+            reads
+                .iter()
+                .filter(|r| r["stage"] == stage && r["task"] == name.as_str())
+                .map(|r| ids(&r["doc_ids"]))
+                .collect()
+        };
+        let (fit, validation, test) = (of("fit"), of("validation"), of("test"));
+        assert_eq!(
+            (fit.len(), validation.len(), test.len()),
+            (1, 4, 1),
+            "{name}"
+        );
+        assert!(validation.iter().all(|v| *v == validation[0]), "{name}");
+        let parts = [&fit[0], &validation[0], &test[0]];
+        assert_eq!(parts.map(Vec::len), [2, 16, 22], "{name}");
+        let sets: Vec<HashSet<&String>> = parts.iter().map(|v| v.iter().collect()).collect();
+        assert!(sets[0].is_disjoint(&sets[1]) && sets[0].is_disjoint(&sets[2]));
+        assert!(sets[1].is_disjoint(&sets[2]), "{name}");
+        assert_eq!(recorded.task.path, name);
+        assert_eq!(recorded.fit_doc_ids, fit[0]);
+        assert_eq!(&recorded.validation_doc_ids, &validation[0]);
+        assert_eq!(&recorded.test_doc_ids, &test[0]);
+    }
+    let last_validation = reads.iter().rposition(|r| r["stage"] == "validation");
+    let first_test = reads.iter().position(|r| r["stage"] == "test");
+    assert!(
+        last_validation < first_test,
+        "the test documents are read last"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| K | task | reversed |"), "{md}");
+    assert!(md.contains("## Every task"), "{md}");
 }
 
 /// Bad budgets are refused with a clear error before anything is written.

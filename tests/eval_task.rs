@@ -561,12 +561,8 @@ fn exclude_fit_drops_exactly_the_plans_docs_and_limit_takes_the_first() {
     let sel = select_docs(&data, Some((&plan_path, &plan)), Some(1)).unwrap();
     assert_eq!(ids(&sel), ["0"]);
     // the documents only the final training used are held out too
-    let more = Plan {
-        final_doc_ids: vec!["2".into()],
-        validation_doc_ids: Vec::new(),
-        test_doc_ids: Vec::new(),
-        ..plan.clone()
-    };
+    let mut more = plan.clone();
+    more.first_task.final_doc_ids = vec!["2".into()];
     let sel = select_docs(&data, Some((&plan_path, &more)), None).unwrap();
     assert_eq!(ids(&sel), ["0"]);
     assert_eq!(sel.excluded, 2);

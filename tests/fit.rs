@@ -136,7 +136,7 @@ fn the_search_skips_the_block_that_adds_nothing_first() {
         assert_eq!(plan.skipped_blocks.len(), 2, "{name}");
         assert_eq!(plan.skipped_blocks[0], DEAD, "{name}: {:?}", plan.rounds);
         assert!(!plan.skipped_blocks.contains(&0), "{name}");
-        assert_eq!(plan.fit_doc_ids.len(), 8);
+        assert_eq!(plan.first_task.fit_doc_ids.len(), 8);
         match name {
             "cosine" => {
                 let importance = plan.attn_importance.unwrap();
@@ -256,7 +256,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     let short = dir.path().join("short.json");
     ok(run(&short, &base));
     let short = Plan::load(&short).unwrap();
-    assert!(short.final_doc_ids.is_empty());
+    assert!(short.first_task.final_doc_ids.is_empty());
     assert_eq!(short.settings.final_docs, None);
     assert_eq!(
         short.settings.final_steps,
@@ -278,7 +278,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     let long = Plan::load(&long).unwrap();
     assert_eq!(long.skipped_blocks, short.skipped_blocks);
     assert_eq!(long.rounds, short.rounds);
-    assert_eq!(long.fit_doc_ids, short.fit_doc_ids);
+    assert_eq!(long.first_task.fit_doc_ids, short.first_task.fit_doc_ids);
     let data = hopscotch::task::load(&task).unwrap();
     let ids = |n| -> Vec<String> {
         let (idx, _) = hopscotch::task::split(&data.docs, n, 0);
@@ -286,15 +286,15 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     };
     let expected: Vec<String> = ids(12)
         .into_iter()
-        .filter(|id| !short.fit_doc_ids.contains(id))
+        .filter(|id| !short.first_task.fit_doc_ids.contains(id))
         .collect();
     assert_eq!(
         expected.len(),
         8,
         "the 4 fit documents are among the first 12"
     );
-    assert_eq!(long.final_doc_ids, expected);
-    assert_eq!(long.trained_doc_ids().count(), 12);
+    assert_eq!(long.first_task.final_doc_ids, expected);
+    assert_eq!(long.first_task.trained_doc_ids().count(), 12);
     assert_eq!(long.settings.final_docs, Some(12));
     assert_eq!(
         long.settings.final_steps,
@@ -314,7 +314,7 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
         &[&base[..], &["--final-docs", "12", "--no-scales"]].concat(),
     ));
     let none = Plan::load(&none).unwrap();
-    assert!(none.final_doc_ids.is_empty());
+    assert!(none.first_task.final_doc_ids.is_empty());
     assert_eq!(none.settings.final_docs, None);
 
     let bad = dir.path().join("bad.json");
@@ -457,6 +457,92 @@ fn prompts_only_tasks_train_on_generated_answers() {
     let again = dir.path().join("again.json");
     ok(fit(dir.path(), &model, &task, &again, &args));
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&again).unwrap());
+}
+
+/// Two tasks in one fit: the fit documents (and the final training's) are drawn evenly from
+/// both, each task's from its own seeded split, and the plan records every task with its
+/// documents (ids are per task: both files number theirs alike). The same task twice, as the
+/// same file or as a copy, and fewer documents than tasks are refused before anything is
+/// written.
+#[test]
+fn a_fit_on_two_tasks_draws_its_documents_evenly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dead_block_model(dir.path());
+    let task = text_task(dir.path());
+    let other = dir.path().join("other.jsonl");
+    let text = std::fs::read_to_string(&task).unwrap();
+    std::fs::write(&other, text.replace("The ", "One ")).unwrap();
+    let arg = |p: &Path| p.to_str().unwrap().to_string();
+    let out = dir.path().join("two.json");
+    let other_arg = arg(&other);
+    ok(fit(
+        dir.path(),
+        &model,
+        &task,
+        &out,
+        &[
+            "--task",
+            &other_arg,
+            "--skip",
+            "1",
+            "--fit-docs",
+            "7",
+            "--final-docs",
+            "10",
+            "--final-steps",
+            "1",
+        ],
+    ));
+    let plan = Plan::load(&out).unwrap();
+    let tasks: Vec<_> = plan.tasks().collect();
+    assert_eq!(tasks.len(), 2);
+    let first_ids = |path: &Path, n: usize| {
+        let data = hopscotch::task::load(path).unwrap();
+        hopscotch::task::split_ids(&data.docs, n, 0)
+    };
+    for (t, path, fit_share) in [(tasks[0], &task, 4), (tasks[1], &other, 3)] {
+        assert_eq!(t.task.path, path.display().to_string());
+        assert_eq!(t.fit_doc_ids, first_ids(path, fit_share), "{}", t.task.path);
+        let trained: Vec<&str> = t.trained_doc_ids().collect();
+        let mut expected = first_ids(path, 5);
+        expected.sort();
+        let mut trained: Vec<String> = trained.into_iter().map(String::from).collect();
+        trained.sort();
+        assert_eq!(
+            trained, expected,
+            "{}: 10 final documents, 5 each",
+            t.task.path
+        );
+    }
+    assert_eq!(plan.skipped_blocks, vec![DEAD]);
+
+    let copy = dir.path().join("copy.jsonl");
+    std::fs::copy(&task, &copy).unwrap();
+    let dup = dir.path().join("dup.json");
+    for second in [&task, &copy] {
+        fails(
+            fit(
+                dir.path(),
+                &model,
+                &task,
+                &dup,
+                &["--task", &arg(second), "--skip", "1"],
+            ),
+            &dup,
+            "the same content (sha256) as --task",
+        );
+    }
+    fails(
+        fit(
+            dir.path(),
+            &model,
+            &task,
+            &dup,
+            &["--task", &other_arg, "--skip", "1", "--fit-docs", "1"],
+        ),
+        &dup,
+        "--fit-docs 1 with 2 --task files",
+    );
 }
 
 #[test]

@@ -123,6 +123,58 @@ fn run_fits_exports_evaluates_and_reports() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 }
 
+/// `run` with two tasks: one plan fitted on both (2 documents of each), each evaluated on its
+/// own held-out documents, a column per task in the report.
+#[test]
+fn run_on_two_tasks_fits_one_plan_and_reports_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = write_tiny(dir.path(), &Tiny::llama());
+    let task = write_task(dir.path());
+    let reversed: Vec<_> = facts().into_iter().rev().collect();
+    let other = write_choice_task(dir.path(), "other", &reversed);
+    let out = dir.path().join("out");
+    let o = tiny_run(
+        &hf,
+        &task,
+        &out,
+        "f16",
+        &["--task", other.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["task"], task.display().to_string());
+    let others = report["other_tasks"].as_array().unwrap();
+    assert_eq!(others.len(), 1);
+    assert_eq!(others[0]["task"], other.display().to_string());
+    for figures in [&report, &others[0]] {
+        for m in ["original", "slim"] {
+            assert_eq!(figures[m]["n_docs"], 8, "{m}");
+        }
+        assert!(figures["paired"]["agreement"].is_number());
+    }
+    let plan = hopscotch::plan::Plan::load(&out.join("plan.json")).unwrap();
+    let fitted: Vec<usize> = plan.tasks().map(|t| t.fit_doc_ids.len()).collect();
+    assert_eq!(fitted, vec![2, 2]);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Every task\n\n| | task | other |"), "{md}");
+    // `eval --exclude-fit` holds out each task's own fit documents
+    for t in [&task, &other] {
+        let e = Command::new(bin())
+            .arg("eval")
+            .arg(out.join("slim.gguf"))
+            .arg("--task")
+            .arg(t)
+            .arg("--exclude-fit")
+            .arg(out.join("plan.json"))
+            .args(["--threads", "1", "--json"])
+            .output()
+            .unwrap();
+        assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+        let e: Value = serde_json::from_slice(&e.stdout).unwrap();
+        assert_eq!(e["excluded_docs"], 2, "{}", t.display());
+    }
+}
+
 /// `run --imatrix`: each file quantized with its own importance matrix from the fit documents,
 /// both written beside them; a type that needs one is refused before the fit without it.
 #[test]

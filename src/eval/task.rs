@@ -95,20 +95,18 @@ pub enum TaskEvalError {
     },
     /// The plan given to hold out fit docs was fitted on other task data.
     #[error(
-        "{}: the plan was fitted on {plan_task} (sha256 {expected}), but {} has sha256 {found}; \
-         fit docs can only be held out of the file they were fitted on",
+        "{}: the plan was fitted on {fitted}, but {} has sha256 {found}; fit docs can only be \
+         held out of a file they were fitted on",
         plan.display(),
         task.display()
     )]
     PlanTaskMismatch {
         /// The plan file.
         plan: PathBuf,
-        /// The task file the plan records.
-        plan_task: String,
+        /// The task files the plan records, each with its sha256.
+        fitted: String,
         /// The task file given.
         task: PathBuf,
-        /// The sha256 the plan records.
-        expected: String,
         /// The sha256 of the task file given.
         found: String,
     },
@@ -205,16 +203,19 @@ pub fn select_docs<'a>(
     }
     let fit_ids: std::collections::HashSet<&str> = match exclude_fit {
         Some((plan_path, plan)) => {
-            if plan.task.sha256 != task.sha256 {
+            let Some(fitted) = plan.task_with_sha256(&task.sha256) else {
                 return Err(TaskEvalError::PlanTaskMismatch {
                     plan: plan_path.to_path_buf(),
-                    plan_task: plan.task.path.clone(),
+                    fitted: plan
+                        .tasks()
+                        .map(|t| format!("{} (sha256 {})", t.task.path, t.task.sha256))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     task: task.path.clone(),
-                    expected: plan.task.sha256.clone(),
                     found: task.sha256.clone(),
                 });
-            }
-            plan.seen_doc_ids().collect()
+            };
+            fitted.seen_doc_ids().collect()
         }
         None => Default::default(),
     };

@@ -109,6 +109,29 @@ pub enum FitError {
         /// What differs.
         what: &'static str,
     },
+    /// Two `--task` files have the same content.
+    #[error(
+        "--task {}: the same content (sha256) as --task {}; give each task once",
+        second.display(),
+        first.display()
+    )]
+    DuplicateTask {
+        /// The earlier file.
+        first: PathBuf,
+        /// The later file.
+        second: PathBuf,
+    },
+    /// Fewer fit documents than tasks: a task would have none.
+    #[error(
+        "--fit-docs {fit_docs} with {tasks} --task files: the fit draws its documents evenly \
+         from the tasks; give at least one per task"
+    )]
+    FewerDocsThanTasks {
+        /// Fit documents asked for.
+        fit_docs: usize,
+        /// Tasks given.
+        tasks: usize,
+    },
 }
 
 /// A well-mixed 64-bit function of a seed and a stream number (splitmix64's finalizer), so each

@@ -19,8 +19,8 @@ use crate::checkpoint::Checkpoint;
 use crate::model::{Model, WeightStorage};
 use crate::output::check_overwrite;
 use crate::plan::{
-    FitSettings, LinearAttention, Method, ModelFingerprint, Plan, PlanError, Round, ScaleValues,
-    TaskRef,
+    FitSettings, LinearAttention, Method, ModelFingerprint, Plan, PlanError, PlanTask, Round,
+    ScaleValues, TaskRef,
 };
 use crate::progress::Progress;
 use crate::task;
@@ -84,8 +84,8 @@ pub fn check_memory(
 pub struct FitRequest {
     /// A Hugging Face folder or GGUF file.
     pub model: PathBuf,
-    /// The task file.
-    pub task: PathBuf,
+    /// The task files: one, or several that the fit draws its documents from evenly.
+    pub tasks: Vec<PathBuf>,
     /// Where the plan is written.
     pub output: PathBuf,
     /// Overwrite an existing plan.
@@ -282,11 +282,12 @@ impl<'ck> FitModel<'ck> {
     }
 }
 
-/// One task's fit data for a model and a set of options, and the task as plans record it.
+/// The fit data of one or more tasks for a model and a set of options, and the tasks as plans
+/// record them.
 pub struct FitTask {
-    /// The task file, its hash and format.
-    pub task: TaskRef,
-    /// The batches (with the teacher under KL) and the fit documents.
+    /// The task files, their hashes and formats, in the order given.
+    pub tasks: Vec<TaskRef>,
+    /// The batches (with the teacher under KL) and the fit documents of every task.
     pub data: data::FitData,
     /// The final training's data when scalars are trained on more documents than the fit
     /// (`--final-docs`).
@@ -297,25 +298,35 @@ pub struct FitTask {
 }
 
 impl FitTask {
-    /// Builds the fit data of `task_data` (read from `path`) for `model` with `options`' split,
-    /// batching and objective, and the final training's when it takes more documents.
+    /// Builds the fit data of `tasks` for `model` with `options`' split, batching and
+    /// objective, and the final training's when it takes more documents. With several tasks the
+    /// documents are drawn evenly from them ([`task::even_shares`]), each task's from its own
+    /// seeded split. Two tasks of the same content, or fewer fit documents than tasks, are
+    /// refused.
     pub fn build(
         model: &FitModel<'_>,
-        path: &Path,
-        task_data: &task::TaskData,
+        tasks: &[task::TaskData],
         options: &FitSettings,
         progress: &Progress,
     ) -> Result<Self, FitError> {
-        let build = |n_docs| {
-            data::build(
-                model.ck,
-                &model.model,
-                task_data,
-                &model.fingerprint.tensor_sha256,
-                &data::Batching::of(options),
-                n_docs,
-                progress,
-            )
+        check_tasks(tasks, options.fit_docs)?;
+        let build = |n_docs| -> Result<data::FitData, FitError> {
+            let parts = tasks
+                .iter()
+                .zip(task::even_shares(n_docs, tasks.len()))
+                .map(|(task_data, n)| {
+                    data::build(
+                        model.ck,
+                        &model.model,
+                        task_data,
+                        &model.fingerprint.tensor_sha256,
+                        &data::Batching::of(options),
+                        n,
+                        progress,
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(data::FitData::merge(parts))
         };
         let data = build(options.fit_docs)?;
         let final_docs = options.resolved_final_docs();
@@ -332,7 +343,7 @@ impl FitTask {
             progress.note(&format!(
                 "linear stand-ins for layers 1-{} fitted by least squares on {} documents in {:.1} s",
                 layers.len(),
-                fitted.fit_doc_ids.len(),
+                fitted.n_docs(),
                 started.elapsed().as_secs_f64()
             ));
             stand_ins
@@ -340,11 +351,14 @@ impl FitTask {
             Vec::new()
         };
         Ok(Self {
-            task: TaskRef {
-                path: path.display().to_string(),
-                sha256: task_data.sha256.clone(),
-                format: task_data.format.to_string(),
-            },
+            tasks: tasks
+                .iter()
+                .map(|t| TaskRef {
+                    path: t.path.display().to_string(),
+                    sha256: t.sha256.clone(),
+                    format: t.format.to_string(),
+                })
+                .collect(),
             data,
             final_data,
             stand_ins,
@@ -370,29 +384,45 @@ impl FitTask {
         }
     }
 
-    /// The documents only the final training uses, in file order.
-    pub fn final_only_doc_ids(&self) -> Vec<String> {
-        self.final_data.as_ref().map_or_else(Vec::new, |f| {
-            task::ids_besides(&f.fit_doc_ids, &self.data.fit_doc_ids)
-        })
+    /// Per task, the documents only the final training uses, in file order.
+    pub fn final_only_doc_ids(&self) -> Vec<Vec<String>> {
+        match &self.final_data {
+            Some(f) => f
+                .doc_ids
+                .iter()
+                .zip(&self.data.doc_ids)
+                .map(|(more, fit)| task::ids_besides(more, fit))
+                .collect(),
+            None => vec![Vec::new(); self.tasks.len()],
+        }
     }
 
-    /// A plan of this model, task and `options` with nothing chosen yet: no block skipped, every
-    /// scalar 1, no rounds.
+    /// A plan of this model, these tasks and `options` with nothing chosen yet: no block
+    /// skipped, every scalar 1, no rounds.
     pub fn empty_plan(&self, model: &FitModel<'_>, options: &FitSettings) -> Plan {
         let n_final_batches = self.final_data.as_ref().unwrap_or(&self.data).batches.len();
+        let mut tasks = self
+            .tasks
+            .iter()
+            .zip(&self.data.doc_ids)
+            .zip(self.final_only_doc_ids())
+            .map(|((task, fit), final_only)| PlanTask {
+                task: task.clone(),
+                fit_doc_ids: fit.clone(),
+                final_doc_ids: if options.train_scales {
+                    final_only
+                } else {
+                    Vec::new()
+                },
+                validation_doc_ids: Vec::new(),
+                test_doc_ids: Vec::new(),
+            });
+        let first_task = tasks.next().expect("a fit has at least one task");
         Plan {
             tool_version: env!("CARGO_PKG_VERSION").to_string(),
             model: model.fingerprint.clone(),
-            task: self.task.clone(),
-            fit_doc_ids: self.data.fit_doc_ids.clone(),
-            final_doc_ids: if options.train_scales {
-                self.final_only_doc_ids()
-            } else {
-                Vec::new()
-            },
-            validation_doc_ids: Vec::new(),
-            test_doc_ids: Vec::new(),
+            first_task,
+            other_tasks: tasks.collect(),
             skipped_blocks: Vec::new(),
             scales: ScaleValues::ones(model.ck.arch.n_layer),
             rounds: Vec::new(),
@@ -403,6 +433,37 @@ impl FitTask {
             settings: options.recorded(self.data.batches.len(), n_final_batches),
         }
     }
+}
+
+/// Reads the task files of a fit on `fit_docs` documents, refusing what [`FitTask::build`]
+/// would (two of the same content, fewer documents than tasks) before any work.
+pub fn load_tasks(paths: &[PathBuf], fit_docs: usize) -> Result<Vec<task::TaskData>, FitError> {
+    let tasks = paths
+        .iter()
+        .map(|p| task::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    check_tasks(&tasks, fit_docs)?;
+    Ok(tasks)
+}
+
+/// Refuses a list of tasks a fit cannot draw from: none, two of the same content (sha256), or
+/// more tasks than `fit_docs` documents.
+fn check_tasks(tasks: &[task::TaskData], fit_docs: usize) -> Result<(), FitError> {
+    for (i, t) in tasks.iter().enumerate() {
+        if let Some(first) = tasks[..i].iter().find(|f| f.sha256 == t.sha256) {
+            return Err(FitError::DuplicateTask {
+                first: first.path.clone(),
+                second: t.path.clone(),
+            });
+        }
+    }
+    if tasks.is_empty() || fit_docs < tasks.len() {
+        return Err(FitError::FewerDocsThanTasks {
+            fit_docs,
+            tasks: tasks.len(),
+        });
+    }
+    Ok(())
 }
 
 /// Chooses up to `options.skip` blocks by `options.method`, in the order chosen; returns the
@@ -495,11 +556,11 @@ pub fn fit_plan(
         });
     }
     ck.validate_tensors()?;
-    let task_data = task::load(&request.task)?;
+    let tasks = load_tasks(&request.tasks, options.fit_docs)?;
     let memory = check_memory(ck, options, progress)?;
     let fingerprint = ModelFingerprint::of(ck);
     let model = FitModel::load(ck, fingerprint, memory.recompute)?;
-    let fit_task = FitTask::build(&model, &request.task, &task_data, options, progress)?;
+    let fit_task = FitTask::build(&model, &tasks, options, progress)?;
     let data = &fit_task.data;
     let input = fit_task.input(&model);
     let plan = fit_task.empty_plan(&model, options);
@@ -564,7 +625,7 @@ pub fn fit_plan(
         resumed_rounds: resumed,
         final_loss_untrained: last.loss_untrained,
         final_loss: last.loss,
-        fit_docs: data.fit_doc_ids.len(),
+        fit_docs: data.n_docs(),
         batches: data.batches.len(),
         fit_tokens: data.n_tokens(),
         fit_targets: data.n_targets(),
@@ -596,10 +657,15 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
     if old.model != plan.model {
         return Err(mismatch("the model"));
     }
-    if old.task.sha256 != plan.task.sha256 {
+    let hashes = |p: &Plan| p.tasks().map(|t| t.task.sha256.clone()).collect::<Vec<_>>();
+    if hashes(&old) != hashes(plan) {
         return Err(mismatch("the task file"));
     }
-    if old.fit_doc_ids != plan.fit_doc_ids {
+    if !old
+        .tasks()
+        .zip(plan.tasks())
+        .all(|(a, b)| a.fit_doc_ids == b.fit_doc_ids)
+    {
         return Err(mismatch("the fit documents"));
     }
     let skip = if any_skip {

@@ -195,6 +195,18 @@ impl QualityBudget {
             .last()
             .map_or(0, |(k, _, _)| *k)
     }
+
+    /// The K exported for the curves of several tasks (each as [`QualityBudget::choose`] takes
+    /// it): the largest K within the budget on every task, and the index of a task that allows
+    /// no more (the first such).
+    pub fn choose_on_every_task(&self, curves: &[Vec<(usize, f64, f64)>]) -> (usize, usize) {
+        curves
+            .iter()
+            .map(|curve| self.choose(curve))
+            .enumerate()
+            .min_by_key(|&(task, k)| (k, task))
+            .map_or((0, 0), |(task, k)| (k, task))
+    }
 }
 
 #[cfg(test)]
@@ -276,5 +288,23 @@ mod tests {
         assert_eq!(budget(Some(5.0), None).choose(&curve), 4);
         assert_eq!(budget(Some(5.0), Some(0.96)).choose(&curve), 1);
         assert_eq!(budget(None, Some(1.0)).choose(&curve[1..]), 0);
+    }
+
+    #[test]
+    fn on_several_tasks_the_choice_holds_on_every_one() {
+        let easy = vec![(1, 0.0, 1.0), (2, 0.5, 0.95), (3, 0.9, 0.9)];
+        let hard = vec![(1, 0.0, 1.0), (2, 3.0, 0.8), (3, 4.0, 0.7)];
+        let b = budget(Some(1.0), None);
+        assert_eq!(b.choose_on_every_task(std::slice::from_ref(&easy)), (3, 0));
+        assert_eq!(
+            b.choose_on_every_task(&[easy.clone(), hard.clone()]),
+            (1, 1)
+        );
+        assert_eq!(
+            b.choose_on_every_task(&[hard.clone(), easy.clone()]),
+            (1, 0)
+        );
+        let worse = vec![(1, 2.0, 0.9), (2, 3.0, 0.8), (3, 4.0, 0.7)];
+        assert_eq!(b.choose_on_every_task(&[easy, hard, worse]), (0, 2));
     }
 }

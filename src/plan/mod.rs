@@ -179,14 +179,11 @@ fn retired_key(plan: &serde_json::Value) -> Option<String> {
     }
 }
 
-/// A fitted plan.
+/// One task a plan was fitted on, and which of its documents each stage read (ids are unique
+/// within a task file, not across them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Plan {
-    /// Version of the tool that wrote it.
-    pub tool_version: String,
-    /// The model it was fitted on.
-    pub model: ModelFingerprint,
-    /// The task data it was fitted on.
+pub struct PlanTask {
+    /// The task file.
     pub task: TaskRef,
     /// Documents used for fitting (held out of evaluation).
     pub fit_doc_ids: Vec<String>,
@@ -202,6 +199,40 @@ pub struct Plan {
     /// neither the fit nor the choice of K.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub test_doc_ids: Vec<String>,
+}
+
+impl PlanTask {
+    /// Every document the plan was trained on: the fit documents and those of the final
+    /// training (what evaluation holds out).
+    pub fn trained_doc_ids(&self) -> impl Iterator<Item = &str> {
+        self.fit_doc_ids
+            .iter()
+            .chain(&self.final_doc_ids)
+            .map(String::as_str)
+    }
+
+    /// Every document the plan has seen: those it was trained on and those that chose its K
+    /// (what evaluation holds out).
+    pub fn seen_doc_ids(&self) -> impl Iterator<Item = &str> {
+        self.trained_doc_ids()
+            .chain(self.validation_doc_ids.iter().map(String::as_str))
+    }
+}
+
+/// A fitted plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Version of the tool that wrote it.
+    pub tool_version: String,
+    /// The model it was fitted on.
+    pub model: ModelFingerprint,
+    /// The (first) task it was fitted on and its documents: `task`, `fit_doc_ids`, ... at the
+    /// plan's top level.
+    #[serde(flatten)]
+    pub first_task: PlanTask,
+    /// The other tasks of a fit on several (`--task` given more than once), in the order given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_tasks: Vec<PlanTask>,
     /// Layers whose attention block is skipped, in the order chosen.
     pub skipped_blocks: Vec<usize>,
     /// The four scalars per layer.
@@ -222,20 +253,19 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// Every document the plan was trained on: the fit documents and those of the final
-    /// training (what evaluation holds out).
-    pub fn trained_doc_ids(&self) -> impl Iterator<Item = &str> {
-        self.fit_doc_ids
-            .iter()
-            .chain(&self.final_doc_ids)
-            .map(String::as_str)
+    /// Every task the plan was fitted on, the first first.
+    pub fn tasks(&self) -> impl Iterator<Item = &PlanTask> {
+        std::iter::once(&self.first_task).chain(&self.other_tasks)
     }
 
-    /// Every document the plan has seen: those it was trained on and those that chose its K
-    /// (what evaluation holds out).
-    pub fn seen_doc_ids(&self) -> impl Iterator<Item = &str> {
-        self.trained_doc_ids()
-            .chain(self.validation_doc_ids.iter().map(String::as_str))
+    /// Every task, mutably, the first first.
+    pub fn tasks_mut(&mut self) -> impl Iterator<Item = &mut PlanTask> {
+        std::iter::once(&mut self.first_task).chain(&mut self.other_tasks)
+    }
+
+    /// The task of the file whose bytes hash to `sha256`, if the plan was fitted on it.
+    pub fn task_with_sha256(&self, sha256: &str) -> Option<&PlanTask> {
+        self.tasks().find(|t| t.task.sha256 == sha256)
     }
 
     /// Reads and validates a plan file.
@@ -310,6 +340,15 @@ impl Plan {
         }
         if seen.first() == Some(&true) {
             return Err("layer 0's attention block cannot be skipped (llama.cpp's deci takes the head size from layer 0)".into());
+        }
+        let tasks: Vec<&TaskRef> = self.tasks().map(|t| &t.task).collect();
+        for (i, t) in tasks.iter().enumerate() {
+            if let Some(first) = tasks[..i].iter().find(|f| f.sha256 == t.sha256) {
+                return Err(format!(
+                    "task {} has the same content (sha256) as task {}: a task is listed once",
+                    t.path, first.path
+                ));
+            }
         }
         Ok(())
     }

@@ -93,35 +93,6 @@ impl Config {
     }
 }
 
-/// A task's name: its file name less `.gz`, `.jsonl` and `.json`, characters other than
-/// letters, digits, `_`, `.` and `-` replaced by `_` (it names files).
-pub fn task_name(path: &Path) -> String {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    for ext in [".gz", ".jsonl", ".json"] {
-        if let Some(stem) = name.strip_suffix(ext) {
-            name = stem.to_string();
-        }
-    }
-    let name: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if name.is_empty() {
-        "task".into()
-    } else {
-        name
-    }
-}
-
 /// What the sweep's units depend on, recorded in `sweep-config.json`: a folder whose record
 /// differs in any of the compared fields is refused ([`SweepConfig::differences`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,9 +20,10 @@ pub(super) fn plan_is_current(
     k: usize,
 ) -> bool {
     plan.model == *model
-        && plan.task.sha256 == task.data.sha256
-        && plan.fit_doc_ids == task.fit_ids
-        && (plan.final_doc_ids == task.final_ids || !plan.settings.uses_final_docs())
+        && plan.other_tasks.is_empty()
+        && plan.first_task.task.sha256 == task.data.sha256
+        && plan.first_task.fit_doc_ids == task.fit_ids
+        && (plan.first_task.final_doc_ids == task.final_ids || !plan.settings.uses_final_docs())
         && plan.skipped_blocks.len() == k
         && plan.settings
             == FitSettings {
@@ -35,7 +36,6 @@ pub(super) fn plan_is_current(
 /// What the fit phase keeps loaded: the candle model (loaded on first need), fit data per
 /// (task, objective), baseline orders per (task, method).
 pub(super) struct Fitting<'a> {
-    pub(super) req: &'a SweepRequest,
     pub(super) ck: &'a Checkpoint,
     pub(super) fingerprint: &'a ModelFingerprint,
     pub(super) progress: &'a Progress,
@@ -81,8 +81,7 @@ impl<'a> Fitting<'a> {
         // training's too.
         let ft = FitTask::build(
             model,
-            &self.req.tasks[t],
-            &tasks[t].data,
+            std::slice::from_ref(&tasks[t].data),
             &FitSettings {
                 train_scales: true,
                 ..options.clone()
@@ -111,7 +110,6 @@ pub(super) fn fit_all(
     progress: &Progress,
 ) -> Result<Vec<Slim>, PipelineError> {
     let mut fitting = Fitting {
-        req,
         ck,
         fingerprint,
         progress,
@@ -199,7 +197,7 @@ pub(super) fn fit_all(
             let name = format!("{config_name}-k{k}");
             let path = layout.plan(&name);
             let plan = plan.expect("every plan is current or written above");
-            if plan.fit_doc_ids != task.fit_ids {
+            if plan.first_task.fit_doc_ids != task.fit_ids {
                 return Err(PipelineError::SplitMismatch {
                     plan: path,
                     task: task.name.clone(),

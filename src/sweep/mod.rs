@@ -46,7 +46,8 @@ mod config;
 mod fit;
 pub mod report;
 
-pub use config::{task_name, Config, EvalRecord, SweepConfig};
+pub use crate::task::task_name;
+pub use config::{Config, EvalRecord, SweepConfig};
 
 use config::{check_config, Layout, SweepTask, UNIT_DIRS};
 use fit::fit_all;

@@ -460,6 +460,43 @@ pub fn split(docs: &[Doc], n_fit: usize, seed: u64) -> (Vec<usize>, Vec<usize>) 
     (fit, held_out)
 }
 
+/// A task's name: its file name less `.gz`, `.jsonl` and `.json`, characters other than
+/// letters, digits, `_`, `.` and `-` replaced by `_` (it names files and report columns).
+pub fn task_name(path: &Path) -> String {
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for ext in [".gz", ".jsonl", ".json"] {
+        if let Some(stem) = name.strip_suffix(ext) {
+            name = stem.to_string();
+        }
+    }
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if name.is_empty() {
+        "task".into()
+    } else {
+        name
+    }
+}
+
+/// `total` documents shared out evenly over `parts` tasks, as a fit on several tasks draws
+/// them: `total / parts` each, the first `total % parts` tasks one more.
+pub fn even_shares(total: usize, parts: usize) -> Vec<usize> {
+    (0..parts)
+        .map(|i| total / parts + usize::from(i < total % parts))
+        .collect()
+}
+
 /// The three disjoint parts of a task that a quality-budget run reads, as indices in file
 /// order: the first `n_fit` documents of the seeded [`split`] (what the fit trains on), the next
 /// `n_validation` of the same order (what chooses K), and every other document (what the final

@@ -10,7 +10,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use hopscotch::plan::{
-    FitSettings, LinearAttention, LossTokens, ModelFingerprint, Plan, ScaleValues, TaskRef,
+    FitSettings, LinearAttention, LossTokens, ModelFingerprint, Plan, PlanTask, ScaleValues,
+    TaskRef,
 };
 
 /// Element type of the safetensors a fixture is written in.
@@ -404,15 +405,18 @@ pub fn plan_for(ck: &hopscotch::checkpoint::Checkpoint, skipped: &[usize], seed:
     Plan {
         tool_version: env!("CARGO_PKG_VERSION").into(),
         model: ModelFingerprint::of(ck),
-        task: TaskRef {
-            path: "test.jsonl".into(),
-            sha256: "0".repeat(64),
-            format: "test".into(),
+        first_task: PlanTask {
+            task: TaskRef {
+                path: "test.jsonl".into(),
+                sha256: "0".repeat(64),
+                format: "test".into(),
+            },
+            fit_doc_ids: vec![],
+            final_doc_ids: vec![],
+            validation_doc_ids: vec![],
+            test_doc_ids: vec![],
         },
-        fit_doc_ids: vec![],
-        final_doc_ids: vec![],
-        validation_doc_ids: vec![],
-        test_doc_ids: vec![],
+        other_tasks: vec![],
         skipped_blocks: skipped.to_vec(),
         scales,
         rounds: vec![],

@@ -490,13 +490,36 @@ pub(crate) fn grad_through(
     (y, g, grads, var)
 }
 
+/// Normal draws of `mean` and `std` (Box-Muller on a generator seeded with `seed`), shaped
+/// `shape`, in `dtype`: candle's `randn` is unseeded, and a test's bounds must hold for the
+/// inputs they were checked on.
+pub(crate) fn seeded_normal(
+    shape: impl Into<candle_core::Shape>,
+    mean: f64,
+    std: f64,
+    seed: u64,
+    dtype: DType,
+) -> Tensor {
+    let shape = shape.into();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let values: Vec<f64> = (0..shape.elem_count())
+        .map(|_| {
+            let (u1, u2): (f64, f64) = (1.0 - rng.gen::<f64>(), rng.gen());
+            mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
 #[test]
 fn frozen_linear_gives_the_matmul_input_gradient_and_no_weight_gradient() {
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (10, 7), &dev).unwrap();
-    let w = Tensor::randn(0f32, 1.0, (5, 7), &dev).unwrap();
-    let bias = Tensor::randn(0f32, 1.0, 5, &dev).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (10, 5), &dev).unwrap();
+    let x = seeded_normal((10, 7), 0.0, 1.0, 1, DType::F32);
+    let w = seeded_normal((5, 7), 0.0, 1.0, 2, DType::F32);
+    let bias = seeded_normal(5, 0.0, 1.0, 3, DType::F32);
+    let r = seeded_normal((10, 5), 0.0, 1.0, 4, DType::F32);
     let (y1, g1, grads, _) = grad_through(&x, &r, |x| ops::linear(x, &w, Some(&bias)));
     let (y2, g2, _, _) = grad_through(&x, &r, |x| x.matmul(&w.t()?)?.broadcast_add(&bias));
     assert!(max_abs_diff(&y1, &y2) < 1e-5);
@@ -543,10 +566,10 @@ fn stored_linear_equals_the_dequantized_linear_for_every_stored_type() {
     let dev = Device::Cpu;
     // 600 rows of 512: more than one panel, and whole blocks of every type
     let (rows, cols, m) = (600, 512, 9);
-    let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap();
-    let bias = Tensor::randn(0f32, 1.0, rows, &dev).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (m, cols), &dev).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (m, rows), &dev).unwrap();
+    let w = seeded_normal((rows, cols), 0.0, 0.05, 5, DType::F32);
+    let bias = seeded_normal(rows, 0.0, 1.0, 6, DType::F32);
+    let x = seeded_normal((m, cols), 0.0, 1.0, 7, DType::F32);
+    let r = seeded_normal((m, rows), 0.0, 1.0, 8, DType::F32);
     let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for dtype in [
         GgmlType::F32,
@@ -584,11 +607,11 @@ fn stored_linear_equals_the_dequantized_linear_for_every_stored_type() {
 fn stored_linear_input_gradient_matches_finite_differences() {
     let dev = Device::Cpu;
     let (rows, cols, m) = (600, 512, 3);
-    let w = Tensor::randn(0f32, 0.05, (rows, cols), &dev).unwrap();
+    let w = seeded_normal((rows, cols), 0.0, 0.05, 9, DType::F32);
     let values = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let stored = Arc::new(stored_as(GgmlType::Q4_K, &values, rows, cols));
-    let x = Tensor::randn(0f64, 1.0, (m, cols), &dev).unwrap();
-    let r = Tensor::randn(0f64, 1.0, (m, rows), &dev).unwrap();
+    let x = seeded_normal((m, cols), 0.0, 1.0, 10, DType::F64);
+    let r = seeded_normal((m, rows), 0.0, 1.0, 11, DType::F64);
     let loss = |x: &Tensor| -> f64 {
         let y = ops::stored_linear(x, &stored, None).unwrap();
         (y * &r).unwrap().sum_all().unwrap().to_scalar().unwrap()
@@ -615,10 +638,9 @@ fn stored_linear_input_gradient_matches_finite_differences() {
 
 #[test]
 fn rms_norm_backward_matches_autograd() {
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
-    let w = Tensor::randn(1f32, 0.3, 16, &dev).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (3, 4, 16), &dev).unwrap();
+    let x = seeded_normal((3, 4, 16), 0.0, 1.0, 12, DType::F32);
+    let w = seeded_normal(16, 1.0, 0.3, 13, DType::F32);
+    let r = seeded_normal((3, 4, 16), 0.0, 1.0, 14, DType::F32);
     let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::rms_norm(x, &w, 1e-5));
     let (y2, g2, _, _) = grad_through(&x, &r, |x| candle_nn::ops::rms_norm_slow(x, &w, 1e-5));
     assert!(max_abs_diff(&y1, &y2) < 1e-5);
@@ -627,11 +649,10 @@ fn rms_norm_backward_matches_autograd() {
 
 #[test]
 fn rope_backward_matches_autograd() {
-    let dev = Device::Cpu;
-    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
-    let angles = Tensor::randn(0f32, 2.0, (5, 4), &dev).unwrap();
+    let x = seeded_normal((2, 3, 5, 8), 0.0, 1.0, 15, DType::F32);
+    let angles = seeded_normal((5, 4), 0.0, 2.0, 16, DType::F32);
     let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-    let r = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+    let r = seeded_normal((2, 3, 5, 8), 0.0, 1.0, 17, DType::F32);
     let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::rope(x, &cos, &sin));
     let (y2, g2, _, _) = grad_through(&x, &r, |x| candle_nn::rotary_emb::rope_slow(x, &cos, &sin));
     assert!(max_abs_diff(&y1, &y2) < 1e-5);
@@ -642,7 +663,7 @@ fn rope_backward_matches_autograd() {
 fn causal_softmax_backward_matches_autograd() {
     let dev = Device::Cpu;
     let t = 6;
-    let x = Tensor::randn(0f32, 2.0, (2, 3, t, t), &dev).unwrap();
+    let x = seeded_normal((2, 3, t, t), 0.0, 2.0, 18, DType::F32);
     let mask: Vec<f32> = (0..t * t)
         .map(|k| {
             if k % t <= k / t {
@@ -653,7 +674,7 @@ fn causal_softmax_backward_matches_autograd() {
         })
         .collect();
     let mask = Tensor::from_vec(mask, (t, t), &dev).unwrap();
-    let r = Tensor::randn(0f32, 1.0, (2, 3, t, t), &dev).unwrap();
+    let r = seeded_normal((2, 3, t, t), 0.0, 1.0, 19, DType::F32);
     let (y1, g1, _, _) = grad_through(&x, &r, |x| ops::causal_softmax(x, 0.25, &mask));
     let (y2, g2, _, _) = grad_through(&x, &r, |x| {
         candle_nn::ops::softmax(&(x * 0.25)?.broadcast_add(&mask)?, D::Minus1)

@@ -29,8 +29,8 @@ use crate::pipeline::{
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
 use crate::report::{
-    kv_bytes_per_token, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead, TaskValidation,
-    ValidationFigures,
+    kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead,
+    TaskValidation, ValidationFigures,
 };
 use crate::task::{self, TaskData};
 use crate::write::WriteOptions;
@@ -92,19 +92,25 @@ fn task_parts(
         .collect()
 }
 
-/// A model's validation figures on one task: its own report, paired against the original's
-/// (for the original itself, `paired` is `None`).
+/// A model's validation figures on one task, its drop in points and the drop's paired 95%
+/// interval: its own report, paired against the original's (for the original itself,
+/// `paired` is `None`).
 fn validation_figures(
     rep: &TaskReport,
     paired: Option<&PairedFigures>,
-) -> (ValidationFigures, f64) {
+) -> (ValidationFigures, f64, [f64; 2]) {
     let figures = ValidationFigures {
         accuracy: rep.accuracy,
         agreement: paired.map_or(1.0, |p| p.agreement),
         choice_kl: paired.map_or(0.0, |p| p.choice_kl_mean),
         n_docs: rep.n_docs,
     };
-    (figures, paired.map_or(0.0, |p| -p.accuracy_diff * 100.0))
+    let [lo, hi] = paired.map_or([0.0, 0.0], |p| p.accuracy_diff_ci95);
+    (
+        figures,
+        paired.map_or(0.0, |p| -p.accuracy_diff * 100.0),
+        [-hi * 100.0, -lo * 100.0],
+    )
 }
 
 /// Runs `hopscotch run` with a quality budget: fit every K up to `--max-skip`, evaluate each on
@@ -236,23 +242,27 @@ pub fn run(
     // One model's curve point from its reports on every task (paired with the original's).
     let point = |k: usize,
                  skipped_blocks: Vec<usize>,
-                 figures: Vec<(ValidationFigures, f64)>,
+                 figures: Vec<(ValidationFigures, f64, [f64; 2])>,
                  path: &Path,
                  speed: f64| {
         let mut figures = tasks.iter().zip(figures);
-        let (_, (validation, drop_points)) = figures.next().expect("a run has a task");
+        let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
         CurvePoint {
             k,
             kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &skipped_blocks),
             skipped_blocks,
             validation,
             drop_points,
+            drop_ci95,
             other_tasks: figures
-                .map(|(task_data, (validation, drop_points))| TaskValidation {
-                    task: name(task_data),
-                    validation,
-                    drop_points,
-                })
+                .map(
+                    |(task_data, (validation, drop_points, drop_ci95))| TaskValidation {
+                        task: name(task_data),
+                        validation,
+                        drop_points,
+                        drop_ci95,
+                    },
+                )
                 .collect(),
             within_budget: k == 0,
             file_bytes: file_bytes(path),
@@ -331,6 +341,9 @@ pub fn run(
         "chosen: K = {chosen}, blocks {:?}",
         plans[chosen - 1].skipped_blocks
     ));
+    if let Some(note) = noise_note(budget, &points[chosen]) {
+        progress.note(&note);
+    }
 
     // Only now, with K chosen, are the test documents read.
     let tests: Vec<Selection<'_>> = tasks

@@ -49,6 +49,23 @@ pub struct Paired {
     pub choice_kl_mean: f64,
 }
 
+/// A warning when the validation documents cannot resolve a drop budget: the paired interval
+/// of the `chosen` K's drop (on the first task) is wider than the budget on either side of its
+/// estimate, so which K is within budget is decided as much by the documents' noise.
+pub fn noise_note(budget: &QualityBudget, chosen: &CurvePoint) -> Option<String> {
+    let max_drop = budget.max_drop?;
+    let half_width = (chosen.drop_ci95[1] - chosen.drop_ci95[0]) / 2.0;
+    (half_width > max_drop.max(0.5)).then(|| {
+        format!(
+            "On {} validation documents the drop at K = {} is known to ±{half_width:.1} points \
+             (paired 95% interval), wider than the {max_drop}-point budget: the K chosen is as \
+             much the documents' noise as the model's. More --validation-docs narrow it (the \
+             width falls with the square root of their number).",
+            chosen.validation.n_docs, chosen.k
+        )
+    })
+}
+
 /// The original and the slim model on one more task of a run fitted on several (`--task`
 /// given more than once), measured as the report's top-level figures are on the first.
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +114,8 @@ pub struct TaskValidation {
     pub validation: ValidationFigures,
     /// The original's accuracy minus this model's on them, in points.
     pub drop_points: f64,
+    /// Paired 95% interval of `drop_points`.
+    pub drop_ci95: [f64; 2],
 }
 
 /// One K of a quality-budget run's curve (K = 0: the original).
@@ -110,6 +129,9 @@ pub struct CurvePoint {
     pub validation: ValidationFigures,
     /// The original's accuracy minus this model's on the validation documents, in points.
     pub drop_points: f64,
+    /// Paired 95% interval of `drop_points` (bootstrap over the documents): how far the
+    /// validation documents can tell K apart.
+    pub drop_ci95: [f64; 2],
     /// The same on every other task of a run fitted on several.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_tasks: Vec<TaskValidation>,
@@ -505,7 +527,7 @@ impl BudgetFigures {
              (held out of the fit; the figures above are on test documents that neither the fit \
              nor the choice of K read). Chosen: K = {}, the largest K that stays within the \
              budget with every smaller K.\n\n\
-             | K | skipped blocks | validation accuracy | drop (points) | agreement | choice KL | file | KV bytes/token | prompt tokens/s |\n\
+             | K | skipped blocks | validation accuracy | drop (points) [95% CI] | agreement | choice KL | file | KV bytes/token | prompt tokens/s |\n\
              |---|---|---|---|---|---|---|---|---|\n",
             limits.join(" and "),
             self.chosen_skip
@@ -517,7 +539,7 @@ impl BudgetFigures {
                 p.k.to_string()
             };
             s += &format!(
-                "| {k} | {} | {:.2}% | {:+.2} | {:.2}% | {:.4} | {} | {} | {:.0} |\n",
+                "| {k} | {} | {:.2}% | {:+.2} [{:+.2}, {:+.2}] | {:.2}% | {:.4} | {} | {} | {:.0} |\n",
                 if p.skipped_blocks.is_empty() {
                     "-".to_string()
                 } else {
@@ -525,6 +547,8 @@ impl BudgetFigures {
                 },
                 p.validation.accuracy * 100.0,
                 p.drop_points,
+                p.drop_ci95[0],
+                p.drop_ci95[1],
                 p.validation.agreement * 100.0,
                 p.validation.choice_kl,
                 mib(p.file_bytes),
@@ -534,6 +558,14 @@ impl BudgetFigures {
         }
         if self.curve.iter().any(|p| !p.other_tasks.is_empty()) {
             s += &self.tasks_markdown(first_task);
+        }
+        if let Some(note) = self
+            .curve
+            .iter()
+            .find(|p| p.k == self.chosen_skip)
+            .and_then(|p| noise_note(&self.budget, p))
+        {
+            s += &format!("\n{note}\n");
         }
         s + "\n"
     }
@@ -564,5 +596,56 @@ impl BudgetFigures {
             s += &format!("| {} | {} |\n", p.k, cells.join(" | "));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(k: usize, drop_ci95: [f64; 2]) -> CurvePoint {
+        CurvePoint {
+            k,
+            skipped_blocks: vec![1; k],
+            validation: ValidationFigures {
+                accuracy: 0.5,
+                agreement: 0.9,
+                choice_kl: 0.1,
+                n_docs: 200,
+            },
+            drop_points: (drop_ci95[0] + drop_ci95[1]) / 2.0,
+            drop_ci95,
+            other_tasks: Vec::new(),
+            within_budget: true,
+            file_bytes: 1,
+            kv_bytes_per_token: 1,
+            prompt_tokens_per_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_drop_interval_wider_than_the_budget_is_said() {
+        let budget = |max_drop, min_agreement| QualityBudget {
+            max_drop,
+            min_agreement,
+            ..Default::default()
+        };
+        let note = noise_note(&budget(Some(1.0), None), &point(6, [-3.0, 4.0])).unwrap();
+        assert!(note.contains("200 validation documents"), "{note}");
+        assert!(note.contains("K = 6 is known to ±3.5 points"), "{note}");
+        assert!(note.contains("1-point budget"), "{note}");
+        // an interval within the budget, or a budget on agreement alone, needs no note
+        assert_eq!(
+            noise_note(&budget(Some(1.0), None), &point(6, [0.2, 1.8])),
+            None
+        );
+        assert_eq!(
+            noise_note(&budget(Some(5.0), None), &point(6, [-3.0, 4.0])),
+            None
+        );
+        assert_eq!(
+            noise_note(&budget(None, Some(0.9)), &point(6, [-3.0, 4.0])),
+            None
+        );
     }
 }

@@ -153,7 +153,15 @@ fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last
     for p in &curve[1..3] {
         assert_eq!(p["validation"]["agreement"], 1.0, "{p}");
         assert_eq!(p["drop_points"], 0.0, "{p}");
+        assert_eq!(p["drop_ci95"], serde_json::json!([0.0, 0.0]), "{p}");
     }
+    let ci = |p: &Value, i: usize| p["drop_ci95"][i].as_f64().unwrap();
+    let drop = curve[3]["drop_points"].as_f64().unwrap();
+    assert!(
+        ci(&curve[3], 0) <= drop && drop <= ci(&curve[3], 1),
+        "{}",
+        curve[3]
+    );
     assert!(
         curve[3]["drop_points"].as_f64().unwrap() > 0.0,
         "{}",

@@ -28,6 +28,39 @@ use crate::plan::{LinearAttention, ScaleValues};
 /// enough to keep rarely excited ones near zero.
 pub const RIDGE: f64 = 1e-3;
 
+/// One set of running sums (every layer's `HᵀH` and `(heads)ᵀH`, f32) above which the batches
+/// are summed one at a time instead of side by side, so that a big model holds two sets (the
+/// total and one batch's) rather than one more per thread: at Llama-3.1-8B's width a set is
+/// 4.3 GB.
+pub const SIDE_BY_SIDE_BYTES: u64 = 512 << 20;
+
+/// Bytes of one set of sums over `layers` layers of width `d` and query width `q_dim`.
+pub fn sums_bytes(d: usize, q_dim: usize, layers: usize) -> u64 {
+    4 * ((d * d + q_dim * d) * layers) as u64
+}
+
+/// Batches whose sums are taken side by side: one per thread when a set of sums is at most
+/// [`SIDE_BY_SIDE_BYTES`], else one.
+pub fn side_by_side(set_bytes: u64, threads: usize) -> usize {
+    if set_bytes <= SIDE_BY_SIDE_BYTES {
+        threads.max(1)
+    } else {
+        1
+    }
+}
+
+/// The most the stand-ins' fit holds at once for `layers` layers of width `d` (query width
+/// `q_dim`) on `threads` threads: the total sums and one set per batch summed side by side,
+/// then per thread a layer's solve in f64 (`HᵀH`, `AᵀH`, the factor and the result); and the
+/// stand-ins themselves (f32), kept for the search.
+pub fn peak_bytes(d: usize, q_dim: usize, layers: usize, threads: usize) -> u64 {
+    let set = sums_bytes(d, q_dim, layers);
+    let sums = (1 + side_by_side(set, threads) as u64) * set;
+    let solves = (threads.max(1) * 4 * 8 * d * d) as u64;
+    let kept = (4 * d * d * layers) as u64;
+    sums.max(solves) + kept
+}
+
 /// Errors fitting the stand-ins.
 #[derive(Debug, thiserror::Error)]
 pub enum LinearError {
@@ -128,9 +161,15 @@ pub fn fit(
         })?;
         Ok(out)
     };
-    // a few batches side by side, their sums added in batch order
+    // a few batches side by side (one at a time for a big model), their sums added in batch
+    // order
     let n_batches = batches.len().min(lengths.len());
-    for (start, n) in runs(n_batches, rayon::current_num_threads()) {
+    let q_dim = model.arch().q_dim();
+    let width = side_by_side(
+        sums_bytes(d, q_dim, layers.len()),
+        rayon::current_num_threads(),
+    );
+    for (start, n) in runs(n_batches, width) {
         for batch in parallel::map(model.device(), n, |i| batch_sums(start + i))? {
             for (sum, b) in sums.iter_mut().zip(batch) {
                 sum.add(b)?;
@@ -271,6 +310,21 @@ mod tests {
         let shrunk = solve_ridge(&gram, &b, d, 0.5).unwrap();
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
         assert!(norm(&shrunk) < norm(&w));
+    }
+
+    #[test]
+    fn a_big_model_sums_its_batches_one_at_a_time() {
+        // SmolLM2-135M: 29 skippable layers of 576, a set of sums is 77 MB: side by side
+        let small = sums_bytes(576, 576, 29);
+        assert_eq!(small, 4 * 2 * 576 * 576 * 29);
+        assert_eq!(side_by_side(small, 2), 2);
+        assert_eq!(side_by_side(small, 0), 1);
+        // Llama-3.1-8B: 31 of 4096, 4.2 GB a set: one batch at a time, two sets held
+        let big = sums_bytes(4096, 4096, 31);
+        assert_eq!(side_by_side(big, 2), 1);
+        let kept = 4 * 4096 * 4096 * 31;
+        assert_eq!(peak_bytes(4096, 4096, 31, 2), 2 * big + kept);
+        assert_eq!(peak_bytes(576, 576, 29, 2), 3 * small + 4 * 576 * 576 * 29);
     }
 
     #[test]

@@ -15,8 +15,8 @@
 //!   [`LOGIT_ROWS`] targets, or whole rows at every target for a full teacher) and a batch scored
 //!   without gradients (its layers' transient tensors and the whole-vocabulary logits of one run
 //!   of targets, while the screening or the teacher runs);
-//! - the residual stream cached at every layer for the screening, and the stand-ins' normal
-//!   equations (f64) with `--linear-attention`;
+//! - the residual stream cached at every layer for the screening, and with `--linear-attention`
+//!   the stand-ins' sums, solves and matrices ([`linear::peak_bytes`]);
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
 //!
 //! Every sequence is counted at `--max-seq-len`, every position as a target, and no prefix as
@@ -25,6 +25,7 @@
 use std::fmt;
 
 use super::batch::{whole_logit_rows, whole_teacher, LOGIT_ROWS, PART_ROWS};
+use super::linear;
 use crate::checkpoint::Checkpoint;
 use crate::model::{logit_chunk_tokens, WeightStorage};
 use crate::plan::{FitSettings, Objective};
@@ -116,7 +117,8 @@ impl MemoryEstimate {
         let scored_batch =
             f32s(3 * logit_rows * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
         let stand_ins = if settings.linear_attention {
-            2 * 8 * d * d * layers
+            let skippable = a.n_layer.saturating_sub(1);
+            linear::peak_bytes(a.n_embd, a.q_dim(), skippable, threads)
         } else {
             0
         };

@@ -475,7 +475,7 @@ fn a_fit_on_two_tasks_draws_its_documents_evenly() {
     let arg = |p: &Path| p.to_str().unwrap().to_string();
     let out = dir.path().join("two.json");
     let other_arg = arg(&other);
-    ok(fit(
+    let run = ok(fit(
         dir.path(),
         &model,
         &task,
@@ -493,6 +493,11 @@ fn a_fit_on_two_tasks_draws_its_documents_evenly() {
             "1",
         ],
     ));
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("fit documents: 4 of task, 3 of other"),
+        "{stderr}"
+    );
     let plan = Plan::load(&out).unwrap();
     let tasks: Vec<_> = plan.tasks().collect();
     assert_eq!(tasks.len(), 2);

@@ -329,6 +329,14 @@ impl FitTask {
             Ok(data::FitData::merge(parts))
         };
         let data = build(options.fit_docs)?;
+        if tasks.len() > 1 {
+            let drawn: Vec<String> = tasks
+                .iter()
+                .zip(&data.doc_ids)
+                .map(|(t, ids)| format!("{} of {}", ids.len(), task::task_name(&t.path)))
+                .collect();
+            progress.note(&format!("fit documents: {}", drawn.join(", ")));
+        }
         let final_docs = options.resolved_final_docs();
         let final_data = if options.uses_final_docs() && final_docs > options.fit_docs {
             Some(build(final_docs)?)

@@ -151,53 +151,9 @@ pub fn run(
         threads: req.threads,
         imatrix: None,
     };
-    let name = |t: &TaskData| t.path.display().to_string();
 
-    // The fit: one search up to --max-skip, a final training and an export per K.
-    let fit_model = FitModel::load(&ck, ModelFingerprint::of(&ck), memory.recompute)?;
-    let fit_task = FitTask::build(&fit_model, &tasks, &options, progress)?;
-    let n_validation: usize = parts.iter().map(|[_, v, _]| v.len()).sum();
-    progress.note(&format!(
-        "choosing up to {max_skip} blocks to skip; K is then chosen on {n_validation} validation \
-         documents"
-    ));
-    let (order, _) = search_order(
-        &fit_model,
-        &fit_task,
-        &options,
-        Some(&curve.join("search.json")),
-        progress,
-    )?;
-    let mut plans: Vec<Plan> = Vec::new();
-    for k in 1..=order.skipped.len() {
-        let choice = order.first(k);
-        progress.note(&format!(
-            "training the final scalars of K = {k}: blocks {:?}",
-            choice.skipped
-        ));
-        let path = curve.join(format!("plan-k{k}.json"));
-        let settings = FitSettings {
-            skip: k,
-            ..options.clone()
-        };
-        let (plan, _, _) = write_plan(
-            &fit_model, &fit_task, &settings, &choice, &path, true, progress,
-        )?;
-        plans.push(plan);
-    }
-    let mut reads: Vec<StageRead> = tasks
-        .iter()
-        .zip(&fit_task.data.doc_ids)
-        .zip(fit_task.final_only_doc_ids())
-        .map(|((task_data, fit), final_only)| StageRead {
-            stage: "fit".into(),
-            k: None,
-            task: name(task_data),
-            doc_ids: fit.iter().cloned().chain(final_only).collect(),
-        })
-        .collect();
-    drop(fit_task);
-    drop(fit_model);
+    let (plans, mut reads) =
+        fit_every_k(&ck, &tasks, &options, memory.recompute, &curve, progress)?;
     let t_fit = started.elapsed().as_secs_f64();
 
     progress.note(&format!(
@@ -222,105 +178,27 @@ pub fn run(
     let t_export = started.elapsed().as_secs_f64() - t_fit;
 
     // K chosen on the validation documents of every task.
-    progress.note(&format!(
-        "evaluating the original and every K on {n_validation} validation documents"
-    ));
     let validations: Vec<Selection<'_>> = tasks
         .iter()
         .zip(&parts)
         .map(|(task_data, [_, v, _])| selection(task_data, v, None))
         .collect();
-    let orig = LoadedModel::load(&orig_path)?;
-    let speed_text = speed_tokens(&orig, &validations[0]);
-    let originals = tasks
-        .iter()
-        .zip(&validations)
-        .map(|(task_data, v)| evaluate(&orig, None, task_data, v, req.n_ctx, req.threads, &bar))
-        .collect::<Result<Vec<_>, _>>()?;
-    let original_speed = prompt_speeds(&[&orig], &speed_text, req.threads)?[0];
-    drop(orig);
-    // One model's curve point from its reports on every task (paired with the original's).
-    let point = |k: usize,
-                 skipped_blocks: Vec<usize>,
-                 figures: Vec<(ValidationFigures, f64, [f64; 2])>,
-                 path: &Path,
-                 speed: f64| {
-        let mut figures = tasks.iter().zip(figures);
-        let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
-        CurvePoint {
-            k,
-            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &skipped_blocks),
-            skipped_blocks,
-            validation,
-            drop_points,
-            drop_ci95,
-            other_tasks: figures
-                .map(
-                    |(task_data, (validation, drop_points, drop_ci95))| TaskValidation {
-                        task: name(task_data),
-                        validation,
-                        drop_points,
-                        drop_ci95,
-                    },
-                )
-                .collect(),
-            within_budget: k == 0,
-            file_bytes: file_bytes(path),
-            prompt_tokens_per_s: speed,
-        }
-    };
-    for (task_data, original) in tasks.iter().zip(&originals) {
-        reads.push(StageRead {
-            stage: "validation".into(),
-            k: Some(0),
-            task: name(task_data),
-            doc_ids: ids(&original.docs),
-        });
-    }
-    let mut points = vec![point(
-        0,
-        Vec::new(),
-        originals
-            .iter()
-            .map(|o| validation_figures(o, None))
-            .collect(),
-        &orig_path,
-        original_speed,
-    )];
-    for ((plan, path), k) in plans.iter().zip(&slim_paths).zip(1..) {
-        let slim = LoadedModel::load(path)?;
-        let mut figures = Vec::new();
-        for ((task_data, v), original) in tasks.iter().zip(&validations).zip(&originals) {
-            let mut rep = evaluate(&slim, None, task_data, v, req.n_ctx, req.threads, &bar)?;
-            let paired = pair_with_reference(&mut rep.docs, &original.docs)?;
-            reads.push(StageRead {
-                stage: "validation".into(),
-                k: Some(k),
-                task: name(task_data),
-                doc_ids: ids(&rep.docs),
-            });
-            figures.push(validation_figures(&rep, Some(&paired)));
-        }
-        let speed = prompt_speeds(&[&slim], &speed_text, req.threads)?[0];
-        points.push(point(k, plan.skipped_blocks.clone(), figures, path, speed));
-    }
-    // The largest K within the budget on every task, and the task that limits it.
-    let per_task: Vec<Vec<(usize, f64, f64)>> = (0..tasks.len())
-        .map(|t| {
-            points[1..]
+    let n_validation: usize = validations.iter().map(|v| v.docs.len()).sum();
+    progress.note(&format!(
+        "evaluating the original and every K on {n_validation} validation documents"
+    ));
+    let models: Vec<(&[usize], &Path)> = std::iter::once((&[][..], orig_path.as_path()))
+        .chain(
+            plans
                 .iter()
-                .map(|p| {
-                    let (drop, agreement) = match t {
-                        0 => (p.drop_points, p.validation.agreement),
-                        _ => {
-                            let o = &p.other_tasks[t - 1];
-                            (o.drop_points, o.validation.agreement)
-                        }
-                    };
-                    (p.k, drop, agreement)
-                })
-                .collect()
-        })
+                .zip(&slim_paths)
+                .map(|(plan, path)| (plan.skipped_blocks.as_slice(), path.as_path())),
+        )
+        .collect();
+    let (mut points, originals) =
+        score_every_k(req, &ck, &tasks, &validations, &models, &mut reads)?;
+    let per_task: Vec<Vec<(usize, f64, f64)>> = (0..tasks.len())
+        .map(|t| points[1..].iter().map(|p| p.on_task(t)).collect())
         .collect();
     let (chosen, limiting) = budget.choose_on_every_task(&per_task);
     for p in &mut points[1..=chosen] {
@@ -329,7 +207,7 @@ pub fn run(
     if chosen == 0 {
         let (_, drop_points, agreement) = per_task[limiting][0];
         return Err(PipelineError::NothingWithinBudget {
-            task: name(&tasks[limiting]),
+            task: tasks[limiting].path.display().to_string(),
             n_docs: originals[limiting].n_docs,
             block: points[1].skipped_blocks[0],
             drop_points,
@@ -351,7 +229,10 @@ pub fn run(
         .zip(&parts)
         .map(|(task_data, [_, _, test])| selection(task_data, test, req.limit))
         .collect();
-    let mut plan = plans.swap_remove(chosen - 1);
+    let mut plan = plans
+        .into_iter()
+        .nth(chosen - 1)
+        .expect("chosen is one of the plans");
     for ((recorded, original), test) in plan.tasks_mut().zip(&originals).zip(&tests) {
         recorded.validation_doc_ids = ids(&original.docs);
         recorded.test_doc_ids = test.docs.iter().map(|d| d.id.clone()).collect();
@@ -367,7 +248,7 @@ pub fn run(
         reads.push(StageRead {
             stage: "test".into(),
             k: Some(chosen),
-            task: name(task_data),
+            task: task_data.path.display().to_string(),
             doc_ids: measured.doc_ids.clone(),
         });
     }
@@ -392,4 +273,127 @@ pub fn run(
     );
     write_report(&req.out_dir, &report)?;
     Ok(report)
+}
+
+/// The fit of a budget run: one search up to `options.skip` (its rounds kept in `curve`), then
+/// every K's final training, each plan written as `curve/plan-k<K>.json`. Returns the plans in
+/// K order and, per task, the documents the fit read.
+fn fit_every_k(
+    ck: &Checkpoint,
+    tasks: &[TaskData],
+    options: &FitSettings,
+    recompute: bool,
+    curve: &Path,
+    progress: &Progress,
+) -> Result<(Vec<Plan>, Vec<StageRead>), PipelineError> {
+    let fit_model = FitModel::load(ck, ModelFingerprint::of(ck), recompute)?;
+    let fit_task = FitTask::build(&fit_model, tasks, options, progress)?;
+    progress.note(&format!(
+        "choosing up to {} blocks to skip; K is then chosen on the validation documents",
+        options.skip
+    ));
+    let (order, _) = search_order(
+        &fit_model,
+        &fit_task,
+        options,
+        Some(&curve.join("search.json")),
+        progress,
+    )?;
+    let mut plans = Vec::new();
+    for k in 1..=order.skipped.len() {
+        let choice = order.first(k);
+        progress.note(&format!(
+            "training the final scalars of K = {k}: blocks {:?}",
+            choice.skipped
+        ));
+        let settings = FitSettings {
+            skip: k,
+            ..options.clone()
+        };
+        let path = curve.join(format!("plan-k{k}.json"));
+        let (plan, _, _) = write_plan(
+            &fit_model, &fit_task, &settings, &choice, &path, true, progress,
+        )?;
+        plans.push(plan);
+    }
+    let reads = tasks
+        .iter()
+        .zip(&fit_task.data.doc_ids)
+        .zip(fit_task.final_only_doc_ids())
+        .map(|((task_data, fit), final_only)| StageRead {
+            stage: "fit".into(),
+            k: None,
+            task: task_data.path.display().to_string(),
+            doc_ids: fit.iter().cloned().chain(final_only).collect(),
+        })
+        .collect();
+    Ok((plans, reads))
+}
+
+/// Scores `models` (K = 0, the original, then every K: its skipped blocks and file) on every
+/// task's validation documents in llama.cpp, each paired against the original's scores, and
+/// measures each file's prompt speed on the first task's documents. Returns one curve point
+/// per K (none within the budget yet but the original) and the original's reports; `reads`
+/// gets the documents each evaluation read.
+fn score_every_k(
+    req: &RunRequest,
+    ck: &Checkpoint,
+    tasks: &[TaskData],
+    validations: &[Selection<'_>],
+    models: &[(&[usize], &Path)],
+    reads: &mut Vec<StageRead>,
+) -> Result<(Vec<CurvePoint>, Vec<TaskReport>), PipelineError> {
+    let bar = indicatif::ProgressBar::hidden();
+    let mut speed_text = Vec::new();
+    let mut originals: Vec<TaskReport> = Vec::new();
+    let mut points = Vec::new();
+    for (k, &(skipped_blocks, path)) in models.iter().enumerate() {
+        let model = LoadedModel::load(path)?;
+        if k == 0 {
+            speed_text = speed_tokens(&model, &validations[0]);
+        }
+        let mut figures = Vec::new();
+        for (t, (task_data, v)) in tasks.iter().zip(validations).enumerate() {
+            let mut rep = evaluate(&model, None, task_data, v, req.n_ctx, req.threads, &bar)?;
+            let paired = match originals.get(t) {
+                Some(original) => Some(pair_with_reference(&mut rep.docs, &original.docs)?),
+                None => None,
+            };
+            reads.push(StageRead {
+                stage: "validation".into(),
+                k: Some(k),
+                task: task_data.path.display().to_string(),
+                doc_ids: ids(&rep.docs),
+            });
+            figures.push(validation_figures(&rep, paired.as_ref()));
+            if k == 0 {
+                originals.push(rep);
+            }
+        }
+        let speed = prompt_speeds(&[&model], &speed_text, req.threads)?[0];
+        let mut figures = tasks.iter().zip(figures);
+        let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
+        points.push(CurvePoint {
+            k,
+            skipped_blocks: skipped_blocks.to_vec(),
+            validation,
+            drop_points,
+            drop_ci95,
+            other_tasks: figures
+                .map(
+                    |(task_data, (validation, drop_points, drop_ci95))| TaskValidation {
+                        task: task_data.path.display().to_string(),
+                        validation,
+                        drop_points,
+                        drop_ci95,
+                    },
+                )
+                .collect(),
+            within_budget: k == 0,
+            file_bytes: file_bytes(path),
+            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, skipped_blocks),
+            prompt_tokens_per_s: speed,
+        });
+    }
+    Ok((points, originals))
 }

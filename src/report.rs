@@ -145,6 +145,20 @@ pub struct CurvePoint {
     pub prompt_tokens_per_s: f64,
 }
 
+impl CurvePoint {
+    /// `(k, drop_points, agreement)` on task `t` (0: the first task), as
+    /// [`QualityBudget::choose`] takes them.
+    pub fn on_task(&self, t: usize) -> (usize, f64, f64) {
+        match t.checked_sub(1) {
+            None => (self.k, self.drop_points, self.validation.agreement),
+            Some(i) => {
+                let o = &self.other_tasks[i];
+                (self.k, o.drop_points, o.validation.agreement)
+            }
+        }
+    }
+}
+
 /// The documents one stage of a run read, in the order the stages ran.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageRead {

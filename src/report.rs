@@ -316,12 +316,27 @@ impl RunReport {
         } else {
             "held-out"
         };
+        let tasks = if self.other_tasks.is_empty() {
+            format!(
+                "task `{}`, {} {held_out} documents",
+                self.task, self.slim.n_docs
+            )
+        } else {
+            let all: Vec<String> = std::iter::once(&self.task)
+                .chain(self.other_tasks.iter().map(|t| &t.task))
+                .map(|t| format!("`{t}`"))
+                .collect();
+            format!(
+                "tasks {} (fitted on together; {held_out} documents of each, the table on the \
+                 first: {} documents)",
+                all.join(", "),
+                self.slim.n_docs
+            )
+        };
         let mut s = format!(
-            "# hopscotch run\n\nModel `{}`, task `{}`, {} {held_out} documents, both files {}{imatrix}.\n\
+            "# hopscotch run\n\nModel `{}`, {tasks}, both files {}{imatrix}.\n\
              Fit: method {}, objective {}{stand_ins}, loss {:.4} (scalars at 1: {:.4}).\n\n",
             self.model,
-            self.task,
-            self.slim.n_docs,
             self.quant_type,
             self.method,
             self.objective,

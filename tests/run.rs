@@ -157,6 +157,12 @@ fn run_on_two_tasks_fits_one_plan_and_reports_each() {
     assert_eq!(fitted, vec![2, 2]);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## Every task\n\n| | task | other |"), "{md}");
+    let heading = format!(
+        "tasks `{}`, `{}` (fitted on together; held-out documents of each",
+        task.display(),
+        other.display()
+    );
+    assert!(md.contains(&heading), "{md}");
     // `eval --exclude-fit` holds out each task's own fit documents
     for t in [&task, &other] {
         let e = Command::new(bin())

@@ -278,13 +278,25 @@ pub(crate) fn create_out_dir(dir: &Path) -> Result<(), PipelineError> {
 }
 
 /// Runs the pipeline and returns the report (also written to the folder). With a quality
-/// budget, [`crate::budget::run`] chooses K.
+/// budget, [`crate::budget::run`] chooses K. A run that fails before writing anything leaves no
+/// empty folder behind (one that fails later keeps what it wrote: a partial fit resumes).
 pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
-    if let Some(budget) = &req.budget {
-        return crate::budget::run(req, budget, progress);
+    let existed = req.out_dir.exists();
+    let result = match &req.budget {
+        Some(budget) => crate::budget::run(req, budget, progress),
+        None => run_skip(req, progress),
+    };
+    if result.is_err() && !existed {
+        // `remove_dir` removes only empty folders
+        let _ = std::fs::remove_dir(crate::budget::curve_dir(&req.out_dir));
+        let _ = std::fs::remove_dir(&req.out_dir);
     }
+    result
+}
+
+/// [`run`] with K given (`--skip`).
+fn run_skip(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
-    create_out_dir(&req.out_dir)?;
     let [plan_path, slim_path, orig_path, ..] = outputs(&req.out_dir);
     let [slim_imatrix, orig_imatrix] = imatrix_outputs(&req.out_dir);
     check_outputs(req, &[])?;
@@ -298,6 +310,7 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
     let ck = Checkpoint::open(&req.model)?;
+    create_out_dir(&req.out_dir)?;
     let (plan, _) = fit_plan(
         &ck,
         &FitRequest {

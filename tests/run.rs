@@ -152,6 +152,19 @@ fn run_on_two_tasks_fits_one_plan_and_reports_each() {
         }
         assert!(figures["paired"]["agreement"].is_number());
     }
+    // the same task twice is refused before anything is written, no empty folder left
+    let refused = dir.path().join("refused");
+    let o = tiny_run(
+        &hf,
+        &task,
+        &refused,
+        "f16",
+        &["--task", task.to_str().unwrap()],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("the same content (sha256) as --task"), "{err}");
+    assert!(!refused.exists(), "{err}");
     let plan = hopscotch::plan::Plan::load(&out.join("plan.json")).unwrap();
     let fitted: Vec<usize> = plan.tasks().map(|t| t.fit_doc_ids.len()).collect();
     assert_eq!(fitted, vec![2, 2]);

@@ -106,10 +106,11 @@ fn validation_figures(
         n_docs: rep.n_docs,
     };
     let [lo, hi] = paired.map_or([0.0, 0.0], |p| p.accuracy_diff_ci95);
+    // `+ 0.0` turns a negated 0 into 0, which the report prints as +0.00, not -0.00
     (
         figures,
-        paired.map_or(0.0, |p| -p.accuracy_diff * 100.0),
-        [-hi * 100.0, -lo * 100.0],
+        paired.map_or(0.0, |p| -p.accuracy_diff * 100.0 + 0.0),
+        [-hi * 100.0 + 0.0, -lo * 100.0 + 0.0],
     )
 }
 

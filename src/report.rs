@@ -545,7 +545,8 @@ impl BudgetFigures {
     pub fn markdown(&self, first_task: &str) -> String {
         let mut limits = Vec::new();
         if let Some(d) = self.budget.max_drop {
-            limits.push(format!("an accuracy drop of at most {d} points"));
+            let unit = if d == 1.0 { "point" } else { "points" };
+            limits.push(format!("an accuracy drop of at most {d} {unit}"));
         }
         if let Some(a) = self.budget.min_agreement {
             limits.push(format!("answer agreement of at least {:.2}%", a * 100.0));

@@ -180,6 +180,9 @@ fn a_zero_budget_takes_exactly_the_dead_blocks_and_reads_the_test_documents_last
     assert_eq!(report["slim"]["kv_bytes_per_token"], kv(2));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| **2** (chosen) |"), "{md}");
+    assert!(md.contains("| +0.00 [+0.00, +0.00] |"), "{md}");
+    assert!(!md.contains("-0.00 [") && !md.contains("[-0.00"), "{md}");
+    assert!(md.contains("an accuracy drop of at most 0 points"), "{md}");
     let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
     assert!(svg.contains("validation accuracy per k"), "{svg}");
     assert_eq!(svg.matches("fill=\"red\"").count(), 1, "{svg}");

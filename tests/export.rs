@@ -526,6 +526,11 @@ fn bad_plans_fail_cleanly_without_output() {
         &gained_path,
         "scales.gains comes from an option hopscotch no longer has",
     );
+    // a plan listing one task file twice (by content) is refused
+    let mut twice = plan_for(&ck, &[2], 1);
+    twice.other_tasks = vec![twice.first_task.clone()];
+    let twice = write_plan("twice.json", &twice);
+    check(&twice, "has the same content (sha256) as task test.jsonl");
     let garbage = dir.path().join("garbage.json");
     std::fs::write(&garbage, "{\"skipped_blocks\": [1]}").unwrap();
     check(&garbage, "not a valid plan");

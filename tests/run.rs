@@ -101,6 +101,9 @@ fn run_fits_exports_evaluates_and_reports() {
     let plan: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
     assert_eq!(plan["fit_doc_ids"].as_array().unwrap().len(), 4);
+    // a single-task plan keeps its task at the top level, as before several tasks were possible
+    assert_eq!(plan["task"]["path"], task.display().to_string());
+    assert!(plan.get("other_tasks").is_none(), "{plan}");
     assert!(std::fs::read_to_string(out.join("report.svg"))
         .unwrap()
         .starts_with("<svg"));

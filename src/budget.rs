@@ -15,16 +15,16 @@ use std::time::Instant;
 
 use crate::checkpoint::Checkpoint;
 use crate::eval::task::{
-    evaluate, pair_with_reference, select_docs, DocScore, PairedFigures, Selection, TaskReport,
+    evaluate, pair_with_reference, DocScore, PairedFigures, Selection, TaskReport,
 };
 use crate::export::export;
 use crate::fit::options::FitError;
-use crate::fit::session::{check_memory, load_tasks, search_order, write_plan, FitModel, FitTask};
+use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitTask};
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
-    check_outputs, create_out_dir, measure, outputs, prompt_speeds, run_report, speed_tokens,
-    write_report, PipelineError, RunRequest,
+    check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speeds, run_report,
+    speed_tokens, write_report, PipelineError, RunRequest,
 };
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
@@ -136,10 +136,7 @@ pub fn run(
         ..req.fit.clone()
     };
     options.validate().map_err(FitError::from)?;
-    let tasks = load_tasks(&req.tasks, options.fit_docs)?;
-    for task_data in &tasks {
-        select_docs(task_data, None, Some(1))?;
-    }
+    let tasks = load_choice_tasks(&req.tasks, options.fit_docs)?;
     let parts = task_parts(&tasks, &options, budget)?;
     ck.validate_tensors()?;
     let memory = check_memory(&ck, &options, progress)?;

@@ -294,6 +294,19 @@ pub fn run(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineE
     result
 }
 
+/// Reads `run`'s task files ([`load_tasks`]: no task twice, at least one of `fit_docs` fit
+/// documents each) and refuses any that is not multiple-choice, before minutes go into the fit.
+pub(crate) fn load_choice_tasks(
+    paths: &[PathBuf],
+    fit_docs: usize,
+) -> Result<Vec<TaskData>, PipelineError> {
+    let tasks = load_tasks(paths, fit_docs)?;
+    for task_data in &tasks {
+        select_docs(task_data, None, Some(1))?;
+    }
+    Ok(tasks)
+}
+
 /// [`run`] with K given (`--skip`).
 fn run_skip(req: &RunRequest, progress: &Progress) -> Result<RunReport, PipelineError> {
     let started = Instant::now();
@@ -302,11 +315,7 @@ fn run_skip(req: &RunRequest, progress: &Progress) -> Result<RunReport, Pipeline
     check_outputs(req, &[])?;
     // A type that needs an importance matrix is refused before any work without one.
     require_imatrix(req.qtype, req.imatrix)?;
-    // The tasks must be multiple-choice ones before minutes go into the fit.
-    let tasks = load_tasks(&req.tasks, req.fit.fit_docs)?;
-    for task_data in &tasks {
-        select_docs(task_data, None, Some(1))?;
-    }
+    let tasks = load_choice_tasks(&req.tasks, req.fit.fit_docs)?;
 
     progress.note(&format!("fitting: skip {} attention blocks", req.fit.skip));
     let ck = Checkpoint::open(&req.model)?;
@@ -428,6 +437,10 @@ pub(crate) fn measure(
     let (speed_orig, speed_slim) = (speeds[0], speeds[1]);
     let mut skipped_sorted = plan.skipped_blocks.clone();
     skipped_sorted.sort_unstable();
+    // what does not depend on the task: each file's size and KV cache per token
+    let (orig_bytes, slim_bytes) = (file_bytes(&orig_path), file_bytes(&slim_path));
+    let orig_kv = kv_bytes_per_token(&ck.arch, &[]);
+    let slim_kv = kv_bytes_per_token(&ck.arch, &plan.skipped_blocks);
     let mut measured = Vec::new();
     for (task_data, selection) in tasks.iter().zip(selections) {
         let rep = evaluate(
@@ -449,8 +462,8 @@ pub(crate) fn measure(
                 accuracy_ci95: wilson_ci95((reference.accuracy * n as f64).round() as usize, n),
                 acc_norm: reference.acc_norm,
                 n_docs: n,
-                file_bytes: file_bytes(&orig_path),
-                kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &[]),
+                file_bytes: orig_bytes,
+                kv_bytes_per_token: orig_kv,
                 prompt_tokens_per_s: speed_orig,
             },
             slim: ModelFigures {
@@ -460,8 +473,8 @@ pub(crate) fn measure(
                 accuracy_ci95: rep.accuracy_ci95,
                 acc_norm: rep.acc_norm,
                 n_docs: n,
-                file_bytes: file_bytes(&slim_path),
-                kv_bytes_per_token: kv_bytes_per_token(&ck.arch, &plan.skipped_blocks),
+                file_bytes: slim_bytes,
+                kv_bytes_per_token: slim_kv,
                 prompt_tokens_per_s: speed_slim,
             },
             paired: Paired {

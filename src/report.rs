@@ -50,8 +50,9 @@ pub struct Paired {
 }
 
 /// A warning when the validation documents cannot resolve a drop budget: the paired interval
-/// of the `chosen` K's drop (on the first task) is wider than the budget on either side of its
-/// estimate, so which K is within budget is decided as much by the documents' noise.
+/// of the `chosen` K's drop (on the first task) is wider than the budget, and than half a
+/// point, on either side of its estimate, so which K is within budget is decided as much by
+/// the documents' noise.
 pub fn noise_note(budget: &QualityBudget, chosen: &CurvePoint) -> Option<String> {
     let max_drop = budget.max_drop?;
     let half_width = (chosen.drop_ci95[1] - chosen.drop_ci95[0]) / 2.0;
@@ -614,14 +615,11 @@ impl BudgetFigures {
             "---|".repeat(names.len())
         );
         for p in &self.curve {
-            let first = (p.drop_points, p.validation.agreement);
-            let cells: Vec<String> = std::iter::once(first)
-                .chain(
-                    p.other_tasks
-                        .iter()
-                        .map(|t| (t.drop_points, t.validation.agreement)),
-                )
-                .map(|(drop, agreement)| format!("{drop:+.2} / {:.2}%", agreement * 100.0))
+            let cells: Vec<String> = (0..names.len())
+                .map(|t| {
+                    let (_, drop, agreement) = p.on_task(t);
+                    format!("{drop:+.2} / {:.2}%", agreement * 100.0)
+                })
                 .collect();
             s += &format!("| {} | {} |\n", p.k, cells.join(" | "));
         }

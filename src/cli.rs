@@ -198,6 +198,8 @@ pub struct SpeedArgs {
 }
 
 /// The arguments of `hopscotch eval`.
+// A mode's options conflict with the other mode's data: clap does not check `requires`
+// beside a required group.
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("data").required(true).args(["text", "task"])))]
 pub struct EvalArgs {
@@ -215,13 +217,13 @@ pub struct EvalArgs {
     #[arg(long)]
     pub ctx: Option<usize>,
     /// Evaluate at most this many windows (--text).
-    #[arg(long, requires = "text")]
+    #[arg(long, conflicts_with = "task")]
     pub chunks: Option<usize>,
     /// Score the first N docs in file order, after --exclude-fit (--task).
-    #[arg(long, requires = "task")]
+    #[arg(long, conflicts_with = "text")]
     pub limit: Option<usize>,
     /// Hold out the docs this plan was fitted on, and those that chose its K (--task).
-    #[arg(long, value_name = "PLAN", requires = "task")]
+    #[arg(long, value_name = "PLAN", conflicts_with = "text")]
     pub exclude_fit: Option<PathBuf>,
     /// Reference model: KL and top-1 agreement (--text); answer agreement, accuracy
     /// difference and KL over the choices (--task).
@@ -230,6 +232,15 @@ pub struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Write each doc's scores to FILE, one JSON object per line (--task): its id, the gold
+    /// choice, the choices picked (`pred`, and `pred_norm` per character), every choice's
+    /// log-likelihood and its length in characters, and the reference's log-likelihoods and
+    /// pick with --reference.
+    #[arg(long, value_name = "FILE", conflicts_with = "text")]
+    pub log_samples: Option<PathBuf>,
+    /// Overwrite an existing --log-samples file.
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub threads: Threads,
 }

@@ -13,11 +13,12 @@ use hopscotch::checkpoint::{is_deci_folder, Checkpoint, DeciCheckpoint};
 use hopscotch::convert;
 use hopscotch::eval::perplexity::perplexity;
 use hopscotch::eval::speed::{compare_prompt_speed, SpeedReport};
-use hopscotch::eval::task::{evaluate, select_docs};
+use hopscotch::eval::task::{evaluate, select_docs, write_samples};
 use hopscotch::fit::parallel::set_threads;
 use hopscotch::gguf::consts::QuantType;
 use hopscotch::gguf::imatrix::Imatrix;
 use hopscotch::llamacpp::LoadedModel;
+use hopscotch::output::check_overwrite;
 use hopscotch::plan::Plan;
 use hopscotch::progress::{bytes_bar, docs_bar, Progress};
 
@@ -175,6 +176,9 @@ fn run(cli: Cli) -> Result<()> {
                     &format!("model            {}", a.model.display()),
                 );
             };
+            if let Some(path) = &a.log_samples {
+                check_overwrite(path, a.force)?;
+            }
             let data = hopscotch::task::load(task)?;
             let plan = a.exclude_fit.as_deref().map(Plan::load).transpose()?;
             let exclude = a.exclude_fit.as_deref().zip(plan.as_ref());
@@ -182,6 +186,9 @@ fn run(cli: Cli) -> Result<()> {
             let ((m, r), threads) = (load()?, a.threads.count());
             let ctx = a.ctx.unwrap_or(2048);
             let rep = evaluate(&m, r.as_ref(), &data, &selection, ctx, threads, &docs_bar())?;
+            if let Some(path) = &a.log_samples {
+                write_samples(path, &rep.docs, a.force)?;
+            }
             print_eval(&rep, a.json, &rep.heading(&a.model, task))?;
         }
         Command::Export(a) if a.to == Target::Hf => {

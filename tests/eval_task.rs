@@ -725,6 +725,101 @@ fn a_reference_scored_apart_pairs_as_one_scored_together() {
 }
 
 #[test]
+fn log_samples_writes_each_docs_scores_and_keeps_an_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, gguf) = tiny(dir.path());
+    let task = write_task(dir.path());
+    let samples = dir.path().join("samples.jsonl");
+    let args = [
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--reference",
+        s(&gguf),
+        "--json",
+        "--log-samples",
+        s(&samples),
+    ];
+    let summary = json_of(&args);
+    let text = std::fs::read_to_string(&samples).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let lib = eval_lib(&gguf, &task, 2048);
+    assert_eq!(lines.len(), lib.docs.len());
+    assert_eq!(summary["n_docs"], lines.len());
+    let mut correct = 0;
+    for (line, doc) in lines.iter().zip(&lib.docs) {
+        assert_eq!(line["doc_id"], doc.doc_id.as_str());
+        assert_eq!(line["gold"], doc.gold);
+        assert_eq!(line["pred"], doc.pred);
+        assert_eq!(line["pred_norm"], doc.pred_norm);
+        assert_eq!(line["choice_chars"], json!(doc.choice_chars));
+        let lls: Vec<f64> = serde_json::from_value(line["loglikelihoods"].clone()).unwrap();
+        assert_eq!(
+            lls, doc.loglikelihoods,
+            "the scores eval computed, unrounded"
+        );
+        // the reference is the same file: the same scores and pick
+        assert_eq!(line["reference_loglikelihoods"], line["loglikelihoods"]);
+        assert_eq!(line["reference_pred"], line["pred"]);
+        correct += usize::from(doc.pred == doc.gold);
+    }
+    let accuracy = correct as f64 / lines.len() as f64;
+    assert_eq!(summary["accuracy"].as_f64().unwrap(), accuracy);
+
+    // without a reference the reference's fields are left out
+    let alone = dir.path().join("alone.jsonl");
+    json_of(&[
+        "eval",
+        s(&gguf),
+        "--task",
+        s(&task),
+        "--json",
+        "--log-samples",
+        s(&alone),
+    ]);
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(&alone)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(first.get("reference_pred").is_none(), "{first}");
+    assert!(first.get("reference_loglikelihoods").is_none(), "{first}");
+
+    // an existing file is kept without --force, before any scoring; --force replaces it
+    std::fs::write(&samples, "keep me").unwrap();
+    let out = hopscotch(&args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(s(&samples)) && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&samples).unwrap(), "keep me");
+    let mut forced = args.to_vec();
+    forced.push("--force");
+    json_of(&forced);
+    assert_eq!(std::fs::read_to_string(&samples).unwrap(), text);
+    // samples are per document of a task, not of a text
+    let out = hopscotch(&[
+        "eval",
+        s(&gguf),
+        "--text",
+        s(&task),
+        "--log-samples",
+        s(&alone),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--task"));
+}
+
+#[test]
 fn bad_input_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (_, gguf) = tiny(dir.path());
@@ -800,5 +895,18 @@ fn bad_input_fails_cleanly() {
         &["eval", s(&gguf), "--task", s(&task), "--text", s(&text)],
         2,
         &["--text", "--task"],
+    );
+    // each mode's options are refused with the other mode
+    for (option, value) in [("--limit", "3"), ("--exclude-fit", s(&task))] {
+        check(
+            &["eval", s(&gguf), "--text", s(&text), option, value],
+            2,
+            &[option, "--text"],
+        );
+    }
+    check(
+        &["eval", s(&gguf), "--task", s(&task), "--chunks", "3"],
+        2,
+        &["--chunks", "--task"],
     );
 }

@@ -32,12 +32,14 @@
 mod decode;
 mod stats;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::eval::perplexity::{same_vocab, EvalError};
 use crate::llamacpp::{LlamaError, LoadedModel};
+use crate::output::{AtomicFile, OutputError};
 use crate::plan::Plan;
 use crate::task::{Doc, TaskData, TaskFormat};
 use decode::{score, DocRequests, Layout, Scored};
@@ -252,9 +254,26 @@ pub struct DocScore {
     /// The choice with the highest log-likelihood per character (the first on ties).
     pub pred_norm: usize,
     /// The reference's log-likelihoods, with a reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_loglikelihoods: Option<Vec<f64>>,
     /// The reference's choice (highest log-likelihood), with a reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference_pred: Option<usize>,
+}
+
+/// Writes `docs` to `path` as JSON lines, one [`DocScore`] per doc in the order scored, whole
+/// or not at all; an existing file is refused unless `force`.
+pub fn write_samples(path: &Path, docs: &[DocScore], force: bool) -> Result<(), OutputError> {
+    let mut file = AtomicFile::create(path, force)?;
+    let io = |source| OutputError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    for doc in docs {
+        serde_json::to_writer(&mut file, doc).map_err(|e| io(e.into()))?;
+        file.write_all(b"\n").map_err(io)?;
+    }
+    file.commit()
 }
 
 /// A reference model's accuracy on the same docs.

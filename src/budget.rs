@@ -1,8 +1,8 @@
 //! `hopscotch run --max-drop` (or `--min-agreement`): K chosen by a quality budget instead of
 //! given. One greedy search up to `--max-skip` and a final training per K (the stages `sweep`
 //! uses), each K's slim model exported and evaluated in llama.cpp on validation documents held
-//! out of the fit; the largest K within the budget on the curve made monotone
-//! ([`crate::plan::monotone`]) is exported as `slim.gguf`, and its final figures are measured on test documents that neither the
+//! out of the fit; the largest K that stays within the budget, with every smaller K, is
+//! exported as `slim.gguf`, and its final figures are measured on test documents that neither the
 //! fit nor the choice of K read. The task's three parts come from one seeded order
 //! ([`task::split_three`]); the plan records the validation and test documents, the report the
 //! curve and which documents each stage read ([`StageRead`]).
@@ -26,11 +26,11 @@ use crate::pipeline::{
     check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speeds, run_report,
     speed_tokens, write_report, PipelineError, RunRequest,
 };
-use crate::plan::{monotone, BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
+use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
 use crate::report::{
-    kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, Monotone, RunReport, Seconds,
-    StageRead, TaskValidation, ValidationFigures,
+    kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead,
+    TaskValidation, ValidationFigures,
 };
 use crate::task::{self, TaskData};
 use crate::write::WriteOptions;
@@ -198,17 +198,6 @@ pub fn run(
     let per_task: Vec<Vec<(usize, f64, f64)>> = (0..tasks.len())
         .map(|t| points[1..].iter().map(|p| p.on_task(t)).collect())
         .collect();
-    for (t, curve) in per_task.iter().enumerate() {
-        for (p, (_, drop_points, agreement)) in points[1..].iter_mut().zip(monotone(curve)) {
-            p.set_monotone_on_task(
-                t,
-                Monotone {
-                    drop_points,
-                    agreement,
-                },
-            );
-        }
-    }
     let (chosen, limiting) = budget.choose_on_every_task(&per_task);
     for p in &mut points[1..=chosen] {
         p.within_budget = true;
@@ -385,10 +374,6 @@ fn score_every_k(
         points.push(CurvePoint {
             k,
             skipped_blocks: skipped_blocks.to_vec(),
-            monotone: Monotone {
-                drop_points,
-                agreement: validation.agreement,
-            },
             validation,
             drop_points,
             drop_ci95,
@@ -396,10 +381,6 @@ fn score_every_k(
                 .map(
                     |(task_data, (validation, drop_points, drop_ci95))| TaskValidation {
                         task: task_data.path.display().to_string(),
-                        monotone: Monotone {
-                            drop_points,
-                            agreement: validation.agreement,
-                        },
                         validation,
                         drop_points,
                         drop_ci95,

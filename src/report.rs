@@ -117,18 +117,6 @@ pub struct TaskValidation {
     pub drop_points: f64,
     /// Paired 95% interval of `drop_points`.
     pub drop_ci95: [f64; 2],
-    /// Drop and agreement on the task's curve made monotone: what the budget is held against.
-    pub monotone: Monotone,
-}
-
-/// A K's validation drop and agreement on its task's curve made monotone in K
-/// ([`crate::plan::monotone`]): the figures the budget is held against.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct Monotone {
-    /// The drop, non-decreasing in K, in points.
-    pub drop_points: f64,
-    /// The answer agreement, non-increasing in K.
-    pub agreement: f64,
 }
 
 /// One K of a quality-budget run's curve (K = 0: the original).
@@ -145,13 +133,10 @@ pub struct CurvePoint {
     /// Paired 95% interval of `drop_points` (bootstrap over the documents): how far the
     /// validation documents can tell K apart.
     pub drop_ci95: [f64; 2],
-    /// Drop and agreement on the curve made monotone: what the budget is held against.
-    pub monotone: Monotone,
     /// The same on every other task of a run fitted on several.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_tasks: Vec<TaskValidation>,
-    /// Whether this K and every smaller one stay within the budget on the curve made monotone
-    /// (on every task).
+    /// Whether this K and every smaller one stay within the budget (on every task).
     pub within_budget: bool,
     /// Size of its GGUF.
     pub file_bytes: u64,
@@ -171,22 +156,6 @@ impl CurvePoint {
                 let o = &self.other_tasks[i];
                 (self.k, o.drop_points, o.validation.agreement)
             }
-        }
-    }
-
-    /// The figures on task `t`'s curve made monotone (0: the first task).
-    pub fn monotone_on_task(&self, t: usize) -> Monotone {
-        match t.checked_sub(1) {
-            None => self.monotone,
-            Some(i) => self.other_tasks[i].monotone,
-        }
-    }
-
-    /// Sets the figures on task `t`'s curve made monotone (0: the first task).
-    pub fn set_monotone_on_task(&mut self, t: usize, monotone: Monotone) {
-        match t.checked_sub(1) {
-            None => self.monotone = monotone,
-            Some(i) => self.other_tasks[i].monotone = monotone,
         }
     }
 }
@@ -587,12 +556,10 @@ impl BudgetFigures {
         let mut s = format!(
             "## K chosen by the quality budget\n\nBudget: {} on {n_docs} validation documents \
              (held out of the fit; the figures above are on test documents that neither the fit \
-             nor the choice of K read). Chosen: K = {}, the largest K within the budget once \
-             the curve is made monotone (the drop non-decreasing and the agreement \
-             non-increasing in K, adjacent violators pooled: the models are nested, so a K that \
-             measures better than a smaller one does so by the documents' noise).\n\n\
-             | K | skipped blocks | validation accuracy | drop (points) [95% CI] | agreement | monotone: drop / agreement | choice KL | file | KV bytes/token | prompt tokens/s |\n\
-             |---|---|---|---|---|---|---|---|---|---|\n",
+             nor the choice of K read). Chosen: K = {}, the largest K that stays within the \
+             budget with every smaller K.\n\n\
+             | K | skipped blocks | validation accuracy | drop (points) [95% CI] | agreement | choice KL | file | KV bytes/token | prompt tokens/s |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
             limits.join(" and "),
             self.chosen_skip
         );
@@ -603,7 +570,7 @@ impl BudgetFigures {
                 p.k.to_string()
             };
             s += &format!(
-                "| {k} | {} | {:.2}% | {:+.2} [{:+.2}, {:+.2}] | {:.2}% | {:+.2} / {:.2}% | {:.4} | {} | {} | {:.0} |\n",
+                "| {k} | {} | {:.2}% | {:+.2} [{:+.2}, {:+.2}] | {:.2}% | {:.4} | {} | {} | {:.0} |\n",
                 if p.skipped_blocks.is_empty() {
                     "-".to_string()
                 } else {
@@ -614,8 +581,6 @@ impl BudgetFigures {
                 p.drop_ci95[0],
                 p.drop_ci95[1],
                 p.validation.agreement * 100.0,
-                p.monotone.drop_points,
-                p.monotone.agreement * 100.0,
                 p.validation.choice_kl,
                 mib(p.file_bytes),
                 p.kv_bytes_per_token,
@@ -644,8 +609,8 @@ impl BudgetFigures {
             names.extend(p.other_tasks.iter().map(|t| name(&t.task)));
         }
         let mut s = format!(
-            "\nValidation per task, drop (points) / agreement, and on the curve made monotone; \
-             K must stay within the budget on every task:\n\n| K | {} |\n|---|{}\n",
+            "\nValidation per task, drop (points) / agreement; K must stay within the budget on \
+             every task:\n\n| K | {} |\n|---|{}\n",
             names.join(" | "),
             "---|".repeat(names.len())
         );
@@ -653,13 +618,7 @@ impl BudgetFigures {
             let cells: Vec<String> = (0..names.len())
                 .map(|t| {
                     let (_, drop, agreement) = p.on_task(t);
-                    let m = p.monotone_on_task(t);
-                    format!(
-                        "{drop:+.2} / {:.2}% (monotone {:+.2} / {:.2}%)",
-                        agreement * 100.0,
-                        m.drop_points,
-                        m.agreement * 100.0
-                    )
+                    format!("{drop:+.2} / {:.2}%", agreement * 100.0)
                 })
                 .collect();
             s += &format!("| {} | {} |\n", p.k, cells.join(" | "));
@@ -684,10 +643,6 @@ mod tests {
             },
             drop_points: (drop_ci95[0] + drop_ci95[1]) / 2.0,
             drop_ci95,
-            monotone: Monotone {
-                drop_points: (drop_ci95[0] + drop_ci95[1]) / 2.0,
-                agreement: 0.9,
-            },
             other_tasks: Vec::new(),
             within_budget: true,
             file_bytes: 1,

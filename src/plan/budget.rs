@@ -1,6 +1,6 @@
 //! A quality budget: what `run` may lose on its validation documents, given instead of K. One
 //! definition of the budget's options (the command line flattens [`QualityBudget`] as it is),
-//! their checks, and the rule that picks K from the measured curve ([`QualityBudget::choose`]).
+//! their checks, and the rule that picks K from the measured curve ([`QualityBudget::admits`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -16,8 +16,8 @@ const EPSILON: f64 = 1e-9;
 const BUDGET: &str = "Quality budget (instead of --skip)";
 
 /// What `run` may lose, measured on validation documents held out of the fit, and how far it
-/// looks: the largest K up to `max_skip` within the budget on the curve made monotone
-/// ([`monotone`]) is exported.
+/// looks: the largest K up to `max_skip` whose slim model, and every smaller K's, stays within
+/// the budget is exported.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, clap::Args)]
 pub struct QualityBudget {
     /// Largest accuracy drop allowed on the validation documents, in points (the original's
@@ -185,10 +185,11 @@ impl QualityBudget {
     }
 
     /// The K exported for a curve of `(k, drop_points, agreement)` in increasing K from 1: the
-    /// largest K within the budget once the curve is made monotone ([`monotone`]), so that it
-    /// and every smaller K stay within it (0 when K = 1 does not).
+    /// largest K such that it and every smaller K stay within the budget (0 when K = 1 does
+    /// not). The models are nested (K + 1 skips K's blocks and one more), so a K past the first
+    /// one out of budget that comes back within it does so by the validation documents' noise.
     pub fn choose(&self, curve: &[(usize, f64, f64)]) -> usize {
-        monotone(curve)
+        curve
             .iter()
             .take_while(|(_, drop, agreement)| self.admits(*drop, *agreement))
             .last()
@@ -206,42 +207,6 @@ impl QualityBudget {
             .min_by_key(|&(task, k)| (k, task))
             .map_or((0, 0), |(task, k)| (k, task))
     }
-}
-
-/// A curve of `(k, drop_points, agreement)` in increasing K made monotone: the drop
-/// non-decreasing and the agreement non-increasing in K, each the nearest such sequence in
-/// squared error ([`pool_adjacent_violators`]). The models are nested (K + 1 skips K's blocks and
-/// one more), so a K that measures better than a smaller one does so by the validation
-/// documents' noise; pooling the two averages that noise out instead of stopping at it.
-pub fn monotone(curve: &[(usize, f64, f64)]) -> Vec<(usize, f64, f64)> {
-    let drops = pool_adjacent_violators(curve.iter().map(|p| p.1));
-    let agreements = pool_adjacent_violators(curve.iter().map(|p| -p.2));
-    curve
-        .iter()
-        .zip(drops.into_iter().zip(agreements))
-        .map(|(p, (drop, agreement))| (p.0, drop, -agreement))
-        .collect()
-}
-
-/// The non-decreasing sequence nearest `values` in squared error, every value weighted alike:
-/// runs of values that decrease are replaced by their mean until none does (isotonic
-/// regression by pooling adjacent violators).
-pub fn pool_adjacent_violators(values: impl IntoIterator<Item = f64>) -> Vec<f64> {
-    // (sum, count) of each pooled run
-    let mut runs: Vec<(f64, usize)> = Vec::new();
-    for v in values {
-        runs.push((v, 1));
-        while let [.., (s1, n1), (s2, n2)] = runs[..] {
-            if s1 / n1 as f64 <= s2 / n2 as f64 {
-                break;
-            }
-            runs.truncate(runs.len() - 2);
-            runs.push((s1 + s2, n1 + n2));
-        }
-    }
-    runs.into_iter()
-        .flat_map(|(sum, n)| std::iter::repeat_n(sum / n as f64, n))
-        .collect()
 }
 
 #[cfg(test)]
@@ -316,47 +281,12 @@ mod tests {
     }
 
     #[test]
-    fn adjacent_violators_are_pooled_into_their_mean() {
-        let pooled = pool_adjacent_violators([0.5, 1.5, 0.5, 0.5, 3.0, 2.0, 4.0]);
-        let expected = [0.5, 2.5 / 3.0, 2.5 / 3.0, 2.5 / 3.0, 2.5, 2.5, 4.0];
-        assert_eq!(pooled.len(), expected.len());
-        for (p, e) in pooled.iter().zip(expected) {
-            assert!((p - e).abs() < 1e-12, "{pooled:?}");
-        }
-        // a run pooled with a later one is pooled again with the run before it
-        let again = pool_adjacent_violators([2.0, 3.0, 0.0]);
-        assert!(
-            again.iter().all(|v| (v - 5.0 / 3.0).abs() < 1e-12),
-            "{again:?}"
-        );
-        // a monotone sequence is its own fit
-        assert_eq!(pool_adjacent_violators([0.0, 0.0, 1.0]), [0.0, 0.0, 1.0]);
-        assert!(pool_adjacent_violators([]).is_empty());
-    }
-
-    #[test]
-    fn the_choice_reads_the_curve_made_monotone() {
-        // K = 2's 1.5 on the validation documents is pooled with K = 3 and 4 (0.5 each)
-        let curve = [
-            (1, 0.5, 0.99),
-            (2, 1.5, 0.95),
-            (3, 0.5, 0.96),
-            (4, 0.5, 0.90),
-            (5, 3.0, 0.85),
-        ];
-        let fitted = monotone(&curve);
-        assert!((fitted[1].1 - 2.5 / 3.0).abs() < 1e-12, "{fitted:?}");
-        assert!((fitted[1].2 - 0.955).abs() < 1e-12, "{fitted:?}");
-        assert_eq!(fitted[4], (5, 3.0, 0.85));
-        assert_eq!(budget(Some(1.0), None).choose(&curve), 4);
-        assert_eq!(budget(Some(0.5), None).choose(&curve), 1);
-        assert_eq!(budget(Some(5.0), None).choose(&curve), 5);
-        assert_eq!(budget(Some(5.0), Some(0.955)).choose(&curve), 3);
-        assert_eq!(budget(Some(0.4), None).choose(&curve), 0);
-        // a drop past the budget that a larger K does not undo ends the choice
-        let curve = [(1, 0.0, 1.0), (2, 0.5, 0.95), (3, 2.0, 0.9), (4, 1.0, 0.9)];
+    fn the_choice_stops_at_the_first_k_out_of_budget() {
+        let curve = [(1, 0.0, 1.0), (2, 0.5, 0.95), (3, 2.0, 0.9), (4, 0.0, 0.9)];
         assert_eq!(budget(Some(1.0), None).choose(&curve), 2);
         assert_eq!(budget(Some(0.0), None).choose(&curve), 1);
+        assert_eq!(budget(Some(5.0), None).choose(&curve), 4);
+        assert_eq!(budget(Some(5.0), Some(0.96)).choose(&curve), 1);
         assert_eq!(budget(None, Some(1.0)).choose(&curve[1..]), 0);
     }
 

@@ -13,7 +13,7 @@ mod budget;
 mod scales;
 mod settings;
 
-pub use budget::{monotone, BudgetError, QualityBudget, DEFAULT_VALIDATION_DOCS};
+pub use budget::{BudgetError, QualityBudget, DEFAULT_VALIDATION_DOCS};
 
 pub use scales::{LinearAttention, NoSuchLayer, ScaleValues, ScalesLength, SkipMask, StandInError};
 pub use settings::{

@@ -3,9 +3,10 @@
 
 Reads `hopscotch eval --log-samples` files of the original and of each K's slim model, scored
 on the same documents (held out of the fit and of the run's own validation documents), and
-replays the budget many times: each replay draws a validation set of --val documents at random,
-lets each rule choose K from the validation drops, and measures the chosen K's drop on the
-documents left over. Prints the pool's own curve first.
+replays the budget many times: each replay draws a validation set of --val documents at random
+and lets each rule choose K from the validation drops. The chosen K is scored by its drop on
+the whole pool: per rule, the mean K, the replays that chose no K, the replays whose K loses
+more than the budget plus half a point, and the mean drop. Prints the pool's own curve first.
 
     scripts/budget-study.py --original original.jsonl --slim 'plain-k{k}.jsonl' --max-skip 10 \
         --max-drop 1 --val 200 --replays 2000
@@ -54,9 +55,9 @@ def isotonic(drops, budget):
 
 
 RULES = {
-    "first break (today)": first_break,
+    "first break (run)": first_break,
     "largest within": largest_within,
-    "isotonic": isotonic,
+    "monotone": isotonic,
 }
 
 
@@ -84,28 +85,25 @@ def main():
     print("K   drop on the pool (points)")
     for k, s in enumerate(slims, 1):
         print(f"{k:<3} {drop(orig, s, ids):+.1f}")
+    truth = [drop(orig, s, ids) for s in slims]
     rng = random.Random(a.seed)
     for budget in a.max_drop or [1.0]:
         for val in a.val or [200]:
-            print(f"\n--max-drop {budget}, {val} validation documents, {a.replays} replays"
-                  f" (chosen K: mean and spread; the chosen K's drop on the other {n - val})")
-            print("rule                  mean K   K counts (0..max)              mean drop  P(drop > budget + 1)")
-            tallies = {name: ([0] * (a.max_skip + 1), []) for name in RULES}
+            print(f"\n--max-drop {budget}, {val} validation documents, {a.replays} replays")
+            print(f"{'rule':<20} {'mean K':>6} {'no K':>6} {'over':>6} {'drop':>6}   replays per K (0..{a.max_skip})")
+            tallies = {name: [0] * (a.max_skip + 1) for name in RULES}
             for _ in range(a.replays):
-                shuffled = ids[:]
-                rng.shuffle(shuffled)
-                v, rest = shuffled[:val], shuffled[val:]
+                v = rng.sample(ids, val)
                 drops = [drop(orig, s, v) for s in slims]
                 for name, rule in RULES.items():
-                    k = rule(drops, budget)
-                    counts, held = tallies[name]
-                    counts[k] += 1
-                    held.append(0.0 if k == 0 else drop(orig, slims[k - 1], rest))
-            for name, (counts, held) in tallies.items():
+                    tallies[name][rule(drops, budget)] += 1
+            for name, counts in tallies.items():
+                share = lambda c: f"{100 * c / a.replays:5.1f}%"
                 mean_k = sum(k * c for k, c in enumerate(counts)) / a.replays
-                over = sum(d > budget + 1 for d in held) / a.replays
-                print(f"{name:<21} {mean_k:5.2f}    {' '.join(f'{c:>3}' for c in counts)}"
-                      f"   {sum(held) / a.replays:+6.2f}     {100 * over:5.1f}%")
+                over = sum(c for k, c in enumerate(counts) if k and truth[k - 1] > budget + 0.5)
+                mean_drop = sum(c * truth[k - 1] for k, c in enumerate(counts) if k) / a.replays
+                print(f"{name:<20} {mean_k:6.2f} {share(counts[0])} {share(over)} {mean_drop:+6.2f}"
+                      f"   {' '.join(str(c) for c in counts)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # task tokenizes: vocabulary 49,152) and their q4_k_m GGUFs into the cache, then runs under
 # /usr/bin/time and prints wall time, CPU time, peak RSS and the exit status of:
 #
-#   smollm2      hopscotch run --skip 4 on SmolLM2-135M-Instruct (the demo's settings)
+#   smollm2      hopscotch run --skip 4 on SmolLM2-135M-Instruct (the fixed-K run of the README)
 #   1b           hopscotch run --skip 4, default settings, --limit 300, on the 1B folder
 #   1b-q4        the same from the 1B q4_k_m GGUF
 #   8b           a minimal fit on the 8B folder: --skip 1, one batch of 8 fit documents, every

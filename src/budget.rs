@@ -210,6 +210,7 @@ pub fn run(
             block: points[1].skipped_blocks[0],
             drop_points,
             agreement,
+            drops: per_task[limiting].iter().map(|&(_, d, _)| d).collect(),
             curve_dir: curve,
         });
     }

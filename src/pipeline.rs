@@ -151,9 +151,11 @@ pub enum PipelineError {
     /// Not one K stays within the quality budget.
     #[error(
         "no K stays within the budget on the {n_docs} validation documents of {task}: K = 1 \
-         (block {block}) drops {drop_points:+.2} points with {:.2}% agreement; every K's plan \
-         and model are in {}",
+         (block {block}) drops {drop_points:+.2} points with {:.2}% agreement (drop by K: {}); \
+         raise --max-drop or lower --min-agreement, or give more --validation-docs to tell the \
+         K apart; every K's plan and model are in {}",
         agreement * 100.0,
+        drops_by_k(drops),
         curve_dir.display()
     )]
     NothingWithinBudget {
@@ -167,6 +169,8 @@ pub enum PipelineError {
         drop_points: f64,
         /// Its answer agreement with the original.
         agreement: f64,
+        /// Every K's drop on that task, in points, from K = 1.
+        drops: Vec<f64>,
         /// Where the curve's files are.
         curve_dir: PathBuf,
     },
@@ -189,6 +193,15 @@ pub enum PipelineError {
         /// Test documents left.
         test: usize,
     },
+}
+
+/// `1 +4.5, 2 +3.0, ...`: each K's drop in points, from K = 1.
+fn drops_by_k(drops: &[f64]) -> String {
+    let each: Vec<String> = (1..)
+        .zip(drops)
+        .map(|(k, d)| format!("{k} {d:+.1}"))
+        .collect();
+    each.join(", ")
 }
 
 impl From<FitError> for PipelineError {
@@ -575,4 +588,33 @@ pub(crate) fn write_report(dir: &Path, report: &RunReport) -> Result<(), Pipelin
     )?;
     write_text(&svg_path, &report.svg())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_no_k_meets_says_every_ks_drop_and_what_to_change() {
+        let e = PipelineError::NothingWithinBudget {
+            task: "winogrande.jsonl.gz".into(),
+            n_docs: 200,
+            block: 5,
+            drop_points: 4.5,
+            agreement: 0.835,
+            drops: vec![4.5, 3.0, -0.5],
+            curve_dir: PathBuf::from("out/curve"),
+        };
+        let text = e.to_string();
+        for needle in [
+            "200 validation documents of winogrande.jsonl.gz",
+            "K = 1 (block 5) drops +4.50 points with 83.50% agreement",
+            "(drop by K: 1 +4.5, 2 +3.0, 3 -0.5)",
+            "--max-drop",
+            "--validation-docs",
+            "out/curve",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in {text}");
+        }
+    }
 }

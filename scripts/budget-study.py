@@ -2,7 +2,7 @@
 """How well a quality budget's rule picks K from a noisy validation curve.
 
 Reads `hopscotch eval --log-samples` files of the original and of each K's slim model, scored
-on the same documents (held out of the fit and of the run's own validation documents), and
+on the same documents, held out of the runs' fits, and
 replays the budget many times: each replay draws a validation set of --val documents at random
 and lets each rule choose K from the validation drops. The chosen K is scored by its drop on
 the whole pool: per rule, the mean K, the replays that chose no K, the replays whose K loses
@@ -37,7 +37,7 @@ def pava(values):
 
 
 def first_break(drops, budget):
-    """Today's rule: the largest K before the first K over budget."""
+    """`run`'s rule: the largest K before the first K over budget."""
     k = 0
     for i, d in enumerate(drops):
         if d > budget:
@@ -77,15 +77,16 @@ def main():
     a = p.parse_args()
     orig = load(a.original)
     slims = [load(a.slim.format(k=k)) for k in range(1, a.max_skip + 1)]
-    ids = sorted(orig, key=int)
+    order = lambda i: (len(i), i)  # numeric ids in number order, any id in some fixed order
+    ids = sorted(orig, key=order)
     for s in slims:
-        assert sorted(s, key=int) == ids, "every file must score the same documents"
+        assert sorted(s, key=order) == ids, "every file must score the same documents"
     n = len(ids)
     print(f"pool: {n} documents; original accuracy {100 * sum(orig.values()) / n:.1f}%")
-    print("K   drop on the pool (points)")
-    for k, s in enumerate(slims, 1):
-        print(f"{k:<3} {drop(orig, s, ids):+.1f}")
     truth = [drop(orig, s, ids) for s in slims]
+    print("K   drop on the pool (points)")
+    for k, d in enumerate(truth, 1):
+        print(f"{k:<3} {d:+.1f}")
     rng = random.Random(a.seed)
     for budget in a.max_drop or [1.0]:
         for val in a.val or [200]:

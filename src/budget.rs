@@ -23,8 +23,8 @@ use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitT
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
-    check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speeds, run_report,
-    speed_tokens, write_report, PipelineError, RunRequest,
+    check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speed_alone,
+    run_report, speed_tokens, write_report, PipelineError, RunRequest,
 };
 use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
 use crate::progress::Progress;
@@ -369,7 +369,7 @@ fn score_every_k(
                 originals.push(rep);
             }
         }
-        let speed = prompt_speeds(&[&model], &speed_text, req.threads)?[0];
+        let speed = prompt_speed_alone(&model, &speed_text, req.threads)?;
         let mut figures = tasks.iter().zip(figures);
         let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
         points.push(CurvePoint {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
-use crate::eval::speed::compare_prompt_speed;
+use crate::eval::speed::{compare_prompt_speed, fastest_window_tokens_per_s};
 use crate::eval::task::{evaluate, select_docs, wilson_ci95, Selection, TaskEvalError};
 use crate::export::{export, ExportError};
 use crate::fit::options::FitError;
@@ -526,6 +526,16 @@ pub(crate) fn prompt_speeds(
     threads: usize,
 ) -> Result<Vec<f64>, PipelineError> {
     Ok(compare_prompt_speed(models, tokens, 512, 2, 3, threads)?)
+}
+
+/// Prompt tokens per second of one model measured alone, as a budget run's curve reports it:
+/// the fastest of 3 windows of 512 tokens after a warm-up.
+pub(crate) fn prompt_speed_alone(
+    model: &LoadedModel,
+    tokens: &[u32],
+    threads: usize,
+) -> Result<f64, PipelineError> {
+    Ok(fastest_window_tokens_per_s(model, tokens, 512, 3, threads)?)
 }
 
 /// The report of a run that exported `plan` and measured it, one [`Measured`] per task of

@@ -52,6 +52,13 @@ impl fmt::Display for SpeedReport {
     }
 }
 
+/// Window `w` of `n_ctx` tokens of `tokens`, reused cyclically when short.
+fn window(tokens: &[u32], n_ctx: usize, w: usize) -> Vec<u32> {
+    (0..n_ctx)
+        .map(|i| tokens[(w * n_ctx + i) % tokens.len()])
+        .collect()
+}
+
 /// Tokens per second of prompt processing over `windows` windows of `n_ctx` tokens of `tokens`
 /// (reused cyclically when short), after one untimed warm-up window.
 pub fn prompt_tokens_per_s(
@@ -65,17 +72,39 @@ pub fn prompt_tokens_per_s(
         return Ok(0.0);
     }
     let mut ctx = model.context(n_ctx, threads)?;
-    let window = |w: usize| -> Vec<u32> {
-        (0..n_ctx)
-            .map(|i| tokens[(w * n_ctx + i) % tokens.len()])
-            .collect()
-    };
-    ctx.logits(&window(0), &[n_ctx - 1])?;
+    ctx.logits(&window(tokens, n_ctx, 0), &[n_ctx - 1])?;
     let start = Instant::now();
     for w in 0..windows {
-        ctx.logits(&window(w + 1), &[n_ctx - 1])?;
+        ctx.logits(&window(tokens, n_ctx, w + 1), &[n_ctx - 1])?;
     }
     Ok((windows * n_ctx) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Tokens per second of prompt processing of one model, as fast as it goes: one untimed warm-up
+/// window, then `windows` windows of `n_ctx` tokens of `tokens` (reused cyclically when short),
+/// each timed alone; the figure is the fastest window's, the one least slowed by other work on
+/// the machine. For one model's figure among many measured one after another (a budget run's
+/// curve), at less than half the decoding of [`compare_prompt_speed`]'s turns.
+pub fn fastest_window_tokens_per_s(
+    model: &LoadedModel,
+    tokens: &[u32],
+    n_ctx: usize,
+    windows: usize,
+    threads: usize,
+) -> Result<f64, LlamaError> {
+    if tokens.is_empty() {
+        return Ok(0.0);
+    }
+    let mut ctx = model.context(n_ctx, threads)?;
+    ctx.logits(&window(tokens, n_ctx, 0), &[n_ctx - 1])?;
+    let mut best = 0f64;
+    for w in 0..windows.max(1) {
+        let timed = window(tokens, n_ctx, w + 1);
+        let start = Instant::now();
+        ctx.logits(&timed, &[n_ctx - 1])?;
+        best = best.max(n_ctx as f64 / start.elapsed().as_secs_f64());
+    }
+    Ok(best)
 }
 
 /// Prompt tokens per second of each of `models`, measured in `rounds` turns (every model once

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The main job on the bundled real model: installs build needs, fetches SmolLM2-135M-Instruct
 # and ARC-Easy, builds hopscotch, and runs the whole pipeline under a quality budget: one
-# greedy search up to a third of the blocks, every K exported (deci, attention-free layers) at
-# q4_k_m and scored in llama.cpp on validation documents, the largest K that loses at most
-# MAX_DROP points (default 1) exported, and its final figures measured against the original at
-# q4_k_m on test documents neither the fit nor the choice of K read. Results land in $OUT
-# (default ./hopscotch-demo): plan.json, slim.gguf, slim.Modelfile, original.gguf,
-# report.md/json/svg, and every K's plan and model in curve/. MAX_DROP, K (a fixed K instead of
-# the budget), TASK, LIMIT and TYPE can be set in the environment.
+# greedy search up to a third of the blocks, then K = 1, 2, ... exported (deci, attention-free
+# layers) at q4_k_m and scored in llama.cpp on validation documents up to the first K that loses
+# more than MAX_DROP points (default 1), the largest K within it exported, and its final figures
+# measured against the original at q4_k_m on test documents neither the fit nor the choice of K
+# read. Results land in $OUT (default ./hopscotch-demo): plan.json, slim.gguf, slim.Modelfile,
+# original.gguf, report.md/json/svg, and the plan and model of each K scored in curve/.
+# MAX_DROP, K (a fixed K instead of the budget), TASK, LIMIT and TYPE can be set in the
+# environment.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 "$here/setup.sh"

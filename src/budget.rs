@@ -1,14 +1,15 @@
 //! `hopscotch run --max-drop` (or `--min-agreement`): K chosen by a quality budget instead of
-//! given. One greedy search up to `--max-skip` and a final training per K (the stages `sweep`
-//! uses), each K's slim model exported and evaluated in llama.cpp on validation documents held
-//! out of the fit; the largest K that stays within the budget, with every smaller K, is
-//! exported as `slim.gguf`, and its final figures are measured on test documents that neither the
-//! fit nor the choice of K read. The task's three parts come from one seeded order
-//! ([`task::split_three`]); the plan records the validation and test documents, the report the
-//! curve and which documents each stage read ([`StageRead`]).
+//! given. One greedy search up to `--max-skip`, then K = 1, 2, ... in turn: each K's final
+//! training (the stages `sweep` uses), its slim model exported and evaluated in llama.cpp on
+//! validation documents held out of the fit, until the first K past the budget (no larger K can
+//! be chosen; `--full-curve` goes on to `--max-skip`). The largest K that stays within the
+//! budget, with every smaller K, is exported as `slim.gguf`, and its final figures are measured
+//! on test documents that neither the fit nor the choice of K read. The task's three parts come
+//! from one seeded order ([`task::split_three`]); the plan records the validation and test
+//! documents, the report the curve and which documents each stage read ([`StageRead`]).
 //!
 //! Besides `run`'s files the folder holds `curve/`: the search's rounds (`search.json`) and
-//! every K's plan and model (`plan-k<K>.json`, `slim-k<K>.gguf`).
+//! each K's plan and model scored (`plan-k<K>.json`, `slim-k<K>.gguf`).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,11 +27,11 @@ use crate::pipeline::{
     check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speed_alone,
     run_report, speed_tokens, write_report, PipelineError, RunRequest,
 };
-use crate::plan::{BudgetError, FitSettings, ModelFingerprint, Plan, QualityBudget};
+use crate::plan::{BudgetError, FitSettings, ModelFingerprint, QualityBudget};
 use crate::progress::Progress;
 use crate::report::{
-    kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, RunReport, Seconds, StageRead,
-    TaskValidation, ValidationFigures,
+    k_range, kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, RunReport, Seconds,
+    StageRead, TaskValidation, ValidationFigures,
 };
 use crate::task::{self, TaskData};
 use crate::write::WriteOptions;
@@ -114,10 +115,11 @@ fn validation_figures(
     )
 }
 
-/// Runs `hopscotch run` with a quality budget: fit every K up to `--max-skip`, evaluate each on
-/// the validation documents of every task, export the largest K within `budget` on all of them,
-/// measure it on the test documents, and write the report. Bad input is refused before
-/// anything is written.
+/// Runs `hopscotch run` with a quality budget: one search up to `--max-skip`, then K = 1, 2, ...
+/// in turn (final training, export, evaluation on the validation documents of every task) until
+/// the first K past the budget on some task (every K with `--full-curve`); exports the largest K
+/// within the budget on all of them, measures it on the test documents, and writes the report.
+/// Bad input is refused before anything is written.
 pub fn run(
     req: &RunRequest,
     budget: &QualityBudget,
@@ -149,33 +151,25 @@ pub fn run(
         threads: req.threads,
         imatrix: None,
     };
+    let mut clock = StageClock::default();
 
-    let (plans, mut reads) =
-        fit_every_k(&ck, &tasks, &options, memory.recompute, &curve, progress)?;
-    let t_fit = started.elapsed().as_secs_f64();
-
+    // The search, once, up to max_skip.
+    let fit_model = FitModel::load(&ck, ModelFingerprint::of(&ck), memory.recompute)?;
+    let fit_task = FitTask::build(&fit_model, &tasks, &options, progress)?;
     progress.note(&format!(
-        "exporting the original and {} slim models as {}",
-        plans.len(),
-        req.qtype.name()
+        "choosing up to {max_skip} blocks to skip; K is then chosen on the validation documents"
     ));
-    crate::convert::to_gguf(&ck, &orig_path, &export_options, &bar)?;
-    let mut slim_paths = Vec::new();
-    for (plan, k) in plans.iter().zip(1..) {
-        let path = curve.join(format!("slim-k{k}.gguf"));
-        export(
-            &ck,
-            plan,
-            &curve.join(format!("plan-k{k}.json")),
-            &path,
-            &export_options,
-            &bar,
-        )?;
-        slim_paths.push(path);
-    }
-    let t_export = started.elapsed().as_secs_f64() - t_fit;
+    let (order, _) = search_order(
+        &fit_model,
+        &fit_task,
+        &options,
+        Some(&curve.join("search.json")),
+        progress,
+    )?;
+    let mut reads = fit_reads(&tasks, &fit_task);
+    clock.fit += started.elapsed().as_secs_f64();
 
-    // K chosen on the validation documents of every task.
+    // The original on the validation documents of every task: K = 0 of the curve.
     let validations: Vec<Selection<'_>> = tasks
         .iter()
         .zip(&parts)
@@ -183,18 +177,77 @@ pub fn run(
         .collect();
     let n_validation: usize = validations.iter().map(|v| v.docs.len()).sum();
     progress.note(&format!(
-        "evaluating the original and every K on {n_validation} validation documents"
+        "exporting the original as {} and scoring it on {n_validation} validation documents",
+        req.qtype.name()
     ));
-    let models: Vec<(&[usize], &Path)> = std::iter::once((&[][..], orig_path.as_path()))
-        .chain(
-            plans
-                .iter()
-                .zip(&slim_paths)
-                .map(|(plan, path)| (plan.skipped_blocks.as_slice(), path.as_path())),
-        )
-        .collect();
-    let (mut points, originals) =
-        score_every_k(req, &ck, &tasks, &validations, &models, &mut reads)?;
+    clock.time(Stage::Export, || {
+        crate::convert::to_gguf(&ck, &orig_path, &export_options, &bar)
+    })?;
+    let mut scorer = Scorer::new(req, &ck, &tasks, &validations);
+    let original = clock.time(Stage::Eval, || scorer.score(&[], &orig_path, &mut reads))?;
+    let mut points = vec![original];
+
+    // K = 1, 2, ... in turn, until the first K past the budget.
+    let mut plans = Vec::new();
+    for k in 1..=order.skipped.len() {
+        let choice = order.first(k);
+        let settings = FitSettings {
+            skip: k,
+            ..options.clone()
+        };
+        let plan_k = curve.join(format!("plan-k{k}.json"));
+        let (plan, _, _) = clock.time(Stage::Fit, || {
+            write_plan(
+                &fit_model, &fit_task, &settings, &choice, &plan_k, true, progress,
+            )
+        })?;
+        let slim_k = curve.join(format!("slim-k{k}.gguf"));
+        clock.time(Stage::Export, || {
+            export(&ck, &plan, &plan_k, &slim_k, &export_options, &bar)
+        })?;
+        let point = clock.time(Stage::Eval, || {
+            scorer.score(&plan.skipped_blocks, &slim_k, &mut reads)
+        })?;
+        let mut figures = Vec::new();
+        let mut past = Vec::new();
+        for (t, task_data) in tasks.iter().enumerate() {
+            let (_, drop_points, agreement) = point.on_task(t);
+            let name = task::task_name(&task_data.path);
+            figures.push(format!(
+                "{name} {drop_points:+.2} points, agreement {:.2}%",
+                agreement * 100.0
+            ));
+            if !budget.admits(drop_points, agreement) {
+                past.push(name);
+            }
+        }
+        let within = past.is_empty();
+        progress.note(&format!(
+            "K = {k}, blocks {:?}: validation drop {}{}",
+            plan.skipped_blocks,
+            figures.join("; "),
+            if within {
+                String::new()
+            } else {
+                format!(", past the budget on {}", past.join(", "))
+            }
+        ));
+        points.push(point);
+        plans.push(plan);
+        if !within && !budget.full_curve {
+            if k < order.skipped.len() {
+                progress.note(&format!(
+                    "{} left unfitted: no K past the first one out of budget can be chosen \
+                     (--full-curve fits and scores every K all the same)",
+                    k_range(k + 1, order.skipped.len())
+                ));
+            }
+            break;
+        }
+    }
+    drop(fit_task);
+    drop(fit_model);
+
     let per_task: Vec<Vec<(usize, f64, f64)>> = (0..tasks.len())
         .map(|t| points[1..].iter().map(|p| p.on_task(t)).collect())
         .collect();
@@ -206,11 +259,12 @@ pub fn run(
         let (_, drop_points, agreement) = per_task[limiting][0];
         return Err(PipelineError::NothingWithinBudget {
             task: tasks[limiting].path.display().to_string(),
-            n_docs: originals[limiting].n_docs,
+            n_docs: scorer.originals[limiting].n_docs,
             block: points[1].skipped_blocks[0],
             drop_points,
             agreement,
             drops: per_task[limiting].iter().map(|&(_, d, _)| d).collect(),
+            cut_short: points.len() <= max_skip,
             curve_dir: curve,
         });
     }
@@ -223,6 +277,7 @@ pub fn run(
     }
 
     // Only now, with K chosen, are the test documents read.
+    let test_started = Instant::now();
     let tests: Vec<Selection<'_>> = tasks
         .iter()
         .zip(&parts)
@@ -232,17 +287,18 @@ pub fn run(
         .into_iter()
         .nth(chosen - 1)
         .expect("chosen is one of the plans");
-    for ((recorded, original), test) in plan.tasks_mut().zip(&originals).zip(&tests) {
+    for ((recorded, original), test) in plan.tasks_mut().zip(&scorer.originals).zip(&tests) {
         recorded.validation_doc_ids = ids(&original.docs);
         recorded.test_doc_ids = test.docs.iter().map(|d| d.id.clone()).collect();
     }
     plan.save(&plan_path, true)?;
     export(&ck, &plan, &plan_path, &slim_path, &export_options, &bar)?;
+    clock.export += test_started.elapsed().as_secs_f64();
     let n_test: usize = tests.iter().map(|t| t.docs.len()).sum();
     progress.note(&format!(
         "evaluating the original and K = {chosen} on {n_test} test documents"
     ));
-    let final_figures = measure(req, &ck, &plan, &tasks, &tests)?;
+    let final_figures = clock.time(Stage::Eval, || measure(req, &ck, &plan, &tasks, &tests))?;
     for (task_data, measured) in tasks.iter().zip(&final_figures) {
         reads.push(StageRead {
             stage: "test".into(),
@@ -251,20 +307,20 @@ pub fn run(
             doc_ids: measured.doc_ids.clone(),
         });
     }
-    let t_eval = started.elapsed().as_secs_f64() - t_fit - t_export;
     let report = run_report(
         req,
         &plan,
         final_figures,
         Seconds {
-            fit: t_fit,
-            export: t_export,
-            eval: t_eval,
+            fit: clock.fit,
+            export: clock.export,
+            eval: clock.eval,
             total: started.elapsed().as_secs_f64(),
         },
         None,
         Some(BudgetFigures {
             budget: budget.clone(),
+            max_skip,
             chosen_skip: chosen,
             curve: points,
             reads,
@@ -274,48 +330,40 @@ pub fn run(
     Ok(report)
 }
 
-/// The fit of a budget run: one search up to `options.skip` (its rounds kept in `curve`), then
-/// every K's final training, each plan written as `curve/plan-k<K>.json`. Returns the plans in
-/// K order and, per task, the documents the fit read.
-fn fit_every_k(
-    ck: &Checkpoint,
-    tasks: &[TaskData],
-    options: &FitSettings,
-    recompute: bool,
-    curve: &Path,
-    progress: &Progress,
-) -> Result<(Vec<Plan>, Vec<StageRead>), PipelineError> {
-    let fit_model = FitModel::load(ck, ModelFingerprint::of(ck), recompute)?;
-    let fit_task = FitTask::build(&fit_model, tasks, options, progress)?;
-    progress.note(&format!(
-        "choosing up to {} blocks to skip; K is then chosen on the validation documents",
-        options.skip
-    ));
-    let (order, _) = search_order(
-        &fit_model,
-        &fit_task,
-        options,
-        Some(&curve.join("search.json")),
-        progress,
-    )?;
-    let mut plans = Vec::new();
-    for k in 1..=order.skipped.len() {
-        let choice = order.first(k);
-        progress.note(&format!(
-            "training the final scalars of K = {k}: blocks {:?}",
-            choice.skipped
-        ));
-        let settings = FitSettings {
-            skip: k,
-            ..options.clone()
-        };
-        let path = curve.join(format!("plan-k{k}.json"));
-        let (plan, _, _) = write_plan(
-            &fit_model, &fit_task, &settings, &choice, &path, true, progress,
-        )?;
-        plans.push(plan);
+/// A stage of a budget run, for its report's seconds.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Fit,
+    Export,
+    Eval,
+}
+
+/// Seconds spent per stage of a budget run, whose stages take turns K by K.
+#[derive(Debug, Default)]
+struct StageClock {
+    fit: f64,
+    export: f64,
+    eval: f64,
+}
+
+impl StageClock {
+    /// Runs `work`, counting its time to `stage`.
+    fn time<T, E>(&mut self, stage: Stage, work: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+        let started = Instant::now();
+        let result = work();
+        let seconds = started.elapsed().as_secs_f64();
+        match stage {
+            Stage::Fit => self.fit += seconds,
+            Stage::Export => self.export += seconds,
+            Stage::Eval => self.eval += seconds,
+        }
+        result
     }
-    let reads = tasks
+}
+
+/// Per task, the documents the fit read (the search's and the final training's).
+fn fit_reads(tasks: &[TaskData], fit_task: &FitTask) -> Vec<StageRead> {
+    tasks
         .iter()
         .zip(&fit_task.data.doc_ids)
         .zip(fit_task.final_only_doc_ids())
@@ -325,36 +373,60 @@ fn fit_every_k(
             task: task_data.path.display().to_string(),
             doc_ids: fit.iter().cloned().chain(final_only).collect(),
         })
-        .collect();
-    Ok((plans, reads))
+        .collect()
 }
 
-/// Scores `models` (K = 0, the original, then every K: its skipped blocks and file) on every
-/// task's validation documents in llama.cpp, each paired against the original's scores, and
-/// measures each file's prompt speed on the first task's documents. Returns one curve point
-/// per K (none within the budget yet but the original) and the original's reports; `reads`
-/// gets the documents each evaluation read.
-fn score_every_k(
-    req: &RunRequest,
-    ck: &Checkpoint,
-    tasks: &[TaskData],
-    validations: &[Selection<'_>],
-    models: &[(&[usize], &Path)],
-    reads: &mut Vec<StageRead>,
-) -> Result<(Vec<CurvePoint>, Vec<TaskReport>), PipelineError> {
-    let bar = indicatif::ProgressBar::hidden();
-    let mut speed_text = Vec::new();
-    let mut originals: Vec<TaskReport> = Vec::new();
-    let mut points = Vec::new();
-    for (k, &(skipped_blocks, path)) in models.iter().enumerate() {
-        let model = LoadedModel::load(path)?;
-        if k == 0 {
-            speed_text = speed_tokens(&model, &validations[0]);
+/// Scores each K's file on every task's validation documents in llama.cpp, paired against the
+/// original's scores (the first file scored), and measures its prompt speed on the first task's
+/// documents.
+struct Scorer<'a> {
+    req: &'a RunRequest,
+    ck: &'a Checkpoint,
+    tasks: &'a [TaskData],
+    validations: &'a [Selection<'a>],
+    /// The prompt speed's text, tokenized by the original.
+    speed_text: Vec<u32>,
+    /// The original's reports, one per task, once scored.
+    originals: Vec<TaskReport>,
+}
+
+impl<'a> Scorer<'a> {
+    fn new(
+        req: &'a RunRequest,
+        ck: &'a Checkpoint,
+        tasks: &'a [TaskData],
+        validations: &'a [Selection<'a>],
+    ) -> Self {
+        Scorer {
+            req,
+            ck,
+            tasks,
+            validations,
+            speed_text: Vec::new(),
+            originals: Vec::new(),
         }
+    }
+
+    /// The curve point of the file at `path`, which skips `skipped_blocks` (none: the original,
+    /// scored first); `reads` gets the documents each evaluation read.
+    fn score(
+        &mut self,
+        skipped_blocks: &[usize],
+        path: &Path,
+        reads: &mut Vec<StageRead>,
+    ) -> Result<CurvePoint, PipelineError> {
+        let bar = indicatif::ProgressBar::hidden();
+        let model = LoadedModel::load(path)?;
+        let first = self.originals.is_empty();
+        if first {
+            self.speed_text = speed_tokens(&model, &self.validations[0]);
+        }
+        let k = skipped_blocks.len();
         let mut figures = Vec::new();
-        for (t, (task_data, v)) in tasks.iter().zip(validations).enumerate() {
+        for (t, (task_data, v)) in self.tasks.iter().zip(self.validations).enumerate() {
+            let req = self.req;
             let mut rep = evaluate(&model, None, task_data, v, req.n_ctx, req.threads, &bar)?;
-            let paired = match originals.get(t) {
+            let paired = match self.originals.get(t) {
                 Some(original) => Some(pair_with_reference(&mut rep.docs, &original.docs)?),
                 None => None,
             };
@@ -365,14 +437,14 @@ fn score_every_k(
                 doc_ids: ids(&rep.docs),
             });
             figures.push(validation_figures(&rep, paired.as_ref()));
-            if k == 0 {
-                originals.push(rep);
+            if first {
+                self.originals.push(rep);
             }
         }
-        let speed = prompt_speed_alone(&model, &speed_text, req.threads)?;
-        let mut figures = tasks.iter().zip(figures);
+        let speed = prompt_speed_alone(&model, &self.speed_text, self.req.threads)?;
+        let mut figures = self.tasks.iter().zip(figures);
         let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
-        points.push(CurvePoint {
+        Ok(CurvePoint {
             k,
             skipped_blocks: skipped_blocks.to_vec(),
             validation,
@@ -388,11 +460,10 @@ fn score_every_k(
                     },
                 )
                 .collect(),
-            within_budget: k == 0,
+            within_budget: first,
             file_bytes: file_bytes(path),
-            kv_bytes_per_token: kv_bytes_per_token(&ck.arch, skipped_blocks),
+            kv_bytes_per_token: kv_bytes_per_token(&self.ck.arch, skipped_blocks),
             prompt_tokens_per_s: speed,
-        });
+        })
     }
-    Ok((points, originals))
 }

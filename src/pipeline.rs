@@ -153,9 +153,10 @@ pub enum PipelineError {
         "no K stays within the budget on the {n_docs} validation documents of {task}: K = 1 \
          (block {block}) drops {drop_points:+.2} points with {:.2}% agreement (drop by K: {}); \
          raise --max-drop or lower --min-agreement, or give more --validation-docs to tell the \
-         K apart; every K's plan and model are in {}",
+         K apart{}; the plans and models fitted are in {}",
         agreement * 100.0,
         drops_by_k(drops),
+        cut_short_note(*cut_short),
         curve_dir.display()
     )]
     NothingWithinBudget {
@@ -171,6 +172,8 @@ pub enum PipelineError {
         agreement: f64,
         /// Every K's drop on that task, in points, from K = 1.
         drops: Vec<f64>,
+        /// Whether the run stopped before `--max-skip` (without `--full-curve`).
+        cut_short: bool,
         /// Where the curve's files are.
         curve_dir: PathBuf,
     },
@@ -193,6 +196,15 @@ pub enum PipelineError {
         /// Test documents left.
         test: usize,
     },
+}
+
+/// What [`PipelineError::NothingWithinBudget`] adds when the run stopped before `--max-skip`.
+fn cut_short_note(cut_short: bool) -> &'static str {
+    if cut_short {
+        " (the run stopped at the first K past the budget: --full-curve scores every K)"
+    } else {
+        ""
+    }
 }
 
 /// `1 +4.5, 2 +3.0, ...`: each K's drop in points, from K = 1.
@@ -606,16 +618,18 @@ mod tests {
 
     #[test]
     fn a_budget_no_k_meets_says_every_ks_drop_and_what_to_change() {
-        let e = PipelineError::NothingWithinBudget {
+        let error = |drops: Vec<f64>, cut_short: bool| PipelineError::NothingWithinBudget {
             task: "winogrande.jsonl.gz".into(),
             n_docs: 200,
             block: 5,
             drop_points: 4.5,
             agreement: 0.835,
-            drops: vec![4.5, 3.0, -0.5],
+            drops,
+            cut_short,
             curve_dir: PathBuf::from("out/curve"),
         };
-        let text = e.to_string();
+        let text = error(vec![4.5, 3.0, -0.5], false).to_string();
+        assert!(!text.contains("--full-curve"), "{text}");
         for needle in [
             "200 validation documents of winogrande.jsonl.gz",
             "K = 1 (block 5) drops +4.50 points with 83.50% agreement",
@@ -626,5 +640,9 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle:?} not in {text}");
         }
+        // stopped at K = 1: the one drop known, and how to see the others
+        let text = error(vec![4.5], true).to_string();
+        assert!(text.contains("(drop by K: 1 +4.5)"), "{text}");
+        assert!(text.contains("--full-curve scores every K"), "{text}");
     }
 }

@@ -49,6 +49,15 @@ pub struct Paired {
     pub choice_kl_mean: f64,
 }
 
+/// `K = 8 to 10`, or `K = 3` when `from == to`: the K a budget run left unfitted.
+pub fn k_range(from: usize, to: usize) -> String {
+    if from == to {
+        format!("K = {from} was")
+    } else {
+        format!("K = {from} to {to} were")
+    }
+}
+
 /// A warning when the validation documents cannot resolve a drop budget: the paired interval
 /// of the `chosen` K's drop (on the first task) is wider than the budget, and than half a
 /// point, on either side of its estimate, so which K is within budget is decided as much by
@@ -181,9 +190,12 @@ pub struct StageRead {
 pub struct BudgetFigures {
     /// The budget.
     pub budget: QualityBudget,
+    /// The largest K searched (`--max-skip` or its default).
+    pub max_skip: usize,
     /// The K exported.
     pub chosen_skip: usize,
-    /// One point per K, from the original (K = 0) to `--max-skip`.
+    /// One point per K, from the original (K = 0) to the first K past the budget, or to
+    /// `max_skip` (every K with `--full-curve`).
     pub curve: Vec<CurvePoint>,
     /// The documents each stage read, in the order read.
     pub reads: Vec<StageRead>,
@@ -587,6 +599,14 @@ impl BudgetFigures {
                 p.prompt_tokens_per_s
             );
         }
+        if let Some(last) = self.curve.last().filter(|p| p.k < self.max_skip) {
+            s += &format!(
+                "\nThe curve stops at K = {}, the first K past the budget: no larger K can be \
+                 chosen, so {} not fitted (`--full-curve` scores every K all the same).\n",
+                last.k,
+                k_range(last.k + 1, self.max_skip)
+            );
+        }
         if self.curve.iter().any(|p| !p.other_tasks.is_empty()) {
             s += &self.tasks_markdown(first_task);
         }
@@ -649,6 +669,12 @@ mod tests {
             kv_bytes_per_token: 1,
             prompt_tokens_per_s: 1.0,
         }
+    }
+
+    #[test]
+    fn k_range_says_one_k_or_a_range() {
+        assert_eq!(k_range(3, 3), "K = 3 was");
+        assert_eq!(k_range(8, 10), "K = 8 to 10 were");
     }
 
     #[test]

@@ -50,7 +50,12 @@ fn questions(gold: impl Fn(usize) -> usize) -> Vec<(String, Vec<String>, usize)>
 /// (scored in llama.cpp at f32), so that every answer a slim model changes costs accuracy; and
 /// a second such task, the same questions in reverse order.
 fn model_and_tasks(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let model = dead_blocks_model(dir, &DEAD);
+    model_and_tasks_with(dir, &DEAD)
+}
+
+/// [`model_and_tasks`] with the attention of the `dead` layers adding nothing.
+fn model_and_tasks_with(dir: &Path, dead: &[usize]) -> (PathBuf, PathBuf, PathBuf) {
+    let model = dead_blocks_model(dir, dead);
     let gguf = dir.join("original-f32.gguf");
     let o = Command::new(bin())
         .args(["convert", s(&model), "-o", s(&gguf), "--type", "f32"])
@@ -318,6 +323,76 @@ fn a_budget_on_two_tasks_holds_on_each_and_reads_each_tasks_parts() {
     assert!(md.contains("## Every task"), "{md}");
 }
 
+/// The run stops at the first K past the budget: no larger K is fitted, exported or scored,
+/// and the report says where its curve stops. With `--full-curve` every K is, and the curve's
+/// first points are the same.
+#[test]
+fn a_budget_run_stops_at_the_first_k_past_the_budget_unless_full_curve() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, task, _) = model_and_tasks_with(dir.path(), &[1]);
+    let run = |name: &str, extra: &[&str]| -> (PathBuf, Value, String) {
+        let out = dir.path().join(name);
+        let mut args = vec!["--max-drop", "0", "--max-skip", "3"];
+        args.extend(extra);
+        let o = budget_run(&model, &task, &out, &args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{stderr}");
+        (out, serde_json::from_slice(&o.stdout).unwrap(), stderr)
+    };
+    let (short, report, stderr) = run("short", &[]);
+    assert!(stderr.contains("past the budget on task"), "{stderr}");
+    assert!(stderr.contains("K = 3 was left unfitted"), "{stderr}");
+    assert_eq!(report["chosen_skip"], 1);
+    assert_eq!(report["max_skip"], 3);
+    let curve = report["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 3, "K = 0, 1 and the first past the budget");
+    assert!(
+        curve[2]["drop_points"].as_f64().unwrap() > 0.0,
+        "{}",
+        curve[2]
+    );
+    assert!(short.join("curve/slim-k2.gguf").is_file());
+    assert!(!short.join("curve/plan-k3.json").exists());
+    assert!(!short.join("curve/slim-k3.gguf").exists());
+    let scored: Vec<u64> = report["reads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["stage"] == "validation")
+        .map(|r| r["k"].as_u64().unwrap())
+        .collect();
+    assert_eq!(scored, vec![0, 1, 2]);
+    let md = std::fs::read_to_string(short.join("report.md")).unwrap();
+    assert!(
+        md.contains("The curve stops at K = 2, the first K past the budget: no larger K can be chosen, so K = 3 was not fitted"),
+        "{md}"
+    );
+    // the search itself still went to --max-skip
+    let search: Value =
+        serde_json::from_str(&std::fs::read_to_string(short.join("curve/search.json")).unwrap())
+            .unwrap();
+    assert_eq!(search["rounds"].as_array().unwrap().len(), 3, "{search}");
+
+    let (full, report, _) = run("full", &["--full-curve"]);
+    assert_eq!(report["chosen_skip"], 1);
+    assert_eq!(report["budget"]["full_curve"], true);
+    let full_curve = report["curve"].as_array().unwrap();
+    assert_eq!(full_curve.len(), 4);
+    for (a, b) in curve.iter().zip(full_curve) {
+        for key in [
+            "skipped_blocks",
+            "validation",
+            "drop_points",
+            "within_budget",
+        ] {
+            assert_eq!(a[key], b[key], "{key}");
+        }
+    }
+    assert!(full.join("curve/slim-k3.gguf").is_file());
+    let md = std::fs::read_to_string(full.join("report.md")).unwrap();
+    assert!(!md.contains("The curve stops"), "{md}");
+}
+
 /// Bad budgets are refused with a clear error before anything is written.
 #[test]
 fn a_bad_budget_is_refused_and_nothing_is_written() {
@@ -346,6 +421,10 @@ fn a_bad_budget_is_refused_and_nothing_is_written() {
         (
             &[][..],
             "--validation-docs applies only with a quality budget",
+        ),
+        (
+            &["--full-curve", "--skip", "1"][..],
+            "--full-curve applies only with a quality budget",
         ),
     ] {
         let o = budget_run(&model, &task, &out, extra);

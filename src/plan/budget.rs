@@ -40,6 +40,11 @@ pub struct QualityBudget {
     #[arg(long, help_heading = BUDGET)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_docs: Option<usize>,
+    /// Fit and score every K up to --max-skip. By default the run stops at the first K past
+    /// the budget, since no larger K can be chosen.
+    #[arg(long, help_heading = BUDGET)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full_curve: bool,
 }
 
 /// A quality budget that cannot be used, found before any work.
@@ -119,6 +124,7 @@ impl QualityBudget {
     pub fn resolve(self, skip: Option<usize>) -> Result<Option<QualityBudget>, BudgetError> {
         if !self.is_given() {
             if let Some(option) = [
+                self.full_curve.then_some("full-curve"),
                 self.max_skip.map(|_| "max-skip"),
                 self.validation_docs.map(|_| "validation-docs"),
             ]

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::llamacpp::{LlamaError, LoadedModel};
+use crate::llamacpp::{Ctx, LlamaError, LoadedModel};
 
 /// One file's prompt speed, as `hopscotch speed` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -59,6 +59,22 @@ fn window(tokens: &[u32], n_ctx: usize, w: usize) -> Vec<u32> {
         .collect()
 }
 
+/// A context of `n_ctx` tokens on `model` that has decoded window 0 of `tokens` once, untimed;
+/// `None` when there are no tokens to decode.
+fn warmed_context<'m>(
+    model: &'m LoadedModel,
+    tokens: &[u32],
+    n_ctx: usize,
+    threads: usize,
+) -> Result<Option<Ctx<'m>>, LlamaError> {
+    if tokens.is_empty() {
+        return Ok(None);
+    }
+    let mut ctx = model.context(n_ctx, threads)?;
+    ctx.logits(&window(tokens, n_ctx, 0), &[n_ctx - 1])?;
+    Ok(Some(ctx))
+}
+
 /// Tokens per second of prompt processing over `windows` windows of `n_ctx` tokens of `tokens`
 /// (reused cyclically when short), after one untimed warm-up window.
 pub fn prompt_tokens_per_s(
@@ -68,11 +84,9 @@ pub fn prompt_tokens_per_s(
     windows: usize,
     threads: usize,
 ) -> Result<f64, LlamaError> {
-    if tokens.is_empty() {
+    let Some(mut ctx) = warmed_context(model, tokens, n_ctx, threads)? else {
         return Ok(0.0);
-    }
-    let mut ctx = model.context(n_ctx, threads)?;
-    ctx.logits(&window(tokens, n_ctx, 0), &[n_ctx - 1])?;
+    };
     let start = Instant::now();
     for w in 0..windows {
         ctx.logits(&window(tokens, n_ctx, w + 1), &[n_ctx - 1])?;
@@ -92,11 +106,9 @@ pub fn fastest_window_tokens_per_s(
     windows: usize,
     threads: usize,
 ) -> Result<f64, LlamaError> {
-    if tokens.is_empty() {
+    let Some(mut ctx) = warmed_context(model, tokens, n_ctx, threads)? else {
         return Ok(0.0);
-    }
-    let mut ctx = model.context(n_ctx, threads)?;
-    ctx.logits(&window(tokens, n_ctx, 0), &[n_ctx - 1])?;
+    };
     let mut best = 0f64;
     for w in 0..windows.max(1) {
         let timed = window(tokens, n_ctx, w + 1);

@@ -1,12 +1,13 @@
 //! `hopscotch run --max-drop` (or `--min-agreement`): K chosen by a quality budget instead of
-//! given. One greedy search up to `--max-skip`, then K = 1, 2, ... in turn: each K's final
-//! training (the stages `sweep` uses), its slim model exported and evaluated in llama.cpp on
-//! validation documents held out of the fit, until the first K past the budget (no larger K can
-//! be chosen; `--full-curve` goes on to `--max-skip`). The largest K that stays within the
-//! budget, with every smaller K, is exported as `slim.gguf`, and its final figures are measured
-//! on test documents that neither the fit nor the choice of K read. The task's three parts come
-//! from one seeded order ([`task::split_three`]); the plan records the validation and test
-//! documents, the report the curve and which documents each stage read ([`StageRead`]).
+//! given. K = 1, 2, ... in turn: the greedy search's next round (a baseline ranks every block
+//! once), K's final training (the stages `sweep` uses), its slim model exported and evaluated in
+//! llama.cpp on validation documents held out of the fit, until the first K past the budget (no
+//! larger K can be chosen; `--full-curve` goes on to `--max-skip`). The largest K that stays
+//! within the budget, with every smaller K, is exported as `slim.gguf`, and its final figures
+//! are measured on test documents that neither the fit nor the choice of K read. The task's
+//! three parts come from one seeded order ([`task::split_three`]); the plan records the
+//! validation and test documents, the report the curve and which documents each stage read
+//! ([`StageRead`]).
 //!
 //! Besides `run`'s files the folder holds `curve/`: the search's rounds (`search.json`) and
 //! each K's plan and model scored (`plan-k<K>.json`, `slim-k<K>.gguf`).
@@ -27,7 +28,7 @@ use crate::pipeline::{
     check_outputs, create_out_dir, load_choice_tasks, measure, outputs, prompt_speed_alone,
     run_report, speed_tokens, write_report, PipelineError, RunRequest,
 };
-use crate::plan::{BudgetError, FitSettings, ModelFingerprint, QualityBudget};
+use crate::plan::{BudgetError, FitSettings, Method, ModelFingerprint, QualityBudget};
 use crate::progress::Progress;
 use crate::report::{
     k_range, kv_bytes_per_token, noise_note, BudgetFigures, CurvePoint, RunReport, Seconds,
@@ -115,11 +116,11 @@ fn validation_figures(
     )
 }
 
-/// Runs `hopscotch run` with a quality budget: one search up to `--max-skip`, then K = 1, 2, ...
-/// in turn (final training, export, evaluation on the validation documents of every task) until
-/// the first K past the budget on some task (every K with `--full-curve`); exports the largest K
-/// within the budget on all of them, measures it on the test documents, and writes the report.
-/// Bad input is refused before anything is written.
+/// Runs `hopscotch run` with a quality budget: K = 1, 2, ... in turn (a search round, final
+/// training, export, evaluation on the validation documents of every task) until the first K
+/// past the budget on some task (every K up to `--max-skip` with `--full-curve`); exports the
+/// largest K within the budget on all of them, measures it on the test documents, and writes
+/// the report. Bad input is refused before anything is written.
 pub fn run(
     req: &RunRequest,
     budget: &QualityBudget,
@@ -153,19 +154,17 @@ pub fn run(
     };
     let mut clock = StageClock::default();
 
-    // The search, once, up to max_skip.
+    // The fit's model and documents, then the search: Hopscotch's greedy rounds run one per K
+    // below (each continuing `search.json`), the baselines rank every block at once.
     let fit_model = FitModel::load(&ck, ModelFingerprint::of(&ck), memory.recompute)?;
     let fit_task = FitTask::build(&fit_model, &tasks, &options, progress)?;
-    progress.note(&format!(
-        "choosing up to {max_skip} blocks to skip; K is then chosen on the validation documents"
-    ));
-    let (order, _) = search_order(
-        &fit_model,
-        &fit_task,
-        &options,
-        Some(&curve.join("search.json")),
-        progress,
-    )?;
+    let search_file = curve.join("search.json");
+    let ranked = match options.method {
+        Method::Hopscotch => None,
+        Method::Random | Method::AttnCosine => {
+            Some(search_order(&fit_model, &fit_task, &options, None, progress)?.0)
+        }
+    };
     let mut reads = fit_reads(&tasks, &fit_task);
     clock.fit += started.elapsed().as_secs_f64();
 
@@ -188,12 +187,28 @@ pub fn run(
     let mut points = vec![original];
 
     // K = 1, 2, ... in turn, until the first K past the budget.
+    progress.note(&format!(
+        "K = 1 to {max_skip} in turn (a greedy round, the final training, export, validation), \
+         up to the first K past the budget"
+    ));
     let mut plans = Vec::new();
-    for k in 1..=order.skipped.len() {
-        let choice = order.first(k);
+    for k in 1..=max_skip {
         let settings = FitSettings {
             skip: k,
             ..options.clone()
+        };
+        let choice = match &ranked {
+            Some(order) => order.first(k),
+            None => clock.time(Stage::Fit, || {
+                search_order(
+                    &fit_model,
+                    &fit_task,
+                    &settings,
+                    Some(&search_file),
+                    progress,
+                )
+                .map(|(choice, _)| choice)
+            })?,
         };
         let plan_k = curve.join(format!("plan-k{k}.json"));
         let (plan, _, _) = clock.time(Stage::Fit, || {
@@ -235,11 +250,11 @@ pub fn run(
         points.push(point);
         plans.push(plan);
         if !within && !budget.full_curve {
-            if k < order.skipped.len() {
+            if k < max_skip {
                 progress.note(&format!(
                     "{} left unfitted: no K past the first one out of budget can be chosen \
                      (--full-curve fits and scores every K all the same)",
-                    k_range(k + 1, order.skipped.len())
+                    k_range(k + 1, max_skip)
                 ));
             }
             break;

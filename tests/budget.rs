@@ -367,11 +367,13 @@ fn a_budget_run_stops_at_the_first_k_past_the_budget_unless_full_curve() {
         md.contains("The curve stops at K = 2, the first K past the budget: no larger K can be chosen, so K = 3 was not fitted"),
         "{md}"
     );
-    // the search itself still went to --max-skip
-    let search: Value =
-        serde_json::from_str(&std::fs::read_to_string(short.join("curve/search.json")).unwrap())
-            .unwrap();
-    assert_eq!(search["rounds"].as_array().unwrap().len(), 3, "{search}");
+    // the greedy search stopped there too: one round per K scored
+    let rounds = |out: &Path| -> Vec<Value> {
+        let text = std::fs::read_to_string(out.join("curve/search.json")).unwrap();
+        let search: Value = serde_json::from_str(&text).unwrap();
+        search["rounds"].as_array().unwrap().clone()
+    };
+    assert_eq!(rounds(&short).len(), 2);
 
     let (full, report, _) = run("full", &["--full-curve"]);
     assert_eq!(report["chosen_skip"], 1);
@@ -389,8 +391,44 @@ fn a_budget_run_stops_at_the_first_k_past_the_budget_unless_full_curve() {
         }
     }
     assert!(full.join("curve/slim-k3.gguf").is_file());
+    let full_rounds = rounds(&full);
+    assert_eq!(full_rounds.len(), 3);
+    assert_eq!(full_rounds[..2], rounds(&short)[..]);
     let md = std::fs::read_to_string(full.join("report.md")).unwrap();
     assert!(!md.contains("The curve stops"), "{md}");
+}
+
+/// A baseline's ranking serves the budget as the greedy search does: each K takes its first K
+/// blocks, nested, and a budget every K meets scores every K up to `--max-skip`.
+#[test]
+fn a_budget_with_a_baseline_takes_its_ranking_k_by_k() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, task, _) = model_and_tasks(dir.path());
+    let out = dir.path().join("out");
+    let args = [
+        "--method",
+        "attn-cosine",
+        "--max-drop",
+        "100",
+        "--max-skip",
+        "3",
+    ];
+    let o = budget_run(&model, &task, &out, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["chosen_skip"], 3);
+    let curve = report["curve"].as_array().unwrap();
+    assert_eq!(curve.len(), 4);
+    let blocks = |k: usize| curve[k]["skipped_blocks"].as_array().unwrap().clone();
+    for k in 1..=3 {
+        assert_eq!(blocks(k).len(), k);
+        assert_eq!(
+            blocks(k)[..k - 1],
+            blocks(k - 1)[..],
+            "K = {k} extends K = {}",
+            k - 1
+        );
+    }
 }
 
 /// Bad budgets are refused with a clear error before anything is written.

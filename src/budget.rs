@@ -21,7 +21,9 @@ use crate::eval::task::{
 };
 use crate::export::export;
 use crate::fit::options::FitError;
-use crate::fit::session::{check_memory, search_order, write_plan, FitModel, FitTask};
+use crate::fit::session::{
+    check_memory, search_continues, search_order, write_plan, FitModel, FitTask,
+};
 use crate::llamacpp::LoadedModel;
 use crate::output::file_bytes;
 use crate::pipeline::{
@@ -165,6 +167,25 @@ pub fn run(
             Some(search_order(&fit_model, &fit_task, &options, None, progress)?.0)
         }
     };
+    // A search left in the folder (a run again with --force) is continued when it is this
+    // one's, and replaced when it is another's.
+    if ranked.is_none() && search_file.is_file() {
+        let why = match search_continues(&fit_model, &fit_task, &options, &search_file) {
+            Ok(()) => None,
+            Err(FitError::ResumeMismatch { what, .. }) => Some(format!("{what} differs")),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            progress.note(&format!(
+                "{} holds another search ({why}): searching anew",
+                search_file.display()
+            ));
+            std::fs::remove_file(&search_file).map_err(|e| PipelineError::OutDir {
+                path: search_file.clone(),
+                message: e.to_string(),
+            })?;
+        }
+    }
     let mut reads = fit_reads(&tasks, &fit_task);
     clock.fit += started.elapsed().as_secs_f64();
 

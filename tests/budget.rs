@@ -398,6 +398,36 @@ fn a_budget_run_stops_at_the_first_k_past_the_budget_unless_full_curve() {
     assert!(!md.contains("The curve stops"), "{md}");
 }
 
+/// A run again into the same folder with `--force` reuses the search's rounds when they are of
+/// the same model, documents and settings (another budget), and starts the search over when
+/// they are not.
+#[test]
+fn a_forced_rerun_reuses_a_matching_search_and_replaces_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, task, _) = model_and_tasks_with(dir.path(), &[1]);
+    let out = dir.path().join("out");
+    let run = |extra: &[&str]| -> String {
+        let mut args = vec!["--max-skip", "3", "--force"];
+        args.extend(extra);
+        let o = budget_run(&model, &task, &out, &args);
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{extra:?}: {stderr}");
+        stderr
+    };
+    // stops at K = 2 (the first live block) after two rounds
+    let first = run(&["--max-drop", "0"]);
+    assert!(first.contains("round 2: skip"), "{first}");
+    assert!(!first.contains("round 3: skip"), "{first}");
+    // another budget: the same search, its two rounds reused and the third run
+    let again = run(&["--max-drop", "100"]);
+    assert!(!again.contains("round 1: skip"), "{again}");
+    assert!(again.contains("round 3: skip"), "{again}");
+    // other fit settings: the old rounds are another search's, replaced
+    let other = run(&["--max-drop", "0", "--seed", "7"]);
+    assert!(other.contains("round 1: skip"), "{other}");
+    assert!(other.contains("another search"), "{other}");
+}
+
 /// A baseline's ranking serves the budget as the greedy search does: each K takes its first K
 /// blocks, nested, and a budget every K meets scores every K up to `--max-skip`.
 #[test]

@@ -508,6 +508,17 @@ pub fn search_order(
     Ok((choice, resumed))
 }
 
+/// Whether the rounds in `file` are a search of the same model, task, documents and settings as
+/// `options` (`skip` aside), which [`search_order`] continues; the error says what differs.
+pub fn search_continues(
+    model: &FitModel<'_>,
+    task: &FitTask,
+    options: &FitSettings,
+    file: &Path,
+) -> Result<(), FitError> {
+    resumed_rounds(&task.empty_plan(model, options), file, true).map(|_| ())
+}
+
 /// Trains the final scalars of `choice` (its blocks, rounds and importance kept) with `options`
 /// and writes the plan to `output` (replacing one only with `force`), whole or not at all.
 pub fn write_plan(

@@ -208,6 +208,7 @@ pub fn run(
     let mut points = vec![original];
 
     // K = 1, 2, ... in turn, until the first K past the budget.
+    let names: Vec<String> = tasks.iter().map(|t| task::task_name(&t.path)).collect();
     progress.note(&format!(
         "K = 1 to {max_skip} in turn (a greedy round, the final training, export, validation), \
          up to the first K past the budget"
@@ -244,30 +245,8 @@ pub fn run(
         let point = clock.time(Stage::Eval, || {
             scorer.score(&plan.skipped_blocks, &slim_k, &mut reads)
         })?;
-        let mut figures = Vec::new();
-        let mut past = Vec::new();
-        for (t, task_data) in tasks.iter().enumerate() {
-            let (_, drop_points, agreement) = point.on_task(t);
-            let name = task::task_name(&task_data.path);
-            figures.push(format!(
-                "{name} {drop_points:+.2} points, agreement {:.2}%",
-                agreement * 100.0
-            ));
-            if !budget.admits(drop_points, agreement) {
-                past.push(name);
-            }
-        }
-        let within = past.is_empty();
-        progress.note(&format!(
-            "K = {k}, blocks {:?}: validation drop {}{}",
-            plan.skipped_blocks,
-            figures.join("; "),
-            if within {
-                String::new()
-            } else {
-                format!(", past the budget on {}", past.join(", "))
-            }
-        ));
+        let (line, within) = k_line(&point, &names, budget);
+        progress.note(&line);
         points.push(point);
         plans.push(plan);
         if !within && !budget.full_curve {
@@ -364,6 +343,34 @@ pub fn run(
     );
     write_report(&req.out_dir, &report)?;
     Ok(report)
+}
+
+/// The line `run` prints for a K's curve point (`tasks`: the task names, in order): each task's
+/// validation drop and agreement, and the tasks it is past the budget on; and whether it stays
+/// within the budget on every task.
+fn k_line(point: &CurvePoint, tasks: &[String], budget: &QualityBudget) -> (String, bool) {
+    let mut figures = Vec::new();
+    let mut past = Vec::new();
+    for (t, name) in tasks.iter().enumerate() {
+        let (_, drop_points, agreement) = point.on_task(t);
+        figures.push(format!(
+            "{name} {drop_points:+.2} points, agreement {:.2}%",
+            agreement * 100.0
+        ));
+        if !budget.admits(drop_points, agreement) {
+            past.push(name.as_str());
+        }
+    }
+    let mut line = format!(
+        "K = {}, blocks {:?}: validation drop {}",
+        point.k,
+        point.skipped_blocks,
+        figures.join("; ")
+    );
+    if !past.is_empty() {
+        line += &format!(", past the budget on {}", past.join(", "));
+    }
+    (line, past.is_empty())
 }
 
 /// A stage of a budget run, for its report's seconds.
@@ -501,5 +508,74 @@ impl<'a> Scorer<'a> {
             kv_bytes_per_token: kv_bytes_per_token(&self.ck.arch, skipped_blocks),
             prompt_tokens_per_s: speed,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(drops: &[(f64, f64)]) -> CurvePoint {
+        let figures = |&(drop_points, agreement): &(f64, f64)| {
+            (
+                ValidationFigures {
+                    accuracy: 0.5,
+                    agreement,
+                    choice_kl: 0.1,
+                    n_docs: 200,
+                },
+                drop_points,
+            )
+        };
+        let (validation, drop_points) = figures(&drops[0]);
+        CurvePoint {
+            k: 2,
+            skipped_blocks: vec![6, 26],
+            validation,
+            drop_points,
+            drop_ci95: [drop_points - 3.0, drop_points + 3.0],
+            other_tasks: drops[1..]
+                .iter()
+                .enumerate()
+                .map(|(i, d)| {
+                    let (validation, drop_points) = figures(d);
+                    TaskValidation {
+                        task: format!("t{i}"),
+                        validation,
+                        drop_points,
+                        drop_ci95: [drop_points - 3.0, drop_points + 3.0],
+                    }
+                })
+                .collect(),
+            within_budget: false,
+            file_bytes: 1,
+            kv_bytes_per_token: 1,
+            prompt_tokens_per_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_ks_line_gives_each_tasks_drop_and_names_those_past_the_budget() {
+        let budget = QualityBudget {
+            max_drop: Some(1.0),
+            ..Default::default()
+        };
+        let names = ["arc_easy".to_string(), "winogrande".to_string()];
+        let (line, within) = k_line(&point(&[(0.5, 0.9), (1.0, 0.8)]), &names, &budget);
+        assert!(within, "{line}");
+        assert_eq!(
+            line,
+            "K = 2, blocks [6, 26]: validation drop arc_easy +0.50 points, agreement 90.00%; \
+             winogrande +1.00 points, agreement 80.00%"
+        );
+        let (line, within) = k_line(&point(&[(0.5, 0.9), (4.5, 0.8)]), &names, &budget);
+        assert!(!within);
+        assert!(line.ends_with(", past the budget on winogrande"), "{line}");
+        let (line, within) = k_line(&point(&[(2.0, 0.9), (4.5, 0.8)]), &names, &budget);
+        assert!(!within);
+        assert!(
+            line.ends_with(", past the budget on arc_easy, winogrande"),
+            "{line}"
+        );
     }
 }

@@ -292,7 +292,6 @@ pub fn run(
     }
 
     // Only now, with K chosen, are the test documents read.
-    let test_started = Instant::now();
     let tests: Vec<Selection<'_>> = tasks
         .iter()
         .zip(&parts)
@@ -306,9 +305,11 @@ pub fn run(
         recorded.validation_doc_ids = ids(&original.docs);
         recorded.test_doc_ids = test.docs.iter().map(|d| d.id.clone()).collect();
     }
-    plan.save(&plan_path, true)?;
-    export(&ck, &plan, &plan_path, &slim_path, &export_options, &bar)?;
-    clock.export += test_started.elapsed().as_secs_f64();
+    clock.time(Stage::Export, || -> Result<(), PipelineError> {
+        plan.save(&plan_path, true)?;
+        export(&ck, &plan, &plan_path, &slim_path, &export_options, &bar)?;
+        Ok(())
+    })?;
     let n_test: usize = tests.iter().map(|t| t.docs.len()).sum();
     progress.note(&format!(
         "evaluating the original and K = {chosen} on {n_test} test documents"
@@ -466,8 +467,8 @@ impl<'a> Scorer<'a> {
         }
         let k = skipped_blocks.len();
         let mut figures = Vec::new();
+        let req = self.req;
         for (t, (task_data, v)) in self.tasks.iter().zip(self.validations).enumerate() {
-            let req = self.req;
             let mut rep = evaluate(&model, None, task_data, v, req.n_ctx, req.threads, &bar)?;
             let paired = match self.originals.get(t) {
                 Some(original) => Some(pair_with_reference(&mut rep.docs, &original.docs)?),
@@ -484,7 +485,7 @@ impl<'a> Scorer<'a> {
                 self.originals.push(rep);
             }
         }
-        let speed = prompt_speed_alone(&model, &self.speed_text, self.req.threads)?;
+        let speed = prompt_speed_alone(&model, &self.speed_text, req.threads)?;
         let mut figures = self.tasks.iter().zip(figures);
         let (_, (validation, drop_points, drop_ci95)) = figures.next().expect("a run has a task");
         Ok(CurvePoint {

@@ -49,7 +49,8 @@ pub struct Paired {
     pub choice_kl_mean: f64,
 }
 
-/// `K = 8 to 10`, or `K = 3` when `from == to`: the K a budget run left unfitted.
+/// `K = 8 to 10 were`, or `K = 3 was` when `from == to`: the K a budget run left unfitted, as
+/// the subject of a sentence.
 pub fn k_range(from: usize, to: usize) -> String {
     if from == to {
         format!("K = {from} was")

@@ -38,7 +38,7 @@ pub fn train_final(
     // the chosen blocks' stand-ins, in the order the blocks were chosen
     let mut ones = ScaleValues::ones(n_layer);
     ones.linear = if options.linear_attention && input.stand_ins.is_empty() && !skipped.is_empty() {
-        linear::fit(model, input.batches, input.lengths, skipped)?
+        linear::fit(model, input.batches, input.lengths, skipped)?.stand_ins
     } else {
         skipped
             .iter()

@@ -347,14 +347,16 @@ impl FitTask {
             let started = Instant::now();
             let fitted = final_data.as_ref().unwrap_or(&data);
             let layers: Vec<usize> = (1..model.ck.arch.n_layer).collect();
-            let stand_ins = linear::fit(&model.model, &fitted.batches, &fitted.lengths, &layers)?;
+            let fitted_ins = linear::fit(&model.model, &fitted.batches, &fitted.lengths, &layers)?;
             progress.note(&format!(
-                "linear stand-ins for layers 1-{} fitted by least squares on {} documents in {:.1} s",
+                "linear stand-ins for layers 1-{} fitted by least squares on {} documents in {:.1} s, \
+                 ridges (relative to the stream's mean square, chosen on held-out documents) {}",
                 layers.len(),
                 fitted.n_docs(),
-                started.elapsed().as_secs_f64()
+                started.elapsed().as_secs_f64(),
+                fitted_ins.ridge_range()
             ));
-            stand_ins
+            fitted_ins.stand_ins
         } else {
             Vec::new()
         };

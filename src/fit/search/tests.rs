@@ -365,7 +365,9 @@ fn random_and_untrained_fits_are_seeded_and_keep_layer_0() {
 fn the_screen_replaces_each_candidate_by_its_stand_in() {
     let (model, batches, lengths, _) = dead_block_setup(3);
     let layers = [1, 2, 3, 4];
-    let stand_ins = linear::fit(&model, &batches, &lengths, &layers).unwrap();
+    let stand_ins = linear::fit(&model, &batches, &lengths, &layers)
+        .unwrap()
+        .stand_ins;
     // the dead block adds nothing, so its stand-in is zero
     assert!(stand_ins[2].weight.iter().all(|&x| x == 0.0));
     assert!(stand_ins[0].weight.iter().any(|&x| x != 0.0));
@@ -527,4 +529,47 @@ fn bad_settings_are_refused() {
     };
     assert_eq!(stand_ins.recorded(2, 8).final_docs, Some(ok.fit_docs * 4));
     assert_eq!(stand_ins.recorded(2, 8).final_steps, Some(0));
+}
+
+#[test]
+fn stand_ins_do_not_depend_on_how_the_documents_are_batched() {
+    // twelve documents sharing a 5-token prefix, in 3 batches of 4 and in 4 of 3 (the same
+    // order): the halves go by document, so the sums, the ridge and the stand-ins are the same
+    let (model, _, _, _) = dead_block_setup(3);
+    let mut rng = StdRng::seed_from_u64(8);
+    let vocab = model.arch().vocab_size as u32;
+    let prefix: Vec<u32> = (0..5).map(|_| rng.gen_range(0..vocab)).collect();
+    let docs: Vec<Vec<u32>> = (0..12)
+        .map(|_| {
+            let own = rng.gen_range(3..7);
+            let mut seq = prefix.clone();
+            seq.extend((0..own).map(|_| rng.gen_range(0..vocab)));
+            seq
+        })
+        .collect();
+    let batched = |per: usize| {
+        let (mut batches, mut lengths) = (Vec::new(), Vec::new());
+        for chunk in docs.chunks(per) {
+            let masks: Vec<Vec<bool>> = chunk
+                .iter()
+                .map(|s| (0..s.len()).map(|j| j > 0).collect())
+                .collect();
+            batches.push(TrainBatch::from_sequences(chunk, &masks, 0, &Device::Cpu).unwrap());
+            lengths.push(chunk.iter().map(Vec::len).collect::<Vec<_>>());
+        }
+        linear::fit(&model, &batches, &lengths, &[1, 2, 4])
+            .unwrap()
+            .stand_ins
+    };
+    let (fours, threes) = (batched(4), batched(3));
+    for (a, b) in fours.iter().zip(&threes) {
+        assert_eq!(a.layer, b.layer);
+        let worst = a
+            .weight
+            .iter()
+            .zip(&b.weight)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "layer {}: {worst}", a.layer);
+    }
 }

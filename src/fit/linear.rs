@@ -29,6 +29,7 @@ use crate::fit::parallel;
 use crate::model::ops::runs;
 use crate::model::{Model, ModelError, WeightInput};
 use crate::plan::{LinearAttention, ScaleValues};
+use crate::task;
 
 /// The ridge when the documents cannot be split in two (a single document), relative to the
 /// mean diagonal of `HᵀH` (the mean squared entry of the normed stream).
@@ -280,28 +281,30 @@ pub fn fit(
             .attn_output_weight(l)
             .ok_or(LinearError::NoSuchLayer { layer: l, n_layer })??
             .to_dtype(DType::F32)?;
+        // each task's shared rows once, with how many times each half holds them
+        let mut shared = Vec::with_capacity(prefixes.len());
+        let mut times = Vec::with_capacity(prefixes.len());
+        for (inputs, rows_per_half) in &prefixes {
+            if let Some((h, heads)) = &inputs[l] {
+                shared.push(SharedRows {
+                    inputs: to_f64(h)?,
+                    outputs: to_f64(&heads.matmul(&wo.t()?)?)?,
+                });
+                times.push(*rows_per_half);
+            }
+        }
         // per half: HᵀH, and AᵀH = Wo (heads)ᵀH: (d x q_dim) (q_dim x d)
         let mut halves = Vec::with_capacity(2);
         for (k, half) in sums[l].iter().enumerate() {
             if let (Some(gram), Some(cross)) = (&half.gram, &half.cross) {
-                let mut shared = Vec::with_capacity(prefixes.len());
-                for (inputs, rows_per_half) in &prefixes {
-                    if let Some((h, heads)) = &inputs[l] {
-                        shared.push(SharedRows {
-                            inputs: to_f64(h)?,
-                            outputs: to_f64(&heads.matmul(&wo.t()?)?)?,
-                            times: rows_per_half[k],
-                        });
-                    }
-                }
                 halves.push(Half {
                     gram: to_f64(gram)?,
                     target: to_f64(&wo.matmul(cross)?)?,
-                    shared,
+                    shared_times: times.iter().map(|t| t[k]).collect(),
                 });
             }
         }
-        solve_layer(l, &halves, d)
+        solve_layer(l, &halves, &shared, d)
     })?;
     let (stand_ins, ridges) = solved.into_iter().unzip();
     Ok(Fitted { stand_ins, ridges })
@@ -346,11 +349,9 @@ fn prefix_groups(
             .map(|(row, &len)| &row[..len.min(row.len())])
             .collect();
         let Some(first) = rows.first() else { continue };
+        // how much of `prefix` every row begins with
         let common = |prefix: &[u32]| {
-            rows.iter()
-                .map(|r| prefix.iter().zip(*r).take_while(|(a, b)| a == b).count())
-                .min()
-                .unwrap_or(0)
+            task::shared_prefix(std::iter::once(prefix).chain(rows.iter().copied()))
         };
         if let Some((group, prefix)) = groups.last_mut() {
             let kept = common(&prefix[..group.shared]);
@@ -438,25 +439,28 @@ struct Half {
     gram: Vec<f64>,
     /// `AᵀH` (`d x d`, row-major).
     target: Vec<f64>,
-    /// Per task, the rows its documents start with, which these sums hold once per row of the
-    /// half.
-    shared: Vec<SharedRows>,
+    /// Per task (as the layer's [`SharedRows`]), how many times these sums hold the rows its
+    /// documents start with: once per row of the half.
+    shared_times: Vec<usize>,
 }
 
-/// The positions every document shares (a task's few-shot examples), once.
+/// The positions every document of a task shares (its few-shot examples), once.
 struct SharedRows {
     /// Their normed stream `h`, `(p, d)` row-major.
     inputs: Vec<f64>,
     /// The block's outputs `a` there, `(p, d)` row-major.
     outputs: Vec<f64>,
-    /// How many times a half's sums hold them.
-    times: usize,
 }
 
-/// Layer `l`'s stand-in from each half's sums, and its ridge relative to the mean diagonal of
-/// the whole `HᵀH`: the ridge chosen by [`choose_ridge`] when there are two halves, else
-/// [`RIDGE`].
-fn solve_layer(l: usize, halves: &[Half], d: usize) -> Result<(LinearAttention, f64), LinearError> {
+/// Layer `l`'s stand-in from each half's sums (and the rows each task's documents share), and
+/// its ridge relative to the mean diagonal of the whole `HᵀH`: the ridge chosen by
+/// [`choose_ridge`] when there are two halves, else [`RIDGE`].
+fn solve_layer(
+    l: usize,
+    halves: &[Half],
+    shared: &[SharedRows],
+    d: usize,
+) -> Result<(LinearAttention, f64), LinearError> {
     let singular = |row| LinearError::Singular { layer: l, row };
     let (gram, target) = match halves {
         [] => return Err(singular(0)),
@@ -472,7 +476,7 @@ fn solve_layer(l: usize, halves: &[Half], d: usize) -> Result<(LinearAttention, 
     };
     let scale = mean_diag(&gram, d);
     let lambda = match halves {
-        [a, b, ..] => choose_ridge(a, b, d).map_err(singular)?,
+        [a, b, ..] => choose_ridge(a, b, shared, d).map_err(singular)?,
         _ => RIDGE * scale,
     };
     let weight = solve(&gram, &target, d, lambda).map_err(singular)?;
@@ -488,7 +492,7 @@ fn solve_layer(l: usize, halves: &[Half], d: usize) -> Result<(LinearAttention, 
 /// every `d / CV_ROWS`-th output row and scored on the documents' own tokens: the positions
 /// every document shares are in both halves, so they would reward a ridge that learns them by
 /// heart. Fails with the pivot row where a half's `G + λI` is not positive definite.
-fn choose_ridge(a: &Half, b: &Half, d: usize) -> Result<f64, usize> {
+fn choose_ridge(a: &Half, b: &Half, shared: &[SharedRows], d: usize) -> Result<f64, usize> {
     let scale = (mean_diag(&a.gram, d) + mean_diag(&b.gram, d)) / 2.0;
     let rows: Vec<usize> = (0..d).step_by((d / CV_ROWS).max(1)).collect();
     let sampled = |t: &[f64]| -> Vec<f64> {
@@ -501,7 +505,7 @@ fn choose_ridge(a: &Half, b: &Half, d: usize) -> Result<f64, usize> {
         Ok(rows
             .iter()
             .zip(w.chunks_exact(d))
-            .map(|(&r, w)| own_tokens_error(scored, r, w, d))
+            .map(|(&r, w)| own_tokens_error(scored, shared, r, w, d))
             .sum())
     };
     let mut best = (f64::INFINITY, RIDGES[0] * scale);
@@ -515,30 +519,30 @@ fn choose_ridge(a: &Half, b: &Half, d: usize) -> Result<f64, usize> {
     Ok(best.1)
 }
 
-/// `Σ (w·h - a_r)²` over the half's tokens other than the shared ones, less `Σ a_r²`
+/// `Σ (w·h - a_r)²` over the half's tokens other than the `shared` ones, less `Σ a_r²`
 /// (the same for every `w`): `w G wᵀ - 2 w·t_r` from the half's sums (`t_r` row `r` of `AᵀH`),
-/// less the shared rows' part, `times · Σ ((w·h)² - 2 a_r (w·h))` over those rows.
-fn own_tokens_error(half: &Half, r: usize, w: &[f64], d: usize) -> f64 {
+/// less each task's shared rows' part, `times · Σ ((w·h)² - 2 a_r (w·h))` over those rows.
+fn own_tokens_error(half: &Half, shared: &[SharedRows], r: usize, w: &[f64], d: usize) -> f64 {
     let g = &half.gram;
     let g_w: Vec<f64> = (0..d).map(|i| dot(&g[i * d..(i + 1) * d], w)).collect();
     let all = dot(w, &g_w) - 2.0 * dot(w, &half.target[r * d..(r + 1) * d]);
-    let shared: f64 = half
-        .shared
+    let held: f64 = shared
         .iter()
-        .map(|shared| {
-            let once: f64 = shared
+        .zip(&half.shared_times)
+        .map(|(rows, &times)| {
+            let once: f64 = rows
                 .inputs
                 .chunks_exact(d)
-                .zip(shared.outputs.chunks_exact(d))
+                .zip(rows.outputs.chunks_exact(d))
                 .map(|(h, a)| {
                     let p = dot(w, h);
                     p * p - 2.0 * a[r] * p
                 })
                 .sum();
-            shared.times as f64 * once
+            times as f64 * once
         })
         .sum();
-    all - shared
+    all - held
 }
 
 /// The mean diagonal entry of `G` (`d x d`, row-major).
@@ -563,14 +567,9 @@ fn to_f64(t: &Tensor) -> candle_core::Result<Vec<f64>> {
         .collect())
 }
 
-/// `W = B (G + λI)⁻¹` for a symmetric positive semi-definite `G` (`d x d`, row-major) and `B`
-/// (`m x d`, row-major, `m = B.len() / d`), `λ = ridge * mean(diag G)`; row-major `m x d`.
-/// Fails with the pivot row where `G + λI` is not positive definite.
-pub fn solve_ridge(gram: &[f64], b: &[f64], d: usize, ridge: f64) -> Result<Vec<f64>, usize> {
-    solve(gram, b, d, ridge * mean_diag(gram, d))
-}
-
-/// `W = B (G + λI)⁻¹` as [`solve_ridge`], for an absolute `λ`.
+/// `W = B (G + λI)⁻¹` for a symmetric positive semi-definite `G` (`d x d`, row-major), `B`
+/// (`m x d`, row-major, `m = B.len() / d`) and an absolute ridge `λ`; row-major `m x d`. Fails
+/// with the pivot row where `G + λI` is not positive definite.
 fn solve(gram: &[f64], b: &[f64], d: usize, lambda: f64) -> Result<Vec<f64>, usize> {
     // Cholesky: G + λI = L Lᵀ, L lower triangular
     let mut l = vec![0.0f64; d * d];
@@ -654,7 +653,7 @@ mod tests {
                 }
             }
         }
-        let w = solve_ridge(&gram, &b, d, 0.0).unwrap();
+        let w = solve(&gram, &b, d, 0.0).unwrap();
         let worst = w
             .iter()
             .zip(&w_true)
@@ -662,7 +661,7 @@ mod tests {
             .fold(0.0, f64::max);
         assert!(worst < 1e-9, "largest error {worst}");
         // a ridge shrinks the solution towards zero
-        let shrunk = solve_ridge(&gram, &b, d, 0.5).unwrap();
+        let shrunk = solve(&gram, &b, d, 0.5 * mean_diag(&gram, d)).unwrap();
         let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>();
         assert!(norm(&shrunk) < norm(&w));
     }
@@ -731,12 +730,13 @@ mod tests {
         Half {
             gram: vec![0.0; d * d],
             target: vec![0.0; d * d],
-            shared: Vec::new(),
+            shared_times: Vec::new(),
         }
     }
 
     fn relative_ridge([a, b]: &[Half; 2], d: usize) -> f64 {
-        choose_ridge(a, b, d).unwrap() / ((mean_diag(&a.gram, d) + mean_diag(&b.gram, d)) / 2.0)
+        choose_ridge(a, b, &[], d).unwrap()
+            / ((mean_diag(&a.gram, d) + mean_diag(&b.gram, d)) / 2.0)
     }
 
     #[test]
@@ -760,10 +760,10 @@ mod tests {
         let error = |lambda: f64| {
             let w = solve(&gram, &target, d, lambda).unwrap();
             (0..d)
-                .map(|r| own_tokens_error(&fresh, r, &w[r * d..(r + 1) * d], d))
+                .map(|r| own_tokens_error(&fresh, &[], r, &w[r * d..(r + 1) * d], d))
                 .sum::<f64>()
         };
-        let chosen = choose_ridge(&a, &b, d).unwrap();
+        let chosen = choose_ridge(&a, &b, &[], d).unwrap();
         let weakest = RIDGES[0] * (mean_diag(&a.gram, d) + mean_diag(&b.gram, d)) / 2.0;
         assert!(
             error(chosen) < error(weakest),
@@ -791,16 +791,16 @@ mod tests {
                 add_row(&mut with.gram, &mut with.target, h, a);
             }
         }
-        with.shared = vec![SharedRows {
+        let rows = [SharedRows {
             inputs: shared.iter().flat_map(|(h, _)| h.clone()).collect(),
             outputs: shared.iter().flat_map(|(_, a)| a.clone()).collect(),
-            times: 10,
         }];
+        with.shared_times = vec![10];
         let probe: Vec<f64> = (0..d).map(|_| rng.gen_range(-1.0..1.0)).collect();
         for r in 0..d {
             let (x, y) = (
-                own_tokens_error(&with, r, &probe, d),
-                own_tokens_error(&without, r, &probe, d),
+                own_tokens_error(&with, &rows, r, &probe, d),
+                own_tokens_error(&without, &rows, r, &probe, d),
             );
             assert!(
                 (x - y).abs() <= 1e-9 * y.abs().max(1.0),
@@ -808,10 +808,11 @@ mod tests {
             );
         }
         // and the shared rows count when they are not named
-        with.shared[0].times = 0;
+        with.shared_times = vec![0];
         assert!(
-            (own_tokens_error(&with, 0, &probe, d) - own_tokens_error(&without, 0, &probe, d))
-                .abs()
+            (own_tokens_error(&with, &rows, 0, &probe, d)
+                - own_tokens_error(&without, &rows, 0, &probe, d))
+            .abs()
                 > 1e-3
         );
     }
@@ -872,6 +873,6 @@ mod tests {
     #[test]
     fn a_degenerate_system_is_refused() {
         // G = 0 with no ridge: the first pivot fails
-        assert_eq!(solve_ridge(&[0.0; 4], &[1.0, 2.0], 2, 0.0), Err(0));
+        assert_eq!(solve(&[0.0; 4], &[1.0, 2.0], 2, 0.0), Err(0));
     }
 }

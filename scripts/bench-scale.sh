@@ -17,6 +17,7 @@
 #
 # Usage: scripts/bench-scale.sh
 # Env:   BENCH_ONLY       the runs to do, space-separated (default: all five, in that order)
+#        BENCH_ARGS       options added to every run (e.g. --linear-attention)
 #        HOPSCOTCH_CACHE  cache root (default ~/.cache/hopscotch)
 #        CARGO_TARGET_DIR where the release binary is built (default $HOPSCOTCH_CACHE/target)
 set -euo pipefail
@@ -138,15 +139,18 @@ timed() {
     tail -n 3 "$out/$name.log" >&2
 }
 
-minimal_fit=(--skip 1 --fit-docs 8 --shortlist 1 --candidate-steps 1 --final-steps 1 --force)
+read -r -a extra <<<"${BENCH_ARGS:-}"
+minimal_fit=(--skip 1 --fit-docs 8 --shortlist 1 --candidate-steps 1 --final-steps 1 --force
+    ${extra[@]+"${extra[@]}"})
+run_args=(--skip 4 --limit 300 --force ${extra[@]+"${extra[@]}"})
 for r in $runs; do
     case "$r" in
         smollm2) timed smollm2 "$bin" run "$model" --task "$task" --skip 4 --type q4_k_m \
-            --limit 300 -o "$out/smollm2" --force ;;
+            --limit 300 -o "$out/smollm2" --force ${extra[@]+"${extra[@]}"} ;;
         1b) timed 1b "$bin" run "$(synth llama-3.2-1b 16 2048 8192 32 8 1)" --task "$task" \
-            --skip 4 --limit 300 -o "$out/1b" --force ;;
+            "${run_args[@]}" -o "$out/1b" ;;
         1b-q4) timed 1b-q4 "$bin" run "$(q4 "$(synth llama-3.2-1b 16 2048 8192 32 8 1)")" \
-            --task "$task" --skip 4 --limit 300 -o "$out/1b-q4" --force ;;
+            --task "$task" "${run_args[@]}" -o "$out/1b-q4" ;;
         8b) timed 8b "$bin" fit "$(synth llama-3.1-8b 32 4096 14336 32 8 0)" --task "$task" \
             "${minimal_fit[@]}" -o "$out/8b.json" ;;
         8b-q4) timed 8b-q4 "$bin" fit "$(q4 "$(synth llama-3.1-8b 32 4096 14336 32 8 0)")" \

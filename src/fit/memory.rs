@@ -15,8 +15,9 @@
 //!   [`LOGIT_ROWS`] targets, or whole rows at every target for a full teacher) and a batch scored
 //!   without gradients (its layers' transient tensors and the whole-vocabulary logits of one run
 //!   of targets, while the screening or the teacher runs);
-//! - the residual stream cached at every layer for the screening, and with `--linear-attention`
-//!   the stand-ins' sums, solves and matrices ([`linear::peak_bytes`]);
+//! - the residual stream cached at every layer for the screening or, with `--linear-attention`,
+//!   the stand-ins' sums and solves before it ([`linear::fit_bytes`]), whichever is larger, and
+//!   the stand-ins kept for the search ([`linear::kept_bytes`]);
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
 //!
 //! Every sequence is counted at `--max-seq-len`, every position as a target, and no prefix as
@@ -33,6 +34,10 @@ use crate::plan::{FitSettings, Objective};
 /// The process's own footprint before the fit's data: the binary with llama.cpp and candle, the
 /// tokenizer and the allocator's arenas (a tiny model's fit peaks at about this).
 pub const FIXED_BYTES: u64 = 160 << 20;
+
+/// Sequences per document the stand-ins' fit is counted at: a multiple-choice document is a
+/// sequence per choice (four for ARC and HellaSwag, two for PIQA and WinoGrande).
+pub const STAND_IN_ROWS_PER_DOC: usize = 4;
 
 /// The environment variable that caps the fit's memory, in bytes or with a K, M, G or T suffix
 /// (powers of 1024); without it the cap is the memory the system has available.
@@ -51,7 +56,8 @@ pub struct MemoryEstimate {
     pub per_thread: u64,
     /// Threads working side by side.
     pub threads: u64,
-    /// Held once for all threads: the screening's residual cache and the stand-ins' sums.
+    /// Held once for all threads: the screening's residual cache (or the stand-ins' sums) and
+    /// the stand-ins.
     pub shared: u64,
     /// Whether training recomputes each layer's activations in the backward pass.
     pub recompute: bool,
@@ -116,11 +122,23 @@ impl MemoryEstimate {
         let logit_rows = (b * t).min(whole_logit_rows(a.vocab_size) as u64);
         let scored_batch =
             f32s(3 * logit_rows * vocab) + f32s(b * t * (3 * ff + 2 * d + 2 * heads * t));
-        let stand_ins = if settings.linear_attention {
+        // the screening's residual cache, or (earlier in the fit, and not with it) the
+        // stand-ins' sums and solves; the stand-ins kept through both
+        let cache = f32s(layers * b * t * d);
+        let shared = if settings.linear_attention {
             let skippable = a.n_layer.saturating_sub(1);
-            linear::peak_bytes(a.n_embd, a.q_dim(), skippable, threads)
+            let rows = STAND_IN_ROWS_PER_DOC * settings.resolved_final_docs();
+            let fitting = linear::fit_bytes(
+                a.n_embd,
+                a.q_dim(),
+                skippable,
+                threads,
+                rows,
+                settings.max_seq_len,
+            );
+            cache.max(fitting) + linear::kept_bytes(a.n_embd, skippable)
         } else {
-            0
+            cache
         };
         MemoryEstimate {
             weights,
@@ -128,7 +146,7 @@ impl MemoryEstimate {
             teacher,
             per_thread: train_part.max(scored_batch),
             threads: threads.max(1) as u64,
-            shared: f32s(layers * b * t * d) + stand_ins,
+            shared,
             recompute,
         }
     }

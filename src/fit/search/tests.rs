@@ -77,11 +77,13 @@ fn search_input<'a>(
     }
 }
 
+/// The search's settings for `skip` blocks, the plain skip (the stand-ins' tests ask for them).
 fn options(skip: usize) -> FitSettings {
     FitSettings {
         skip,
         shortlist: 2,
         teacher_top_k: 16,
+        linear_attention: false,
         ..FitSettings::default()
     }
 }
@@ -411,6 +413,7 @@ fn linear_stand_ins_are_fitted_for_the_chosen_blocks_and_lower_the_loss() {
     let n_embd = model.arch().n_embd;
     let skip_only = FitSettings {
         final_steps: Some(0),
+        linear_attention: false,
         ..options(2)
     };
     let stand_ins = FitSettings {
@@ -518,6 +521,7 @@ fn bad_settings_are_refused() {
     assert_eq!(more.recorded(2, 8).final_docs, Some(ok.fit_docs * 4));
     let none = FitSettings {
         train_scales: false,
+        linear_attention: false,
         ..more.clone()
     };
     assert_eq!(none.recorded(2, 8).final_docs, None);
@@ -529,6 +533,36 @@ fn bad_settings_are_refused() {
     };
     assert_eq!(stand_ins.recorded(2, 8).final_docs, Some(ok.fit_docs * 4));
     assert_eq!(stand_ins.recorded(2, 8).final_steps, Some(0));
+}
+
+#[test]
+fn stand_ins_do_not_depend_on_how_the_layers_are_grouped() {
+    // one layer per pass over the documents (each pass going on from the stream the last one
+    // left), two per pass, or all in one with the batches side by side: the same sums in the
+    // same order, so the same stand-ins bit for bit, in the order the layers were asked for
+    let (model, batches, lengths, _) = dead_block_setup(3);
+    let layers = [4, 1, 2];
+    let fitted = |side_by_side: usize, per_pass: usize| {
+        let sizing = linear::Sizing {
+            batches: side_by_side,
+            layers: per_pass,
+        };
+        linear::fit_sized(&model, &batches, &lengths, &layers, sizing).unwrap()
+    };
+    let whole = fitted(3, 3);
+    let asked: Vec<usize> = whole.stand_ins.iter().map(|s| s.layer).collect();
+    assert_eq!(asked, layers);
+    for (side_by_side, per_pass) in [(1, 1), (1, 2), (2, 1)] {
+        let grouped = fitted(side_by_side, per_pass);
+        assert_eq!(grouped.ridges, whole.ridges, "{per_pass} a pass");
+        for (a, b) in grouped.stand_ins.iter().zip(&whole.stand_ins) {
+            assert_eq!(a.layer, b.layer);
+            assert!(a.weight == b.weight, "layer {}, {per_pass} a pass", a.layer);
+        }
+    }
+    // a layer asked for twice is refused, naming it
+    let twice = linear::fit(&model, &batches, &lengths, &[1, 2, 1]).unwrap_err();
+    assert_eq!(twice.to_string(), "layer 1 is asked for more than once");
 }
 
 #[test]

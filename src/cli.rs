@@ -85,6 +85,31 @@ pub struct ChoiceArgs {
     /// Train no scalars: score candidates by the loss with scalars at 1, keep them all at 1.
     #[arg(long, help_heading = "Baselines")]
     pub no_scales: bool,
+    #[command(flatten)]
+    pub stand_ins: StandInsFlag,
+}
+
+/// `--linear-attention`, the default since the stand-ins became it: still accepted, so that
+/// command lines written before run as they did.
+#[derive(clap::Args)]
+pub struct StandInsFlag {
+    /// Linear stand-ins for the skipped blocks (the default).
+    #[arg(
+        long = "linear-attention",
+        hide = true,
+        conflicts_with = "linear_attention"
+    )]
+    pub on: bool,
+}
+
+impl StandInsFlag {
+    /// `fit` with the stand-ins on where the flag asks for them.
+    pub fn apply(&self, fit: FitSettings) -> FitSettings {
+        FitSettings {
+            linear_attention: fit.linear_attention || self.on,
+            ..fit
+        }
+    }
 }
 
 impl ChoiceArgs {
@@ -95,7 +120,7 @@ impl ChoiceArgs {
             objective: self.objective,
             skip,
             train_scales: !self.no_scales,
-            ..fit
+            ..self.stand_ins.apply(fit)
         }
     }
 }
@@ -396,6 +421,8 @@ pub struct SweepArgs {
     pub eval: Evaluation,
     #[command(flatten)]
     pub fit: FitSettings,
+    #[command(flatten)]
+    pub stand_ins: StandInsFlag,
     /// Start over: remove the folder's sweep files (needed when the folder holds a sweep
     /// of another model, task file, type, limit or fit settings).
     #[arg(long)]

@@ -271,7 +271,7 @@ fn run(cli: Cli) -> Result<()> {
                 no_scales_too: a.no_scales_too,
                 qtype: QuantType::from_name(&a.eval.qtype)?,
                 limit: a.eval.limit,
-                fit: a.fit,
+                fit: a.stand_ins.apply(a.fit),
                 out_dir: a.output,
                 force: a.force,
                 threads: set_threads(a.eval.threads.count()),

@@ -236,7 +236,14 @@ fn trained_scales_lower_the_loss_of_the_plan() {
         &model,
         &task,
         &none,
-        &["--skip", "2", "--method", "random", "--no-scales"],
+        &[
+            "--skip",
+            "2",
+            "--method",
+            "random",
+            "--no-scales",
+            "--no-linear-attention",
+        ],
     ));
     let plan = Plan::load(&none).unwrap();
     assert_eq!(plan.scales, hopscotch::plan::ScaleValues::ones(4));
@@ -307,11 +314,15 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
         "the loss is measured on the final documents"
     );
 
-    // Without scalars there is no final training and no final documents.
+    // Without scalars or stand-ins there is no final training and no final documents.
     let none = dir.path().join("none.json");
     ok(run(
         &none,
-        &[&base[..], &["--final-docs", "12", "--no-scales"]].concat(),
+        &[
+            &base[..],
+            &["--final-docs", "12", "--no-scales", "--no-linear-attention"],
+        ]
+        .concat(),
     ));
     let none = Plan::load(&none).unwrap();
     assert!(none.first_task.final_doc_ids.is_empty());
@@ -395,8 +406,20 @@ fn a_fit_gives_the_same_plan_at_any_thread_count() {
     let model = write_tiny(dir.path(), &Tiny::llama());
     let task = text_task(dir.path());
     let runs: [&[&str]; 3] = [
-        &["--shortlist", "2", "--final-steps", "3"],
-        &["--shortlist", "2", "--screen-batches", "3"],
+        &[
+            "--shortlist",
+            "2",
+            "--final-steps",
+            "3",
+            "--no-linear-attention",
+        ],
+        &[
+            "--shortlist",
+            "2",
+            "--screen-batches",
+            "3",
+            "--no-linear-attention",
+        ],
         &[
             "--shortlist",
             "2",
@@ -404,7 +427,6 @@ fn a_fit_gives_the_same_plan_at_any_thread_count() {
             "12",
             "--final-steps",
             "2",
-            "--linear-attention",
         ],
     ];
     for (i, args) in runs.iter().enumerate() {
@@ -620,6 +642,14 @@ fn bad_input_fails_with_a_clear_error_and_writes_nothing() {
         &out,
         "missing.gguf",
     );
+
+    // --linear-attention (the default, still accepted) and --no-linear-attention contradict
+    let both = ["--skip", "1", "--linear-attention", "--no-linear-attention"];
+    let o = fit(dir.path(), &model, &task, &out, &both);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    assert!(!out.exists());
 
     // an existing plan is kept unless --force
     std::fs::write(&out, "keep").unwrap();

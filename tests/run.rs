@@ -47,7 +47,8 @@ fn run_fits_exports_evaluates_and_reports() {
     let hf = write_tiny(dir.path(), &Tiny::llama());
     let task = write_task(dir.path());
     let out = dir.path().join("out");
-    let o = tiny_run(&hf, &task, &out, "f16", &[]);
+    // the plain skip (the stand-ins' export is its own test below)
+    let o = tiny_run(&hf, &task, &out, "f16", &["--no-linear-attention"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in [
         "plan.json",
@@ -205,7 +206,11 @@ fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
     let hf = write_tiny(dir.path(), &Tiny::llama());
     let task = write_task(dir.path());
     let out = dir.path().join("out");
-    let run = |extra: &[&str]| tiny_run(&hf, &task, &out, "iq2_xxs", extra);
+    // the plain skip: the skipped layer has no attention weights left to measure
+    let run = |extra: &[&str]| {
+        let plain = [extra, &["--no-linear-attention"]].concat();
+        tiny_run(&hf, &task, &out, "iq2_xxs", &plain)
+    };
     let o = run(&[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
@@ -238,7 +243,8 @@ fn run_with_importance_matrices_quantizes_a_type_that_needs_them() {
     }
 }
 
-/// `run --linear-attention`: the skipped block gets a linear stand-in, exported as a deci
+/// `run` (stand-ins by default; `--linear-attention`, which asked for them before they were the
+/// default, still accepted): the skipped block gets a linear stand-in, exported as a deci
 /// "linear attention" layer (heads, no KV heads, only `attn_norm` and `attn_output`), which
 /// saves the same KV cache as skipping; the slim model's importance matrix covers the
 /// stand-in's `attn_output`.

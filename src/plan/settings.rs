@@ -166,12 +166,12 @@ pub struct FitSettings {
     /// Whether the scalars are trained at all (`--no-scales`: no).
     #[arg(skip = true)]
     pub train_scales: bool,
-    /// Give each skipped block a linear stand-in instead of nothing: an n_embd x n_embd matrix
-    /// on the normed stream, fitted by least squares to the block's output before the search
-    /// (llama.cpp's deci runs it as "linear attention": no KV cache, a matrix product per
-    /// token). The search and the final training run with each candidate replaced by its
-    /// stand-in.
-    #[arg(long)]
+    /// Leave nothing in a skipped block's place (the paper's plain skip). By default each
+    /// skipped block gets a linear stand-in: an n_embd x n_embd matrix on the normed stream,
+    /// fitted by least squares to the block's output before the search (llama.cpp's deci runs
+    /// it as "linear attention": no KV cache, a matrix product per token), and the search and
+    /// the final training run with each candidate replaced by its stand-in.
+    #[arg(long = "no-linear-attention", action = clap::ArgAction::SetFalse)]
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub linear_attention: bool,
     /// The screening signal of the fast search; `None` when every candidate was trained or the
@@ -221,7 +221,7 @@ impl Default for FitSettings {
             exhaustive: false,
             shortlist: 3,
             train_scales: true,
-            linear_attention: false,
+            linear_attention: true,
             screen: None,
             screen_batches: 1,
             rescreen: DEFAULT_RESCREEN,

@@ -10,9 +10,10 @@
 //!
 //! For every layer asked for, `W` minimises `Σ ||W h - a||² + λ ||W||²` over the task's tokens,
 //! `h` the normed stream entering the layer's attention and `a` the block's output, both taken
-//! from the original model (nothing skipped, every scalar 1) in one forward pass: the normal
-//! equations `W (HᵀH + λI) = AᵀH`, with `AᵀH = Wo · (heads)ᵀH` accumulated through the input of
-//! `attn_output`, solved by a Cholesky factorisation in f64.
+//! from the original model (nothing skipped, every scalar 1) in one forward pass, which computes
+//! the tokens all of a batch's sequences begin with once and counts their products once per
+//! sequence: the normal equations `W (HᵀH + λI) = AᵀH`, with `AᵀH = Wo · (heads)ᵀH` accumulated
+//! through the input of `attn_output`, solved by a Cholesky factorisation in f64.
 //!
 //! `λ` is chosen per layer by two-fold cross-validation over the documents: the sums are kept
 //! for the even and the odd documents apart, each of [`RIDGES`] fits one half and is scored by
@@ -309,30 +310,43 @@ pub fn fit_sized(
         // into `out`; the stream leaving `last`.
         let batch_sums =
             |j: usize, stream: Option<Tensor>, out: &mut [Halves]| -> Result<Tensor, LinearError> {
-                let rows = half_rows(&batches[j], &lengths[j], &row_docs[j])?;
-                let pass = model.pass(&batches[j].input_ids, &scales, &skip, false)?;
+                // the rows every sequence begins with computed once, unless a row's real tokens
+                // are fewer
+                let ids = &batches[j].input_ids;
+                let shared = model.pass_sharing_prefix(ids, &scales, &skip, false)?;
+                let pass = if lengths[j].iter().all(|&len| len >= shared.shared_prefix()) {
+                    shared
+                } else {
+                    model.pass(ids, &scales, &skip, false)?
+                };
+                let prefix = pass.shared_prefix();
+                let rows = half_rows(&batches[j], &lengths[j], &row_docs[j], prefix)?;
                 let mut x = match stream {
                     Some(x) => x,
                     None => pass.embed()?,
                 };
-                let mut h_of_layer: [Option<Tensor>; 2] = [None, None];
+                let mut h_of_layer: Option<Tensor> = None;
                 let mut tap = |input: WeightInput, x: &Tensor| -> Result<(), ModelError> {
                     match input {
                         WeightInput::Qkv(l) if group.contains(&l) => {
-                            for (half, idx) in rows.iter().enumerate() {
-                                if let Some(idx) = idx {
-                                    let h = x.index_select(idx, 0)?.to_dtype(DType::F32)?;
-                                    add(&mut out[l][half].gram, h.t()?.matmul(&h)?)?;
-                                    h_of_layer[half] = Some(h);
+                            let h = x.to_dtype(DType::F32)?;
+                            let p = prefix_product(&h, &h, prefix)?;
+                            for (half, r) in rows.iter().enumerate() {
+                                if let Some(g) = half_product(&h, &h, r, p.as_ref())? {
+                                    add(&mut out[l][half].gram, g)?;
                                 }
                             }
+                            h_of_layer = Some(h);
                         }
                         WeightInput::AttnOutput(l) if group.contains(&l) => {
                             // q/k/v's input came just before the heads
-                            for (half, idx) in rows.iter().enumerate() {
-                                if let (Some(idx), Some(h)) = (idx, h_of_layer[half].take()) {
-                                    let heads = x.index_select(idx, 0)?.to_dtype(DType::F32)?;
-                                    add(&mut out[l][half].cross, heads.t()?.matmul(&h)?)?;
+                            if let Some(h) = h_of_layer.take() {
+                                let heads = x.to_dtype(DType::F32)?;
+                                let p = prefix_product(&heads, &h, prefix)?;
+                                for (half, r) in rows.iter().enumerate() {
+                                    if let Some(c) = half_product(&heads, &h, r, p.as_ref())? {
+                                        add(&mut out[l][half].cross, c)?;
+                                    }
                                 }
                             }
                         }
@@ -506,31 +520,82 @@ fn prefix_inputs(
     Ok(out)
 }
 
-/// The flat row indices (into `(b * t, ·)`) of the batch's real tokens in the even and in the
-/// odd documents (`docs`: each row's document, counted over all batches); `None` for a half with
-/// no tokens here.
+/// One half's rows of a batch in a pass's stream.
+struct HalfRows {
+    /// The flat indices of its sequences' own real tokens (those after the shared prefix);
+    /// `None` when it has none here.
+    own: Option<Tensor>,
+    /// Its sequences in the batch: each holds the shared prefix once more.
+    sequences: usize,
+}
+
+/// The even and the odd documents' rows (`docs`: each row's document, counted over all
+/// batches) of a batch of `lengths` real tokens per row, in the stream of a pass that holds
+/// the first `prefix` positions once (`(prefix + b * (t - prefix), ·)`; `prefix` 0: one row per
+/// token, `(b * t, ·)`). Every row holds at least `prefix` real tokens.
 fn half_rows(
     batch: &TrainBatch,
     lengths: &[usize],
     docs: &[usize],
-) -> candle_core::Result<[Option<Tensor>; 2]> {
+    prefix: usize,
+) -> candle_core::Result<[HalfRows; 2]> {
     let (_, t) = batch.input_ids.dims2()?;
+    let own_len = t - prefix;
     let mut rows: [Vec<u32>; 2] = [Vec::new(), Vec::new()];
+    let mut sequences = [0usize; 2];
     for (r, (&len, &doc)) in lengths.iter().zip(docs).enumerate() {
-        let half = &mut rows[doc % 2];
-        half.extend((r * t..r * t + len.min(t)).map(|i| i as u32));
+        let start = prefix + r * own_len;
+        rows[doc % 2].extend((start..start + len.min(t) - prefix).map(|i| i as u32));
+        sequences[doc % 2] += 1;
     }
     let device = batch.input_ids.device();
     let [even, odd] = rows;
-    let tensor = |v: Vec<u32>| {
-        (!v.is_empty())
-            .then(|| {
-                let n = v.len();
-                Tensor::from_vec(v, n, device)
-            })
-            .transpose()
+    let half = |v: Vec<u32>, sequences: usize| -> candle_core::Result<HalfRows> {
+        let own = if v.is_empty() {
+            None
+        } else {
+            let n = v.len();
+            Some(Tensor::from_vec(v, n, device)?)
+        };
+        Ok(HalfRows { own, sequences })
     };
-    Ok([tensor(even)?, tensor(odd)?])
+    Ok([half(even, sequences[0])?, half(odd, sequences[1])?])
+}
+
+/// `aᵀb` over one half's rows of a stream (`a` and `b` two tapped inputs, stream rows):
+/// `prefixed`, the product over the shared prefix's rows, once per sequence of the half, and the
+/// product over the half's own rows.
+fn half_product(
+    a: &Tensor,
+    b: &Tensor,
+    half: &HalfRows,
+    prefixed: Option<&Tensor>,
+) -> candle_core::Result<Option<Tensor>> {
+    let mut sum = match prefixed {
+        Some(p) if half.sequences == 1 => Some(p.clone()),
+        Some(p) if half.sequences > 1 => Some((p * half.sequences as f64)?),
+        _ => None,
+    };
+    if let Some(idx) = &half.own {
+        let own = a
+            .index_select(idx, 0)?
+            .t()?
+            .matmul(&b.index_select(idx, 0)?)?;
+        add(&mut sum, own)?;
+    }
+    Ok(sum)
+}
+
+/// `aᵀb` over the first `prefix` rows of `a` and `b`; `None` when `prefix` is 0.
+fn prefix_product(a: &Tensor, b: &Tensor, prefix: usize) -> candle_core::Result<Option<Tensor>> {
+    if prefix == 0 {
+        return Ok(None);
+    }
+    Ok(Some(
+        a.narrow(0, 0, prefix)?
+            .t()?
+            .matmul(&b.narrow(0, 0, prefix)?)?,
+    ))
 }
 
 /// One half of the documents' sums for a layer, in f64.

@@ -567,8 +567,9 @@ fn stand_ins_do_not_depend_on_how_the_layers_are_grouped() {
 
 #[test]
 fn stand_ins_do_not_depend_on_how_the_documents_are_batched() {
-    // twelve documents sharing a 5-token prefix, in 3 batches of 4 and in 4 of 3 (the same
-    // order): the halves go by document, so the sums, the ridge and the stand-ins are the same
+    // twelve documents sharing a 5-token prefix, in 3 batches of 4, 4 of 3 and 12 of 1 (the
+    // same order): the halves go by document and a batch's shared prefix counts once per row,
+    // so the sums, the ridge and the stand-ins are the same
     let (model, _, _, _) = dead_block_setup(3);
     let mut rng = StdRng::seed_from_u64(8);
     let vocab = model.arch().vocab_size as u32;
@@ -595,8 +596,9 @@ fn stand_ins_do_not_depend_on_how_the_documents_are_batched() {
             .unwrap()
             .stand_ins
     };
-    let (fours, threes) = (batched(4), batched(3));
-    for (a, b) in fours.iter().zip(&threes) {
+    // batches of one row hold their prefix as their own rows; the others share it once
+    let (fours, threes, ones) = (batched(4), batched(3), batched(1));
+    for (a, b) in fours.iter().zip(&threes).chain(fours.iter().zip(&ones)) {
         assert_eq!(a.layer, b.layer);
         let worst = a
             .weight

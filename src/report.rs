@@ -219,7 +219,8 @@ pub struct RunReport {
     pub objective: String,
     /// Blocks skipped in the order chosen.
     pub skipped_blocks: Vec<usize>,
-    /// Whether the skipped blocks have linear stand-ins (`--linear-attention`).
+    /// Whether the skipped blocks have linear stand-ins (the default; not with
+    /// `--no-linear-attention`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub linear_stand_ins: bool,
     /// The greedy rounds.

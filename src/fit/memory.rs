@@ -15,9 +15,9 @@
 //!   [`LOGIT_ROWS`] targets, or whole rows at every target for a full teacher) and a batch scored
 //!   without gradients (its layers' transient tensors and the whole-vocabulary logits of one run
 //!   of targets, while the screening or the teacher runs);
-//! - the residual stream cached at every layer for the screening or, with `--linear-attention`,
-//!   the stand-ins' sums and solves before it ([`linear::fit_bytes`]), whichever is larger, and
-//!   the stand-ins kept for the search ([`linear::kept_bytes`]);
+//! - the residual stream cached at every layer for the screening or, unless
+//!   `--no-linear-attention`, the stand-ins' sums and solves before it ([`linear::fit_bytes`]),
+//!   whichever is larger, and the stand-ins kept for the search ([`linear::kept_bytes`]);
 //! - [`FIXED_BYTES`] for the binary, llama.cpp, the tokenizer and the allocator.
 //!
 //! Every sequence is counted at `--max-seq-len`, every position as a target, and no prefix as

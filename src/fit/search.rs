@@ -84,8 +84,9 @@ pub struct SearchInput<'a> {
     pub batches: &'a [TrainBatch],
     /// Per batch, each row's real length.
     pub lengths: &'a [Vec<usize>],
-    /// Linear stand-ins (`--linear-attention`): a block that has one is replaced by it where it
-    /// is skipped, in the search and in the final training; empty: blocks are skipped outright.
+    /// Linear stand-ins (the default; none with `--no-linear-attention`): a block that has one
+    /// is replaced by it where it is skipped, in the search and in the final training; empty:
+    /// blocks are skipped outright.
     pub stand_ins: &'a [LinearAttention],
 }
 

@@ -292,8 +292,8 @@ pub struct FitTask {
     /// The final training's data when scalars are trained on more documents than the fit
     /// (`--final-docs`).
     pub final_data: Option<data::FitData>,
-    /// With `--linear-attention`, a linear stand-in for every block that can be skipped (layers
-    /// 1 and up), fitted on the final training's documents.
+    /// Unless `--no-linear-attention`, a linear stand-in for every block that can be skipped
+    /// (layers 1 and up), fitted on the final training's documents.
     pub stand_ins: Vec<LinearAttention>,
 }
 

@@ -43,18 +43,6 @@ fn malloc_settings() {
     }
 }
 
-/// Hands the pages of the freed memory in glibc's heap back to the kernel (`malloc_trim`): after
-/// a phase whose large buffers the rest of the fit will not reuse (the stand-ins' sums), which
-/// [`malloc_settings`] would otherwise keep resident to the end.
-pub fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` only returns free pages of the heap to the kernel; live allocations
-    // are untouched.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// `f(0), f(1), ..., f(n - 1)`, in that order, computed side by side on rayon's pool when
 /// `device` is the CPU and one after another otherwise; the first error (in rayon's order of
 /// finding it) is returned instead.

@@ -348,8 +348,6 @@ impl FitTask {
             let fitted = final_data.as_ref().unwrap_or(&data);
             let layers: Vec<usize> = (1..model.ck.arch.n_layer).collect();
             let fitted_ins = linear::fit(&model.model, &fitted.batches, &fitted.lengths, &layers)?;
-            // the sums, a gigabyte or more at real widths, are freed and not needed again
-            super::parallel::release_freed_memory();
             progress.note(&format!(
                 "linear stand-ins for layers 1-{} fitted by least squares on {} documents in {:.1} s, \
                  ridges (relative to the stream's mean square, chosen on held-out documents) {}",

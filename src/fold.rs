@@ -237,7 +237,7 @@ impl Fold {
         self.linear
             .iter()
             .find(|a| a.layer == l)
-            .map(|a| a.weight.as_slice())
+            .map(|a| &a.weight[..])
     }
 
     /// Whether the fold changes tensor `name`'s values (a multiplier other than 1, or a

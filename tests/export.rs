@@ -108,7 +108,10 @@ fn check_fold(tiny: Tiny, skipped: &[usize], linear: &[usize], negative: bool, e
         let (_, weight) = folded
             .tensor_f32(&format!("blk.{layer}.attn_output.weight"))
             .unwrap();
-        ones.linear.push(LinearAttention { layer, weight });
+        ones.linear.push(LinearAttention {
+            layer,
+            weight: weight.into(),
+        });
     }
     let plain = candle_logits(&folded, &ones, &skip, &toks);
     let (d_fold, scale) = max_abs_diff(&gated, &plain);

@@ -239,7 +239,10 @@ fn hf_export_converts_back_to_the_direct_export() {
             .checkpoint
             .tensor_f32(&format!("blk.{layer}.attn_output.weight"))
             .unwrap();
-        ones.linear.push(LinearAttention { layer, weight });
+        ones.linear.push(LinearAttention {
+            layer,
+            weight: weight.into(),
+        });
     }
     let source = WithDropped {
         deci: &deci.checkpoint,

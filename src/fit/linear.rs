@@ -125,9 +125,11 @@ pub fn fit_bytes(
     sums + solves
 }
 
-/// The stand-ins of `layers` layers of width `d`, f32, kept for the search once fitted.
+/// The stand-ins of `layers` layers of width `d`, f32, kept for the search once fitted: their
+/// values (shared by every copy of the scales that holds them) and the tensors of the graph that
+/// reads them.
 pub fn kept_bytes(d: usize, layers: usize) -> u64 {
-    (4 * d * d * layers) as u64
+    (2 * 4 * d * d * layers) as u64
 }
 
 /// Errors fitting the stand-ins.
@@ -658,7 +660,11 @@ fn solve_layer(
     substitute(&gram, &mut target, d)?;
     let stand_in = LinearAttention {
         layer: l,
-        weight: target.into_iter().map(|v| v as f32).collect(),
+        weight: target
+            .into_iter()
+            .map(|v| v as f32)
+            .collect::<Vec<_>>()
+            .into(),
     };
     Ok((stand_in, lambda / scale))
 }
@@ -1074,7 +1080,7 @@ mod tests {
             fit_bytes(4096, 4096, 31, 2, 64, 256),
             GROUP_BYTES + streams + 2 * solve(4096)
         );
-        assert_eq!(kept_bytes(4096, 31), 4 * 4096 * 4096 * 31);
+        assert_eq!(kept_bytes(4096, 31), 2 * 4 * 4096 * 4096 * 31);
         // wider than a group can hold: one layer a group
         assert_eq!(Sizing::of(16384, 16384, 8, 2).layers, 1);
         // one thread solves one layer at a time

@@ -882,7 +882,7 @@ fn stand_ins_of_the_wrong_shape_or_layer_are_refused() {
     };
     let ok = |layer| LinearAttention {
         layer,
-        weight: vec![0.1; d * d],
+        weight: vec![0.1; d * d].into(),
     };
     assert!(model.scales(&with(vec![ok(1), ok(2)])).is_ok());
     let message = |v| match model.scales(&with(v)) {
@@ -902,14 +902,18 @@ fn stand_ins_of_the_wrong_shape_or_layer_are_refused() {
     );
     let short = LinearAttention {
         layer: 1,
-        weight: vec![0.1; d],
+        weight: vec![0.1; d].into(),
     };
     assert_eq!(
         message(vec![short]),
         format!("linear stand-in of layer 1: {d} values, expected {d} x {d}")
     );
-    let mut nan = ok(2);
-    nan.weight[5] = f32::NAN;
+    let mut weight = vec![0.1; d * d];
+    weight[5] = f32::NAN;
+    let nan = LinearAttention {
+        layer: 2,
+        weight: weight.into(),
+    };
     assert_eq!(
         message(vec![nan]),
         "linear stand-in of layer 2: value 5 is not finite"

@@ -3,6 +3,7 @@
 //! the candle model turns them into variables (`crate::model::Scales`).
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// A layer index past the model's last layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -66,8 +67,9 @@ pub struct LinearAttention {
     /// The layer whose attention block it stands in for.
     pub layer: usize,
     /// `W`, row-major `(n_embd out, n_embd in)`; in a plan, base64 of little-endian f32.
+    /// Shared: cloning a stand-in (or the [`ScaleValues`] holding it) does not copy `W`.
     #[serde(with = "f32_base64")]
-    pub weight: Vec<f32>,
+    pub weight: Arc<[f32]>,
 }
 
 /// What is wrong with one linear stand-in.
@@ -114,10 +116,11 @@ impl LinearAttention {
     }
 }
 
-/// Serde for a `Vec<f32>` as one base64 string of its little-endian bytes (a 576 x 576 matrix
+/// Serde for an `Arc<[f32]>` as one base64 string of its little-endian bytes (a 576 x 576 matrix
 /// takes 1.77 MB instead of about 3.5 MB of JSON numbers, and reads back bit for bit).
 mod f32_base64 {
     use serde::{Deserialize, Deserializer, Serializer};
+    use std::sync::Arc;
 
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
@@ -126,7 +129,7 @@ mod f32_base64 {
         s.serialize_str(&encode(&bytes))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<f32>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[f32]>, D::Error> {
         let text = String::deserialize(d)?;
         let bytes = decode(&text).map_err(serde::de::Error::custom)?;
         if bytes.len() % 4 != 0 {
@@ -260,7 +263,7 @@ mod tests {
         }
         let a = LinearAttention {
             layer: 2,
-            weight: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0e38, -1e-30],
+            weight: vec![1.5, -0.0, f32::MIN_POSITIVE, 3.0e38, -1e-30].into(),
         };
         let json = serde_json::to_string(&a).unwrap();
         let back: LinearAttention = serde_json::from_str(&json).unwrap();

@@ -458,7 +458,10 @@ pub fn add_stand_ins(
         plan.scales.s_att[layer] = rng.gen_range(0.7..1.3);
         plan.scales.linear.push(LinearAttention {
             layer,
-            weight: (0..d * d).map(|_| rng.gen_range(-0.2..0.2)).collect(),
+            weight: (0..d * d)
+                .map(|_| rng.gen_range(-0.2..0.2))
+                .collect::<Vec<f32>>()
+                .into(),
         });
     }
 }

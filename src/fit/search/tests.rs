@@ -603,7 +603,7 @@ fn stand_ins_do_not_depend_on_how_the_documents_are_batched() {
         let worst = a
             .weight
             .iter()
-            .zip(&b.weight)
+            .zip(b.weight.iter())
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         assert!(worst <= 1e-4, "layer {}: {worst}", a.layer);

@@ -28,7 +28,7 @@ use candle_core::{DType, Tensor};
 use crate::fit::batch::TrainBatch;
 use crate::fit::parallel;
 use crate::model::ops::runs;
-use crate::model::{Model, ModelError, WeightInput};
+use crate::model::{Model, ModelError, Scales, WeightInput};
 use crate::plan::{LinearAttention, ScaleValues};
 use crate::task;
 
@@ -272,7 +272,6 @@ pub fn fit_sized(
     let (n_layer, d) = model_size(model, layers)?;
     let n_batches = batches.len().min(lengths.len());
     let scales = model.scales(&ScaleValues::ones(n_layer))?;
-    let skip = vec![false; n_layer];
     // each row's document, counted over all batches: its parity picks the half
     let mut docs_before = 0;
     let row_docs: Vec<Vec<usize>> = batches[..n_batches]
@@ -285,16 +284,19 @@ pub fn fit_sized(
         })
         .collect();
     // the tokens the documents of each task start with, and how many of each half's rows hold
-    // them
-    let wanted: Vec<bool> = (0..n_layer).map(|l| layers.contains(&l)).collect();
+    // them; their inputs and heads are taken from the first row of the task's first batch
     let groups = prefix_groups(&batches[..n_batches], &lengths[..n_batches])?;
     let mut prefixes = Vec::with_capacity(groups.len());
-    for group in &groups {
+    let mut prefix_of_batch: Vec<Option<(usize, usize)>> = vec![None; n_batches];
+    for (g, group) in groups.iter().enumerate() {
         let mut rows_per_half = [0usize; 2];
         for &doc in row_docs[group.batches.clone()].iter().flatten() {
             rows_per_half[doc % 2] += 1;
         }
-        let inputs = prefix_inputs(model, &batches[group.batches.start], group.shared, &wanted)?;
+        if group.shared > 0 {
+            prefix_of_batch[group.batches.start] = Some((g, group.shared));
+        }
+        let inputs: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layer];
         prefixes.push((inputs, rows_per_half));
     }
     let mut ascending = layers.to_vec();
@@ -307,65 +309,39 @@ pub fn fit_sized(
         let last = group[group.len() - 1];
         let more = last < ascending[ascending.len() - 1];
         let mut sums = halves_per_layer(n_layer);
-        // Runs batch `j` from `stream` (the stream entering `entering`, or the embedding)
-        // through layer `last`, adding `HᵀH` and `(heads)ᵀH` of the group's layers per half
-        // into `out`; the stream leaving `last`.
-        let batch_sums =
-            |j: usize, stream: Option<Tensor>, out: &mut [Halves]| -> Result<Tensor, LinearError> {
-                // the rows every sequence begins with computed once, unless a row's real tokens
-                // are fewer
-                let ids = &batches[j].input_ids;
-                let shared = model.pass_sharing_prefix(ids, &scales, &skip, false)?;
-                let pass = if lengths[j].iter().all(|&len| len >= shared.shared_prefix()) {
-                    shared
-                } else {
-                    model.pass(ids, &scales, &skip, false)?
-                };
-                let prefix = pass.shared_prefix();
-                let rows = half_rows(&batches[j], &lengths[j], &row_docs[j], prefix)?;
-                let mut x = match stream {
-                    Some(x) => x,
-                    None => pass.embed()?,
-                };
-                let mut h_of_layer: Option<Tensor> = None;
-                let mut tap = |input: WeightInput, x: &Tensor| -> Result<(), ModelError> {
-                    match input {
-                        WeightInput::Qkv(l) if group.contains(&l) => {
-                            let h = x.to_dtype(DType::F32)?;
-                            let p = prefix_product(&h, &h, prefix)?;
-                            for (half, r) in rows.iter().enumerate() {
-                                if let Some(g) = half_product(&h, &h, r, p.as_ref())? {
-                                    add(&mut out[l][half].gram, g)?;
-                                }
-                            }
-                            h_of_layer = Some(h);
-                        }
-                        WeightInput::AttnOutput(l) if group.contains(&l) => {
-                            // q/k/v's input came just before the heads
-                            if let Some(h) = h_of_layer.take() {
-                                let heads = x.to_dtype(DType::F32)?;
-                                let p = prefix_product(&heads, &h, prefix)?;
-                                for (half, r) in rows.iter().enumerate() {
-                                    if let Some(c) = half_product(&heads, &h, r, p.as_ref())? {
-                                        add(&mut out[l][half].cross, c)?;
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
+        let pass = GroupPass {
+            model,
+            scales: &scales,
+            batches,
+            lengths,
+            row_docs: &row_docs,
+            group,
+            entering,
+        };
+        let batch_sums = |j: usize, stream: Option<Tensor>, out: &mut [Halves]| {
+            pass.run(
+                j,
+                stream,
+                prefix_of_batch[j].map_or(0, |(_, shared)| shared),
+                out,
+            )
+        };
+        // keeps a batch's stream for the next group, and its task's shared rows
+        let mut keep = |streams: &mut [Option<Tensor>], j: usize, batch: Batch| {
+            if let Some((g, _)) = prefix_of_batch[j] {
+                for (slot, rows) in prefixes[g].0.iter_mut().zip(batch.task_rows) {
+                    if rows.is_some() {
+                        *slot = rows;
                     }
-                    Ok(())
-                };
-                for l in entering..=last {
-                    x = pass.layer(l, &x, Some(&mut tap))?.out;
                 }
-                Ok(x)
-            };
+            }
+            streams[j] = more.then_some(batch.stream);
+        };
         if sizing.batches <= 1 {
             // one batch at a time, straight into the halves
-            for (j, stream) in streams.iter_mut().enumerate() {
-                let out = batch_sums(j, stream.take(), &mut sums)?;
-                *stream = more.then_some(out);
+            for j in 0..n_batches {
+                let batch = batch_sums(j, streams[j].take(), &mut sums)?;
+                keep(&mut streams, j, batch);
             }
         } else {
             // a few batches side by side, their sums added in batch order
@@ -373,15 +349,15 @@ pub fn fit_sized(
                 let done = parallel::map(model.device(), n, |i| {
                     let mut out = halves_per_layer(n_layer);
                     batch_sums(start + i, streams[start + i].clone(), &mut out)
-                        .map(|stream| (out, stream))
+                        .map(|batch| (out, batch))
                 })?;
-                for (i, (batch, stream)) in done.into_iter().enumerate() {
-                    for (sum, b) in sums.iter_mut().zip(batch) {
+                for (i, (halves, batch)) in done.into_iter().enumerate() {
+                    for (sum, b) in sums.iter_mut().zip(halves) {
                         let [even, odd] = b;
                         sum[0].add(even)?;
                         sum[1].add(odd)?;
                     }
-                    streams[start + i] = more.then_some(stream);
+                    keep(&mut streams, start + i, batch);
                 }
             }
         }
@@ -490,36 +466,116 @@ fn prefix_groups(
     Ok(groups.into_iter().map(|(g, _)| g).collect())
 }
 
-/// Per layer, for the wanted ones, the first `shared` positions' normed stream `(shared, d)`
-/// and heads `(shared, q_dim)` (f32), from `batch`'s first row alone; `None` for every layer
-/// when nothing is shared.
-fn prefix_inputs(
-    model: &Model,
-    batch: &TrainBatch,
-    shared: usize,
-    wanted: &[bool],
-) -> Result<Vec<Option<(Tensor, Tensor)>>, LinearError> {
-    let n_layer = wanted.len();
-    let mut out: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layer];
-    if shared == 0 {
-        return Ok(out);
-    }
-    let ids = batch.input_ids.narrow(0, 0, 1)?.narrow(1, 0, shared)?;
-    let scales = model.scales(&ScaleValues::ones(n_layer))?;
-    let mut h_of_layer: Option<Tensor> = None;
-    model.weight_inputs_no_grad(&ids, &scales, &vec![false; n_layer], &mut |input, x| {
-        match input {
-            WeightInput::Qkv(l) if wanted[l] => h_of_layer = Some(x.to_dtype(DType::F32)?),
-            WeightInput::AttnOutput(l) if wanted[l] => {
-                if let Some(h) = h_of_layer.take() {
-                    out[l] = Some((h, x.to_dtype(DType::F32)?));
+/// What every batch's pass over a group of layers reads.
+struct GroupPass<'a> {
+    model: &'a Model,
+    /// Every scalar 1, no stand-in.
+    scales: &'a Scales,
+    batches: &'a [TrainBatch],
+    lengths: &'a [Vec<usize>],
+    /// Per batch, each row's document.
+    row_docs: &'a [Vec<usize>],
+    /// The group's layers, ascending.
+    group: &'a [usize],
+    /// The layer the streams handed to [`GroupPass::run`] enter.
+    entering: usize,
+}
+
+impl GroupPass<'_> {
+    /// Runs batch `j` from `stream` (the stream entering `entering`, or the embedding) through
+    /// the group's last layer, adding `HᵀH` and `(heads)ᵀH` of the group's layers per half
+    /// into `out`; the stream leaving that layer, and the group's layers' inputs and heads at
+    /// the first `task_prefix` positions of the batch's first row (none for 0).
+    fn run(
+        &self,
+        j: usize,
+        stream: Option<Tensor>,
+        task_prefix: usize,
+        out: &mut [Halves],
+    ) -> Result<Batch, LinearError> {
+        let n_layer = self.model.arch().n_layer;
+        let last = self.group[self.group.len() - 1];
+        let skip = vec![false; n_layer];
+        // the rows every sequence begins with computed once, unless a row's real tokens
+        // are fewer
+        let ids = &self.batches[j].input_ids;
+        let shared = self
+            .model
+            .pass_sharing_prefix(ids, self.scales, &skip, false)?;
+        let pass = if self.lengths[j]
+            .iter()
+            .all(|&len| len >= shared.shared_prefix())
+        {
+            shared
+        } else {
+            self.model.pass(ids, self.scales, &skip, false)?
+        };
+        let prefix = pass.shared_prefix();
+        let rows = half_rows(
+            &self.batches[j],
+            &self.lengths[j],
+            &self.row_docs[j],
+            prefix,
+        )?;
+        let mut x = match stream {
+            Some(x) => x,
+            None => pass.embed()?,
+        };
+        // the task's shared positions are the first row's first ones, whether the pass holds
+        // a prefix once or not
+        let mut task_rows: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layer];
+        let mut h_of_layer: Option<Tensor> = None;
+        let mut tap = |input: WeightInput, x: &Tensor| -> Result<(), ModelError> {
+            match input {
+                WeightInput::Qkv(l) if self.group.contains(&l) => {
+                    let h = x.to_dtype(DType::F32)?;
+                    let p = prefix_product(&h, &h, prefix)?;
+                    for (half, r) in rows.iter().enumerate() {
+                        if let Some(g) = half_product(&h, &h, r, p.as_ref())? {
+                            add(&mut out[l][half].gram, g)?;
+                        }
+                    }
+                    h_of_layer = Some(h);
                 }
+                WeightInput::AttnOutput(l) if self.group.contains(&l) => {
+                    // q/k/v's input came just before the heads
+                    if let Some(h) = h_of_layer.take() {
+                        let heads = x.to_dtype(DType::F32)?;
+                        let p = prefix_product(&heads, &h, prefix)?;
+                        for (half, r) in rows.iter().enumerate() {
+                            if let Some(c) = half_product(&heads, &h, r, p.as_ref())? {
+                                add(&mut out[l][half].cross, c)?;
+                            }
+                        }
+                        if task_prefix > 0 {
+                            // copies, so as not to hold the whole batch's rows
+                            let first = |t: &Tensor| t.narrow(0, 0, task_prefix)?.copy();
+                            task_rows[l] = Some((first(&h)?, first(&heads)?));
+                        }
+                    }
+                }
+                _ => {}
             }
-            _ => {}
+            Ok(())
+        };
+        for l in self.entering..=last {
+            x = pass.layer(l, &x, Some(&mut tap))?.out;
         }
-        Ok(())
-    })?;
-    Ok(out)
+        Ok(Batch {
+            stream: x,
+            task_rows,
+        })
+    }
+}
+
+/// What a batch's pass over a group of layers leaves.
+struct Batch {
+    /// The residual stream leaving the group's last layer.
+    stream: Tensor,
+    /// Per layer of the group, where the batch is the first of its task's: the normed stream
+    /// `(shared, d)` and heads `(shared, q_dim)` (f32) at the positions the task's documents
+    /// share.
+    task_rows: Vec<Option<(Tensor, Tensor)>>,
 }
 
 /// One half's rows of a batch in a pass's stream.
@@ -1270,6 +1326,100 @@ mod tests {
             "5e-4 to 0.013, median 0.013"
         );
         assert_eq!(fitted(Vec::new()).ridge_range(), "none");
+    }
+
+    #[test]
+    fn a_tasks_shared_rows_are_taken_from_its_first_batch_as_if_computed_alone() {
+        // the rows the ridge's score leaves out are taken from the pass of the task's first
+        // batch: the same as a pass over those positions alone, whether that pass holds the
+        // batch's prefix once (several rows), not at all (one row), or is the plain pass (a
+        // row ends before the prefix its padding shares with the others)
+        use crate::arch::Arch;
+        use crate::model::tests::{random_source, tiny_arch};
+        use candle_core::Device;
+        let arch = Arch {
+            n_layer: 4,
+            ..tiny_arch()
+        };
+        let model = Model::load(&random_source(&arch, 3), &Device::Cpu).unwrap();
+        let scales = model.scales(&ScaleValues::ones(arch.n_layer)).unwrap();
+        let mut rng = StdRng::seed_from_u64(4);
+        let mut token = || rng.gen_range(1..arch.vocab_size as u32);
+        let prefix: Vec<u32> = (0..6).map(|_| token()).collect();
+        let with = |own: Vec<u32>| [prefix.clone(), own].concat();
+        let shared = 4;
+        let cases = [
+            vec![
+                with(vec![token(), token()]),
+                with(vec![token()]),
+                with(vec![token(); 3]),
+            ],
+            vec![with(vec![token(), token()])],
+            vec![prefix.clone(), with(vec![0, 0, token()])],
+        ];
+        // the positions alone, as a pass of their own
+        let ids = Tensor::from_vec(prefix[..shared].to_vec(), (1, shared), &Device::Cpu).unwrap();
+        let mut alone: Vec<Option<(Tensor, Tensor)>> = vec![None; arch.n_layer];
+        let mut h_of_layer = None;
+        let skip = vec![false; arch.n_layer];
+        model
+            .weight_inputs_no_grad(&ids, &scales, &skip, &mut |input, x| {
+                match input {
+                    WeightInput::Qkv(_) => h_of_layer = Some(x.clone()),
+                    WeightInput::AttnOutput(l) => {
+                        alone[l] = h_of_layer.take().map(|h| (h, x.clone()));
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })
+            .unwrap();
+        let group = [1, 3];
+        for (c, docs) in cases.iter().enumerate() {
+            let masks: Vec<Vec<bool>> = docs
+                .iter()
+                .map(|s| (0..s.len()).map(|j| j > 0).collect())
+                .collect();
+            let batch = TrainBatch::from_sequences(docs, &masks, 0, &Device::Cpu).unwrap();
+            let lengths = vec![docs.iter().map(Vec::len).collect::<Vec<_>>()];
+            let row_docs = vec![batch_docs(&batch, docs.len(), 0)];
+            let pass = GroupPass {
+                model: &model,
+                scales: &scales,
+                batches: std::slice::from_ref(&batch),
+                lengths: &lengths,
+                row_docs: &row_docs,
+                group: &group,
+                entering: 0,
+            };
+            let mut out = halves_per_layer(arch.n_layer);
+            let kept = pass.run(0, None, shared, &mut out).unwrap().task_rows;
+            for (l, kept) in kept.iter().enumerate() {
+                let Some((h, heads)) = kept else {
+                    assert!(!group.contains(&l), "case {c}: layer {l} has no rows");
+                    continue;
+                };
+                assert!(
+                    group.contains(&l),
+                    "case {c}: layer {l} is not in the group"
+                );
+                let (h_alone, heads_alone) = alone[l].as_ref().unwrap();
+                for (got, want) in [(h, h_alone), (heads, heads_alone)] {
+                    assert_eq!(got.dims(), want.dims(), "case {c}, layer {l}");
+                    let worst = (got - want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(worst <= 1e-5, "case {c}, layer {l}: {worst}");
+                }
+            }
+            let none = pass.run(0, None, 0, &mut out).unwrap().task_rows;
+            assert!(none.iter().all(Option::is_none), "case {c}");
+        }
     }
 
     #[test]

@@ -287,14 +287,15 @@ pub fn fit_sized(
     // them; their inputs and heads are taken from the first row of the task's first batch
     let groups = prefix_groups(&batches[..n_batches], &lengths[..n_batches])?;
     let mut prefixes = Vec::with_capacity(groups.len());
-    let mut prefix_of_batch: Vec<Option<(usize, usize)>> = vec![None; n_batches];
+    // per batch, the task whose shared rows its pass keeps (the task's first batch)
+    let mut prefix_of_batch: Vec<Option<usize>> = vec![None; n_batches];
     for (g, group) in groups.iter().enumerate() {
         let mut rows_per_half = [0usize; 2];
         for &doc in row_docs[group.batches.clone()].iter().flatten() {
             rows_per_half[doc % 2] += 1;
         }
         if group.shared > 0 {
-            prefix_of_batch[group.batches.start] = Some((g, group.shared));
+            prefix_of_batch[group.batches.start] = Some(g);
         }
         let inputs: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layer];
         prefixes.push((inputs, rows_per_half));
@@ -318,17 +319,10 @@ pub fn fit_sized(
             group,
             entering,
         };
-        let batch_sums = |j: usize, stream: Option<Tensor>, out: &mut [Halves]| {
-            pass.run(
-                j,
-                stream,
-                prefix_of_batch[j].map_or(0, |(_, shared)| shared),
-                out,
-            )
-        };
+        let task_prefix = |j: usize| prefix_of_batch[j].map_or(0, |g| groups[g].shared);
         // keeps a batch's stream for the next group, and its task's shared rows
         let mut keep = |streams: &mut [Option<Tensor>], j: usize, batch: Batch| {
-            if let Some((g, _)) = prefix_of_batch[j] {
+            if let Some(g) = prefix_of_batch[j] {
                 for (slot, rows) in prefixes[g].0.iter_mut().zip(batch.task_rows) {
                     if rows.is_some() {
                         *slot = rows;
@@ -340,7 +334,7 @@ pub fn fit_sized(
         if sizing.batches <= 1 {
             // one batch at a time, straight into the halves
             for j in 0..n_batches {
-                let batch = batch_sums(j, streams[j].take(), &mut sums)?;
+                let batch = pass.run(j, streams[j].take(), task_prefix(j), &mut sums)?;
                 keep(&mut streams, j, batch);
             }
         } else {
@@ -348,7 +342,8 @@ pub fn fit_sized(
             for (start, n) in runs(n_batches, sizing.batches) {
                 let done = parallel::map(model.device(), n, |i| {
                     let mut out = halves_per_layer(n_layer);
-                    batch_sums(start + i, streams[start + i].clone(), &mut out)
+                    let j = start + i;
+                    pass.run(j, streams[j].clone(), task_prefix(j), &mut out)
                         .map(|batch| (out, batch))
                 })?;
                 for (i, (halves, batch)) in done.into_iter().enumerate() {

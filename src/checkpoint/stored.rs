@@ -3,7 +3,8 @@
 //!
 //! The bytes stay where they are: a checkpoint's tensors borrow its memory map (shared, so the
 //! tensor outlives the [`super::Checkpoint`] value), and other sources hand over f32 values they
-//! own. Rows are addressed in Hugging Face order whatever order the file stores them in.
+//! own or share (a stand-in's weights, held once for its plan and the graphs that read it). Rows
+//! are addressed in Hugging Face order whatever order the file stores them in.
 
 use std::sync::Arc;
 
@@ -23,13 +24,25 @@ enum Bytes {
     },
     /// Bytes owned by the tensor (f32 values handed over by a source that computed them).
     Owned(Arc<[u8]>),
+    /// f32 values shared with whoever else holds them, not copied (a stand-in's weights).
+    Values(Arc<[f32]>),
 }
 
 impl Bytes {
-    fn as_slice(&self) -> &[u8] {
+    /// The stored bytes; `None` for values held as f32.
+    fn as_slice(&self) -> Option<&[u8]> {
         match self {
-            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
-            Bytes::Owned(bytes) => bytes,
+            Bytes::Mapped { map, start, len } => Some(&map[*start..*start + *len]),
+            Bytes::Owned(bytes) => Some(bytes),
+            Bytes::Values(_) => None,
+        }
+    }
+
+    /// The size in bytes.
+    fn len(&self) -> usize {
+        match self {
+            Bytes::Values(values) => 4 * values.len(),
+            bytes => bytes.as_slice().map_or(0, <[u8]>::len),
         }
     }
 }
@@ -94,6 +107,25 @@ impl StoredTensor {
         }
     }
 
+    /// A tensor of f32 `values` in Hugging Face layout that shares them instead of copying them;
+    /// an error says when their count is not what `shape` holds.
+    pub fn shared_f32(name: &str, shape: &[usize], values: Arc<[f32]>) -> Result<Self, String> {
+        let expected: usize = shape.iter().product();
+        if values.len() != expected {
+            return Err(format!(
+                "{name}: {} values where shape {shape:?} holds {expected}",
+                values.len()
+            ));
+        }
+        Ok(StoredTensor {
+            name: name.to_string(),
+            dtype: GgmlType::F32,
+            shape: shape.to_vec(),
+            bytes: Bytes::Values(values),
+            stored_row: None,
+        })
+    }
+
     /// A tensor of `shape` from its stored `bytes` of `dtype`, in Hugging Face layout; an error
     /// says when the bytes are not what the type and shape take.
     pub fn from_bytes(
@@ -145,7 +177,7 @@ impl StoredTensor {
 
     /// The stored size in bytes.
     pub fn n_bytes(&self) -> usize {
-        self.bytes.as_slice().len()
+        self.bytes.len()
     }
 
     /// Whether the bytes are the file's own (mapped) rather than owned by this tensor.
@@ -164,7 +196,10 @@ impl StoredTensor {
             Some(map) => map[row] as usize,
             None => row,
         };
-        let bytes = self.bytes.as_slice();
+        let bytes = self
+            .bytes
+            .as_slice()
+            .ok_or("the values are held as f32, not as bytes")?;
         bytes
             .get(stored * n..(stored + 1) * n)
             .ok_or_else(|| format!("row {stored} lies past the tensor's {} bytes", bytes.len()))
@@ -184,15 +219,23 @@ impl StoredTensor {
             ));
         }
         let in_error = |e: String| format!("{}: {e}", self.name);
+        let bytes = match &self.bytes {
+            Bytes::Values(values) => {
+                out.copy_from_slice(&values[first * cols..(first + n) * cols]);
+                return Ok(());
+            }
+            bytes => bytes.as_slice().unwrap_or_default(),
+        };
         if self.stored_row.is_none() {
-            let start = self.row_bytes(first).map_err(in_error)?.as_ptr() as usize
-                - self.bytes.as_slice().as_ptr() as usize;
-            let len = self
+            // the rows from `first` on lie one after another
+            let row_len = self
                 .dtype
-                .row_bytes(n * cols)
-                .ok_or_else(|| in_error(format!("{} values are not whole blocks", n * cols)))?;
-            return dequantize_into(self.dtype, &self.bytes.as_slice()[start..start + len], out)
-                .map_err(in_error);
+                .row_bytes(cols)
+                .ok_or_else(|| in_error(format!("{cols} values are not whole blocks")))?;
+            let run = bytes
+                .get(first * row_len..(first + n) * row_len)
+                .ok_or_else(|| in_error(format!("rows past the tensor's {} bytes", bytes.len())))?;
+            return dequantize_into(self.dtype, run, out).map_err(in_error);
         }
         for (i, row) in out.chunks_exact_mut(cols).enumerate() {
             dequantize_into(
@@ -283,5 +326,24 @@ mod tests {
             .unwrap_err()
             .contains("row 8 asked of 8 rows"));
         assert!(t.rows_into(7, &mut two).is_err());
+    }
+
+    #[test]
+    fn shared_values_are_read_where_they_lie_and_a_wrong_count_is_refused() {
+        let (rows, cols) = (5, 3);
+        let values: Arc<[f32]> = (0..rows * cols).map(|i| i as f32 * 0.5).collect();
+        let t =
+            StoredTensor::shared_f32("blk.2.stand_in", &[rows, cols], Arc::clone(&values)).unwrap();
+        // held once: the tensor and the caller share the values
+        assert_eq!(Arc::strong_count(&values), 2);
+        assert_eq!(t.n_bytes(), 4 * rows * cols);
+        assert_eq!(t.to_f32().unwrap(), values.to_vec());
+        let mut two = vec![0f32; 2 * cols];
+        t.rows_into(3, &mut two).unwrap();
+        assert_eq!(two, values[3 * cols..5 * cols]);
+        assert_eq!(t.gather(&[4, 1]).unwrap()[cols..], values[cols..2 * cols]);
+        assert!(t.rows_into(4, &mut two).is_err());
+        let err = StoredTensor::shared_f32("blk.2.stand_in", &[rows, 4], values).unwrap_err();
+        assert_eq!(err, "blk.2.stand_in: 15 values where shape [5, 4] holds 20");
     }
 }

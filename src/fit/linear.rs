@@ -28,7 +28,7 @@ use candle_core::{DType, Tensor};
 use crate::fit::batch::TrainBatch;
 use crate::fit::parallel;
 use crate::model::ops::runs;
-use crate::model::{Model, ModelError, Scales, WeightInput};
+use crate::model::{Model, ModelError, Scales, WeightInput, WeightStorage};
 use crate::plan::{LinearAttention, ScaleValues};
 use crate::task;
 
@@ -126,10 +126,15 @@ pub fn fit_bytes(
 }
 
 /// The stand-ins of `layers` layers of width `d`, f32, kept for the search once fitted: their
-/// values (shared by every copy of the scales that holds them) and the tensors of the graph that
-/// reads them.
-pub fn kept_bytes(d: usize, layers: usize) -> u64 {
-    (2 * 4 * d * d * layers) as u64
+/// values, shared by every copy of the scales and, where the model's weights are stored as the
+/// checkpoint holds them (the CPU), read by the graphs where they lie; where weights are dense
+/// (a GPU), also the device's copy a graph reads.
+pub fn kept_bytes(d: usize, layers: usize, storage: WeightStorage) -> u64 {
+    let copies = match storage {
+        WeightStorage::Stored => 1,
+        WeightStorage::Dense => 2,
+    };
+    (copies * 4 * d * d * layers) as u64
 }
 
 /// Errors fitting the stand-ins.
@@ -1131,7 +1136,14 @@ mod tests {
             fit_bytes(4096, 4096, 31, 2, 64, 256),
             GROUP_BYTES + streams + 2 * solve(4096)
         );
-        assert_eq!(kept_bytes(4096, 31), 2 * 4 * 4096 * 4096 * 31);
+        assert_eq!(
+            kept_bytes(4096, 31, WeightStorage::Stored),
+            4 * 4096 * 4096 * 31
+        );
+        assert_eq!(
+            kept_bytes(4096, 31, WeightStorage::Dense),
+            2 * 4 * 4096 * 4096 * 31
+        );
         // wider than a group can hold: one layer a group
         assert_eq!(Sizing::of(16384, 16384, 8, 2).layers, 1);
         // one thread solves one layer at a time

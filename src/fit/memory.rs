@@ -136,7 +136,7 @@ impl MemoryEstimate {
                 rows,
                 settings.max_seq_len,
             );
-            cache.max(fitting) + linear::kept_bytes(a.n_embd, skippable)
+            cache.max(fitting) + linear::kept_bytes(a.n_embd, skippable, storage)
         } else {
             cache
         };

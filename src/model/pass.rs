@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor};
 
 use super::layer::Layer;
 use super::scales::ScaleTensors;
+use super::weight::Weight;
 use super::{input_error, ops, Model, ModelError, Scales, WeightInput, WeightInputTap};
 
 /// A forward pass in progress: the checked inputs, and the rope tables and causal mask of its
@@ -53,7 +54,7 @@ struct LayerStep {
     l: usize,
     layer: Layer,
     skipped: bool,
-    stand_in: Option<Tensor>,
+    stand_in: Option<Weight>,
     eps: f64,
     geometry: Geometry,
 }
@@ -370,7 +371,7 @@ impl LayerStep {
                 if let Some(tap) = tap.as_mut() {
                     tap(WeightInput::AttnOutput(l), &h)?;
                 }
-                Some(ops::linear(&h, w, None)?)
+                Some(w.linear(&h, None)?)
             }
             (false, _) => {
                 let h = ops::rms_norm(x, &layer.attn_norm, eps)?;

@@ -1,9 +1,13 @@
 //! The Hopscotch scalars as candle variables: what a training step optimizes and a forward pass
 //! reads, with the linear stand-ins as constants of the graph.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::weight::{Weight, WeightStorage};
 use super::ModelError;
+use crate::checkpoint::StoredTensor;
 use crate::plan::{LinearAttention, ScaleValues};
 
 /// The four scalars per layer as trainable candle variables, each of shape `[n_layer]`, and the
@@ -20,8 +24,9 @@ pub struct Scales {
     pub s_mlp: Var,
     /// The linear stand-ins as given (for [`Scales::values`]).
     linear: Vec<LinearAttention>,
-    /// Per layer, its stand-in's weight `(n_embd, n_embd)`.
-    linear_weights: Vec<Option<Tensor>>,
+    /// Per layer, its stand-in's weight `(n_embd, n_embd)`: on the CPU the values above
+    /// themselves, shared rather than copied, and on a GPU a dense copy on the device.
+    linear_weights: Vec<Option<Weight>>,
 }
 
 /// The scalars as graph inputs of one forward pass, with the stand-ins.
@@ -29,7 +34,7 @@ pub(super) struct ScaleTensors<'a> {
     /// `b_att, s_att, b_mlp, s_mlp`, each `[n_layer]`.
     pub(super) scalars: [Tensor; 4],
     /// Per layer, the weight of its linear stand-in, if it has one.
-    pub(super) linear: &'a [Option<Tensor>],
+    pub(super) linear: &'a [Option<Weight>],
 }
 
 impl Scales {
@@ -43,7 +48,18 @@ impl Scales {
         let mut linear_weights = vec![None; values.b_att.len()];
         for a in &values.linear {
             let width = (a.weight.len() as f64).sqrt() as usize;
-            let w = Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?;
+            let w = match WeightStorage::for_device(device) {
+                WeightStorage::Stored => {
+                    let name = format!("blk.{}.stand_in", a.layer);
+                    let shared = Arc::clone(&a.weight);
+                    let stored = StoredTensor::shared_f32(&name, &[width, width], shared)
+                        .map_err(candle_core::Error::Msg)?;
+                    Weight::Stored(Arc::new(stored))
+                }
+                WeightStorage::Dense => Weight::Dense(
+                    Tensor::from_slice(&a.weight, (width, width), device)?.to_dtype(dtype)?,
+                ),
+            };
             if let Some(slot) = linear_weights.get_mut(a.layer) {
                 *slot = Some(w);
             }

@@ -920,6 +920,29 @@ fn stand_ins_of_the_wrong_shape_or_layer_are_refused() {
     );
 }
 
+#[test]
+fn on_the_cpu_a_graph_reads_its_stand_ins_where_the_values_lie() {
+    let arch = tiny_arch();
+    let model = Model::load(&random_source(&arch, 4), &Device::Cpu).unwrap();
+    let d = arch.n_embd;
+    let weight: Arc<[f32]> = (0..d * d).map(|i| (i % 7) as f32 * 0.01).collect();
+    let values = ScaleValues {
+        linear: vec![LinearAttention {
+            layer: 1,
+            weight: weight.clone(),
+        }],
+        ..ScaleValues::ones(arch.n_layer)
+    };
+    let before = Arc::strong_count(&weight);
+    let scales = model.scales(&values).unwrap();
+    // the scales' values and the graph's weight: two more holders, no copy
+    assert_eq!(Arc::strong_count(&weight), before + 2);
+    let clones: Vec<Scales> = (0..3).map(|_| scales.clone()).collect();
+    assert_eq!(Arc::strong_count(&weight), before + 2 + 3);
+    drop((scales, clones));
+    assert_eq!(Arc::strong_count(&weight), before);
+}
+
 /// The tiny model's logits and scalar gradients on `device` against the CPU's, with a shared
 /// prefix, a skipped block and activation recomputation: the largest logit difference relative
 /// to the largest |logit|, and the largest gradient difference relative to the largest

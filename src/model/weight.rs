@@ -30,7 +30,7 @@ impl WeightStorage {
 }
 
 /// A frozen matrix `(rows, cols)`.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(super) enum Weight {
     /// Whole, in the model's dtype.
     Dense(Tensor),

@@ -129,8 +129,8 @@ pub struct FitSettings {
     /// Documents to fit on (the first of the task's seeded split).
     #[arg(long, default_value_t = 16)]
     pub fit_docs: usize,
-    /// Documents of the final training: the fit documents and more of the same split (default:
-    /// the fit documents). Held out of evaluation like them.
+    /// Documents the linear stand-ins and the final training learn from: the fit documents and
+    /// more of the same split (default: the fit documents). Held out of evaluation like them.
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_docs: Option<usize>,

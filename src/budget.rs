@@ -20,7 +20,7 @@ use crate::eval::task::{
     evaluate, pair_with_reference, DocScore, PairedFigures, Selection, TaskReport,
 };
 use crate::export::export;
-use crate::fit::options::FitError;
+use crate::fit::options::{model_defaults, FitError};
 use crate::fit::session::{
     check_memory, search_continues, search_order, write_plan, FitModel, FitTask,
 };
@@ -142,6 +142,8 @@ pub fn run(
     };
     options.validate().map_err(FitError::from)?;
     let tasks = load_choice_tasks(&req.tasks, options.fit_docs)?;
+    let task_docs: Vec<usize> = tasks.iter().map(|t| t.docs.len()).collect();
+    let options = model_defaults(&options, &ck.arch, &task_docs);
     let parts = task_parts(&tasks, &options, budget)?;
     ck.validate_tensors()?;
     let memory = check_memory(&ck, &options, progress)?;

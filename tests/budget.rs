@@ -94,6 +94,10 @@ fn budget_run(model: &Path, task: &Path, out: &Path, extra: &[&str]) -> Output {
         "--no-scales",
         "--fit-docs",
         "4",
+        // the stand-ins on the fit documents alone, so that the parts are the fit's and the
+        // budget's (a small model's default would add a quarter of the task)
+        "--final-docs",
+        "4",
         "--batch-size",
         "2",
         "--validation-docs",

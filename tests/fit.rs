@@ -809,3 +809,53 @@ fn a_model_fitted_from_f32_and_from_its_q8_0_gguf_chooses_the_same_blocks() {
     assert_eq!(from_f32[0], DEAD);
     assert_eq!(blocks(&gguf, "q8_0.json"), from_f32);
 }
+
+/// On a model small enough to sum its stand-ins in one pass, the stand-ins learn from more
+/// documents than the search by default (a quarter of a small task's), and no final training
+/// follows; the plain skip and an explicit `--final-docs` keep the fit documents' defaults.
+#[test]
+fn a_small_models_stand_ins_take_more_documents_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = write_tiny(dir.path(), &Tiny::llama());
+    let lines: Vec<String> = (0..64)
+        .map(|i| {
+            let text = format!(
+                "Text number {i} walks along the river past {} trees.",
+                i * 7
+            );
+            serde_json::json!({ "id": format!("doc-{i}"), "text": text }).to_string()
+        })
+        .collect();
+    let task = dir.path().join("task64.jsonl");
+    std::fs::write(&task, lines.join("\n") + "\n").unwrap();
+    let base = ["--skip", "1", "--fit-docs", "4", "--shortlist", "1"];
+    let plan = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        ok(fit(
+            dir.path(),
+            &model,
+            &task,
+            &out,
+            &[&base[..], extra].concat(),
+        ));
+        Plan::load(&out).unwrap()
+    };
+
+    let stand_ins = plan("stand-ins.json", &[]);
+    assert_eq!(stand_ins.settings.final_docs, Some(16), "a quarter of 64");
+    assert_eq!(stand_ins.settings.final_steps, Some(0));
+    assert_eq!(stand_ins.first_task.final_doc_ids.len(), 12);
+    assert_eq!(stand_ins.scales.linear.len(), 1);
+
+    let plain = plan("plain.json", &["--no-linear-attention"]);
+    assert_eq!(plain.settings.final_docs, None);
+    assert_eq!(plain.settings.final_steps, Some(4), "4 epochs of 1 batch");
+
+    let given = plan("given.json", &["--final-docs", "8"]);
+    assert_eq!(given.settings.final_docs, Some(8));
+    assert_eq!(
+        given.settings.final_steps,
+        Some(4 * 2),
+        "4 epochs of 2 batches"
+    );
+}

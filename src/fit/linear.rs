@@ -63,6 +63,13 @@ pub fn sums_bytes(d: usize, q_dim: usize, layers: usize) -> u64 {
     4 * ((d * d + q_dim * d) * layers) as u64
 }
 
+/// Whether the stand-ins of `layers` layers of width `d` (query width `q_dim`) are summed in one
+/// pass over the documents, every layer at once ([`SIDE_BY_SIDE_BYTES`]): then no residual
+/// stream is kept between passes, and more documents cost only their forward pass.
+pub fn one_pass(d: usize, q_dim: usize, layers: usize) -> bool {
+    2 * sums_bytes(d, q_dim, layers) <= SIDE_BY_SIDE_BYTES
+}
+
 /// How the stand-ins' sums are taken: how many batches side by side, and how many layers per
 /// pass over the documents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +86,7 @@ impl Sizing {
     /// [`SIDE_BY_SIDE_BYTES`]; else one batch at a time, in groups of as many layers as keep
     /// the halves within [`GROUP_BYTES`] (at least one).
     pub fn of(d: usize, q_dim: usize, layers: usize, threads: usize) -> Self {
-        if 2 * sums_bytes(d, q_dim, layers) <= SIDE_BY_SIDE_BYTES {
+        if one_pass(d, q_dim, layers) {
             return Sizing {
                 batches: threads.max(1),
                 layers: layers.max(1),

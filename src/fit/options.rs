@@ -1,7 +1,11 @@
-//! The fit's error, and the seed streams a fit derives from its settings' seed
-//! ([`crate::plan::FitSettings`], defined with the plan that records them).
+//! The fit's error, the defaults that depend on the model and the tasks, and the seed streams a
+//! fit derives from its settings' seed ([`crate::plan::FitSettings`], defined with the plan that
+//! records them).
 
 use std::path::PathBuf;
+
+use crate::arch::Arch;
+use crate::plan::FitSettings;
 
 use super::batch::TrainError;
 use super::linear::LinearError;
@@ -134,6 +138,36 @@ pub enum FitError {
     },
 }
 
+/// Documents the linear stand-ins learn from by default on a model whose stand-ins are summed in
+/// one pass ([`super::linear::one_pass`]: up to about 0.5 B parameters).
+pub const SMALL_MODEL_STAND_IN_DOCS: usize = 256;
+
+/// `options` with the defaults that depend on the model and the tasks resolved. With the linear
+/// stand-ins and no `--final-docs`, on a model whose stand-ins are summed in one pass over the
+/// documents, the stand-ins learn from [`SMALL_MODEL_STAND_IN_DOCS`] documents (at most a
+/// quarter of each task's, `task_docs`, drawn evenly) and no final training follows unless
+/// `--final-steps` asks for one. Elsewhere the settings are returned as given: on larger models
+/// more documents would hold their residual streams between passes (gigabytes at 1 B widths).
+pub fn model_defaults(options: &FitSettings, arch: &Arch, task_docs: &[usize]) -> FitSettings {
+    let skippable = arch.n_layer.saturating_sub(1);
+    if !options.linear_attention
+        || options.final_docs.is_some()
+        || !super::linear::one_pass(arch.n_embd, arch.q_dim(), skippable)
+    {
+        return options.clone();
+    }
+    let per_task = task_docs.iter().map(|&n| n / 4).min().unwrap_or(0);
+    let docs = SMALL_MODEL_STAND_IN_DOCS.min(per_task * task_docs.len());
+    if docs <= options.fit_docs {
+        return options.clone();
+    }
+    FitSettings {
+        final_docs: Some(docs),
+        final_steps: options.final_steps.or(Some(0)),
+        ..options.clone()
+    }
+}
+
 /// A well-mixed 64-bit function of a seed and a stream number (splitmix64's finalizer), so each
 /// round, the final training and the screening subset get their own reproducible seed.
 pub fn derive_seed(seed: u64, stream: u64) -> u64 {
@@ -141,4 +175,70 @@ pub fn derive_seed(seed: u64, stream: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Family;
+    use crate::fit::linear;
+
+    /// A Llama-shaped model `n_embd` wide with `n_layer` layers and heads of 64.
+    fn arch(n_embd: usize, n_layer: usize) -> Arch {
+        Arch {
+            family: Family::Llama,
+            hf_architecture: "LlamaForCausalLM".into(),
+            n_layer,
+            n_embd,
+            n_ff: 4 * n_embd,
+            n_head: n_embd / 64,
+            n_head_kv: n_embd / 64,
+            head_dim: 64,
+            vocab_size: 49_152,
+            context_length: 2048,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            tie_word_embeddings: true,
+            attn_bias: false,
+        }
+    }
+
+    #[test]
+    fn small_models_fit_their_stand_ins_on_more_documents_by_default() {
+        let given = FitSettings::default();
+        let smol = arch(576, 30);
+        // SmolLM2-135M's width: 256 documents, and no final training
+        let s = model_defaults(&given, &smol, &[2376]);
+        assert_eq!((s.final_docs, s.final_steps), (Some(256), Some(0)));
+        assert_eq!(s.resolved_final_docs(), 256);
+        // two tasks draw evenly; a small one caps each share at a quarter of its documents
+        assert_eq!(
+            model_defaults(&given, &smol, &[2376, 400]).final_docs,
+            Some(200)
+        );
+        // a task too small to give more than the fit documents: as given
+        assert_eq!(model_defaults(&given, &smol, &[40]), given);
+        // a final training asked for is kept
+        let steps = FitSettings {
+            final_steps: Some(8),
+            ..given.clone()
+        };
+        assert_eq!(model_defaults(&steps, &smol, &[2376]).final_steps, Some(8));
+        // --final-docs given, the plain skip, or a model 1B wide: as given
+        let docs = FitSettings {
+            final_docs: Some(64),
+            ..given.clone()
+        };
+        assert_eq!(model_defaults(&docs, &smol, &[2376]), docs);
+        let plain = FitSettings {
+            linear_attention: false,
+            ..given.clone()
+        };
+        assert_eq!(model_defaults(&plain, &smol, &[2376]), plain);
+        assert_eq!(model_defaults(&given, &arch(2048, 16), &[2376]), given);
+        // where the line falls: Qwen2.5-0.5B (896 wide, 24 layers) in one pass, 1.5B not
+        assert!(linear::one_pass(896, 896, 23));
+        assert!(!linear::one_pass(1536, 1536, 27));
+    }
 }

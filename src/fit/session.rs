@@ -13,7 +13,7 @@ use super::data;
 use super::final_training::{train_final, Final};
 use super::linear;
 use super::memory::{bytes, peak_rss, Budget, MemoryEstimate};
-use super::options::FitError;
+use super::options::{model_defaults, FitError};
 use super::search::{choose, runner_up, Choice, SearchInput, TrainStats};
 use crate::checkpoint::Checkpoint;
 use crate::model::{Model, WeightStorage};
@@ -578,6 +578,9 @@ pub fn fit_plan(
     }
     ck.validate_tensors()?;
     let tasks = load_tasks(&request.tasks, options.fit_docs)?;
+    let task_docs: Vec<usize> = tasks.iter().map(|t| t.docs.len()).collect();
+    let resolved = model_defaults(options, &ck.arch, &task_docs);
+    let options = &resolved;
     let memory = check_memory(ck, options, progress)?;
     let fingerprint = ModelFingerprint::of(ck);
     let model = FitModel::load(ck, fingerprint, memory.recompute)?;

@@ -130,14 +130,17 @@ pub struct FitSettings {
     #[arg(long, default_value_t = 16)]
     pub fit_docs: usize,
     /// Documents the linear stand-ins and the final training learn from: the fit documents and
-    /// more of the same split (default: the fit documents). Held out of evaluation like them.
+    /// more of the same split (default: the fit documents; with the stand-ins on a model up to
+    /// about 0.5B parameters, 256, at most a quarter of each task's, and no final training
+    /// unless --final-steps asks). Held out of evaluation like them.
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_docs: Option<usize>,
     /// Training steps per trained candidate (default: one epoch over the fit batches).
     #[arg(long, help_heading = TUNING)]
     pub candidate_steps: Option<usize>,
-    /// Training steps of the final choice (default: 4 epochs of the final documents).
+    /// Training steps of the final choice (default: 4 epochs of the final documents; none where
+    /// a small model's stand-ins take 256 documents, see --final-docs).
     #[arg(long, help_heading = TUNING)]
     pub final_steps: Option<usize>,
     /// Learning rate of the candidates' training (Adam).

@@ -61,7 +61,7 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::eval::task::{evaluate, TaskEvalError};
 use crate::export::export;
-use crate::fit::options::FitError;
+use crate::fit::options::{model_defaults, FitError};
 use crate::fit::session::check_memory;
 use crate::gguf::consts::QuantType;
 use crate::llamacpp::LoadedModel;
@@ -273,6 +273,16 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
         .into());
     }
     ck.validate_tensors()?;
+    // each task is fitted on its own: the defaults that depend on the tasks follow the smallest
+    let smallest = tasks.iter().map(|t| t.data.docs.len()).min().unwrap_or(0);
+    let req = &SweepRequest {
+        fit: model_defaults(&req.fit, &ck.arch, &[smallest]),
+        ..req.clone()
+    };
+    let tasks: Vec<SweepTask> = tasks
+        .into_iter()
+        .map(|t| SweepTask::new(t.name, t.data, &req.fit))
+        .collect();
     // the KL objective's teacher is the largest any configuration holds
     let heaviest = FitSettings {
         objective: Objective::Kl,

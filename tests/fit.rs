@@ -256,9 +256,11 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = write_tiny(dir.path(), &Tiny::llama());
     let task = text_task(dir.path());
-    let base: Vec<&str> = "--skip 2 --fit-docs 4 --batch-size 2 --shortlist 2"
-        .split(' ')
-        .collect();
+    // the plain skip: the search does not read the final documents
+    let base: Vec<&str> =
+        "--skip 2 --fit-docs 4 --batch-size 2 --shortlist 2 --no-linear-attention"
+            .split(' ')
+            .collect();
     let run = |out: &Path, args: &[&str]| fit(dir.path(), &model, &task, out, args);
     let short = dir.path().join("short.json");
     ok(run(&short, &base));
@@ -314,15 +316,30 @@ fn the_final_training_takes_more_documents_and_a_search_resumes_into_it() {
         "the loss is measured on the final documents"
     );
 
+    // The stand-ins learn from the final documents, and the search's rounds from the
+    // stand-ins: a search with them does not resume into other final documents.
+    let with_stand_ins: Vec<&str> = base[..base.len() - 1].to_vec();
+    let first = dir.path().join("stand-ins.json");
+    ok(run(&first, &with_stand_ins));
+    Plan::load(&first)
+        .unwrap()
+        .save(&hopscotch::fit::session::partial_path(&first), false)
+        .unwrap();
+    std::fs::remove_file(&first).unwrap();
+    fails(
+        run(
+            &first,
+            &[&with_stand_ins[..], &["--final-docs", "12", "--resume"]].concat(),
+        ),
+        &first,
+        "the stand-ins' documents (--final-docs)",
+    );
+
     // Without scalars or stand-ins there is no final training and no final documents.
     let none = dir.path().join("none.json");
     ok(run(
         &none,
-        &[
-            &base[..],
-            &["--final-docs", "12", "--no-scales", "--no-linear-attention"],
-        ]
-        .concat(),
+        &[&base[..], &["--final-docs", "12", "--no-scales"]].concat(),
     ));
     let none = Plan::load(&none).unwrap();
     assert!(none.first_task.final_doc_ids.is_empty());

@@ -697,8 +697,13 @@ fn resumed_rounds(plan: &Plan, partial: &Path, any_skip: bool) -> Result<Vec<Rou
     } else {
         old.settings.skip
     };
-    // The rounds do not depend on the final training: a search can be resumed to train its
-    // choice longer or on more documents.
+    // The stand-ins the rounds were chosen with learn from the final documents: other ones
+    // would make other rounds.
+    if plan.settings.linear_attention && old.settings.final_docs != plan.settings.final_docs {
+        return Err(mismatch("the stand-ins' documents (--final-docs)"));
+    }
+    // Otherwise the rounds do not depend on the final training: a search can be resumed to
+    // train its choice longer or on more documents.
     if (FitSettings {
         skip,
         final_docs: plan.settings.final_docs,

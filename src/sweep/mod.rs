@@ -69,7 +69,7 @@ use crate::output::{file_bytes, write_text};
 use crate::pipeline::PipelineError;
 use crate::plan::{FitSettings, Method, ModelFingerprint, Objective, Plan};
 use crate::progress::Progress;
-use crate::task::{self, DocBody};
+use crate::task::{self, DocBody, TaskData};
 use crate::write::WriteOptions;
 
 use report::SweepReport;
@@ -209,17 +209,16 @@ fn check_lists(req: &SweepRequest) -> Result<Checked, PipelineError> {
     })
 }
 
-/// Reads the tasks and refuses duplicates, files that are not multiple-choice requests, docs
-/// without a gold choice, and tasks with no document left to evaluate.
-fn load_tasks(req: &SweepRequest) -> Result<Vec<SweepTask>, PipelineError> {
-    let mut tasks: Vec<SweepTask> = Vec::new();
+/// Reads the tasks, each with its name, and refuses duplicates.
+fn read_tasks(req: &SweepRequest) -> Result<Vec<(String, TaskData)>, PipelineError> {
+    let mut tasks: Vec<(String, TaskData)> = Vec::new();
     for (i, path) in req.tasks.iter().enumerate() {
         let name = task_name(path);
         let data = task::load(path)?;
-        for (j, t) in tasks.iter().enumerate() {
-            let what = if t.name == name {
+        for (j, (other, other_data)) in tasks.iter().enumerate() {
+            let what = if *other == name {
                 "the same name"
-            } else if t.data.sha256 == data.sha256 {
+            } else if other_data.sha256 == data.sha256 {
                 "the same content"
             } else {
                 continue;
@@ -230,6 +229,20 @@ fn load_tasks(req: &SweepRequest) -> Result<Vec<SweepTask>, PipelineError> {
                 what,
             });
         }
+        tasks.push((name, data));
+    }
+    Ok(tasks)
+}
+
+/// Splits the tasks as `req.fit` splits them, and refuses files that are not multiple-choice
+/// requests, docs without a gold choice among those evaluated, and tasks with no document left
+/// to evaluate.
+fn split_tasks(
+    req: &SweepRequest,
+    read: Vec<(String, TaskData)>,
+) -> Result<Vec<SweepTask>, PipelineError> {
+    let mut tasks = Vec::with_capacity(read.len());
+    for ((name, data), path) in read.into_iter().zip(&req.tasks) {
         let t = SweepTask::new(name, data, &req.fit);
         for doc in t.selection(req.limit)?.docs {
             if let DocBody::Choices(c) = &doc.body {
@@ -260,8 +273,8 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
     }
     .validate()
     .map_err(FitError::from)?;
-    let tasks = load_tasks(req)?;
-    let task_names: Vec<String> = tasks.iter().map(|t| t.name.clone()).collect();
+    let read = read_tasks(req)?;
+    let task_names: Vec<String> = read.iter().map(|(name, _)| name.clone()).collect();
     let ck = Checkpoint::open(&req.model)?;
     let n_layer = ck.arch.n_layer;
     if k_max >= n_layer {
@@ -274,15 +287,12 @@ pub fn sweep(req: &SweepRequest, progress: &Progress) -> Result<SweepReport, Pip
     }
     ck.validate_tensors()?;
     // each task is fitted on its own: the defaults that depend on the tasks follow the smallest
-    let smallest = tasks.iter().map(|t| t.data.docs.len()).min().unwrap_or(0);
+    let smallest = read.iter().map(|(_, d)| d.docs.len()).min().unwrap_or(0);
     let req = &SweepRequest {
         fit: model_defaults(&req.fit, &ck.arch, &[smallest]),
         ..req.clone()
     };
-    let tasks: Vec<SweepTask> = tasks
-        .into_iter()
-        .map(|t| SweepTask::new(t.name, t.data, &req.fit))
-        .collect();
+    let tasks = split_tasks(req, read)?;
     // the KL objective's teacher is the largest any configuration holds
     let heaviest = FitSettings {
         objective: Objective::Kl,

@@ -384,9 +384,23 @@ fn bad_input_is_refused_with_a_clear_error() {
     let [facts, counting] = two_tasks(dir.path());
     let text = dir.path().join("text.jsonl");
     std::fs::write(&text, "{\"text\": \"Some plain text to fit on.\"}\n").unwrap();
+    // the facts task with no gold choice: neither a "label" nor a "doc.gold"
+    let no_gold = dir.path().join("no_gold.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&facts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("label");
+            v["doc"].as_object_mut().unwrap().remove("gold");
+            v.to_string()
+        })
+        .collect();
+    std::fs::write(&no_gold, lines.join("\n") + "\n").unwrap();
     let out = dir.path().join("out");
     let cases: Vec<(Vec<&Path>, Vec<&str>, &str)> = vec![
         (vec![&facts], vec!["--skip", "0"], "at least 1"),
+        (vec![&no_gold], vec!["--skip", "1"], "no gold choice"),
         (vec![&facts], vec!["--skip", "4"], "too many"),
         (
             vec![&facts, &facts],

@@ -211,9 +211,14 @@ pub fn run(
 
     // K = 1, 2, ... in turn, until the first K past the budget.
     let names: Vec<String> = tasks.iter().map(|t| task::task_name(&t.path)).collect();
+    let until = if budget.full_curve {
+        "every K (--full-curve)"
+    } else {
+        "up to the first K past the budget"
+    };
     progress.note(&format!(
         "K = 1 to {max_skip} in turn (a greedy round, the final training, export, validation), \
-         up to the first K past the budget"
+         {until}"
     ));
     let mut plans = Vec::new();
     for k in 1..=max_skip {

@@ -7,6 +7,8 @@ replays the budget many times: each replay draws a validation set of --val docum
 and lets each rule choose K from the validation drops. The chosen K is scored by its drop on
 the whole pool: per rule, the mean K, the replays that chose no K, the replays whose K loses
 more than the budget plus half a point, and the mean drop. Prints the pool's own curve first.
+"first break, extended" draws twice --val documents and reads the second half only for a K
+over budget by less than 1.96 standard errors; the other rules read the first half.
 
     scripts/budget-study.py --original original.jsonl --slim 'plain-k{k}.jsonl' --max-skip 10 \
         --max-drop 1 --val 200 --replays 2000
@@ -54,15 +56,53 @@ def isotonic(drops, budget):
     return largest_within(pava(drops), budget)
 
 
+def measured_break(drops, budget, ses):
+    """The largest K within budget before the first K whose drop is over budget by more than
+    1.96 standard errors (measurably over)."""
+    k = 0
+    for i, (d, se) in enumerate(zip(drops, ses)):
+        if d - 1.96 * se > budget:
+            break
+        if d <= budget:
+            k = i + 1
+    return k
+
+
+def extended_break(drops, budget, ses, more):
+    """First break, where a K over budget by less than 1.96 standard errors is scored again on
+    `more` (the drops and errors on the validation documents and as many again) before the
+    curve stops there."""
+    k = 0
+    for i, (d, se) in enumerate(zip(drops, ses)):
+        if d > budget and d - 1.96 * se <= budget:
+            d = more[i]
+        if d > budget:
+            break
+        k = i + 1
+    return k
+
+
 RULES = {
-    "first break (run)": first_break,
-    "largest within": largest_within,
-    "monotone": isotonic,
+    "first break (run)": lambda drops, budget, ses: first_break(drops, budget),
+    "largest within": lambda drops, budget, ses: largest_within(drops, budget),
+    "monotone": lambda drops, budget, ses: isotonic(drops, budget),
+    "measured break": measured_break,
 }
+# rules that may score a K again on as many documents more: given those drops last
+EXTENDED = {"first break, extended": extended_break}
 
 
 def drop(orig, slim, ids):
     return 100.0 * sum(orig[i] - slim[i] for i in ids) / len(ids)
+
+
+def drop_se(orig, slim, ids):
+    """The standard error of `drop` (points): of the mean paired difference."""
+    diffs = [orig[i] - slim[i] for i in ids]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((x - mean) ** 2 for x in diffs) / max(n - 1, 1)
+    return 100.0 * (var / n) ** 0.5
 
 
 def main():
@@ -92,12 +132,18 @@ def main():
         for val in a.val or [200]:
             print(f"\n--max-drop {budget}, {val} validation documents, {a.replays} replays")
             print(f"{'rule':<20} {'mean K':>6} {'no K':>6} {'over':>6} {'drop':>6}   replays per K (0..{a.max_skip})")
-            tallies = {name: [0] * (a.max_skip + 1) for name in RULES}
+            tallies = {name: [0] * (a.max_skip + 1) for name in [*RULES, *EXTENDED]}
+            extra = 0
             for _ in range(a.replays):
-                v = rng.sample(ids, val)
+                both = rng.sample(ids, min(2 * val, n))
+                v = both[:val]
                 drops = [drop(orig, s, v) for s in slims]
+                ses = [drop_se(orig, s, v) for s in slims]
                 for name, rule in RULES.items():
-                    tallies[name][rule(drops, budget)] += 1
+                    tallies[name][rule(drops, budget, ses)] += 1
+                more = [drop(orig, s, both) for s in slims]
+                for name, rule in EXTENDED.items():
+                    tallies[name][rule(drops, budget, ses, more)] += 1
             for name, counts in tallies.items():
                 share = lambda c: f"{100 * c / a.replays:5.1f}%"
                 mean_k = sum(k * c for k, c in enumerate(counts)) / a.replays

@@ -133,7 +133,6 @@ def main():
             print(f"\n--max-drop {budget}, {val} validation documents, {a.replays} replays")
             print(f"{'rule':<20} {'mean K':>6} {'no K':>6} {'over':>6} {'drop':>6}   replays per K (0..{a.max_skip})")
             tallies = {name: [0] * (a.max_skip + 1) for name in [*RULES, *EXTENDED]}
-            extra = 0
             for _ in range(a.replays):
                 both = rng.sample(ids, min(2 * val, n))
                 v = both[:val]
